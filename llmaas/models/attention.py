@@ -1,0 +1,160 @@
+"""Attention over a paged KV cache.
+
+A step's tokens arrive flattened: prefill chunks first (each a run of tokens of one sequence),
+then decode tokens (one per sequence). `ForwardBatch` says where each token's keys and values go
+(`slot_mapping`: flat slot = block * block_size + offset) and which cached slots each query may read.
+It is built once per step and shared by all layers; the layers only index with it.
+
+The cache layout is per layer and declared by the attention module (`cache_shapes`): dense
+attention keeps K and V per kv-head; latent attention (MLA) can keep one compressed vector per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # first token of the chunk in the flat batch
+    length: int  # tokens in this chunk
+    context_len: int  # keys visible to the chunk's last token (cached prefix + chunk)
+    key_slots: torch.Tensor | None  # [context_len] cache slots; None: the chunk is all the context
+    mask: torch.Tensor | None  # [length, context_len] True = may attend; None: plain causal
+
+
+@dataclass
+class DecodeBatch:
+    start: int  # first decode token in the flat batch; decode tokens run to the end
+    key_slots: torch.Tensor  # [B, S] cache slots, padded
+    mask: torch.Tensor  # [B, 1, 1, S] True = may attend
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [T] absolute position of each token
+    slot_mapping: torch.Tensor  # [T] where each token's K/V is written
+    prefills: list[PrefillSegment]
+    decode: DecodeBatch | None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass
+class SequenceChunk:
+    """What the engine tells the model about one sequence in a step."""
+
+    num_new_tokens: int  # tokens fed this step (1 for decode)
+    num_cached_tokens: int  # tokens already in the cache before this step
+    block_table: list[int]
+
+
+def _slots(block_table: list[int], block_size: int, begin: int, end: int) -> list[int]:
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(begin, end)]
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    if window is not None:
+        mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
+    return mask
+
+
+def build_forward_batch(
+    chunks: list[SequenceChunk],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    sliding_window: int | None = None,
+) -> ForwardBatch:
+    """Chunks with num_new_tokens > 1 or a fresh prompt are prefills and must come before decodes."""
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    prefills: list[PrefillSegment] = []
+    decode_chunks: list[SequenceChunk] = []
+    decode_start = None
+    for chunk in chunks:
+        begin, end = chunk.num_cached_tokens, chunk.num_cached_tokens + chunk.num_new_tokens
+        is_decode = chunk.num_new_tokens == 1 and chunk.num_cached_tokens > 0
+        if is_decode:
+            decode_start = len(positions) if decode_start is None else decode_start
+            decode_chunks.append(chunk)
+        elif decode_start is not None:
+            raise ValueError("prefill chunks must come before decode tokens")
+        else:
+            start = len(positions)
+            fresh = begin == 0 and sliding_window is None
+            key_slots = mask = None
+            if not fresh:
+                key_slots = torch.tensor(_slots(chunk.block_table, block_size, 0, end), device=device)
+                q_pos = torch.arange(begin, end, device=device)
+                mask = _window_mask(q_pos, torch.arange(end, device=device), sliding_window)
+            prefills.append(PrefillSegment(start, chunk.num_new_tokens, end, key_slots, mask))
+        positions.extend(range(begin, end))
+        slot_mapping.extend(_slots(chunk.block_table, block_size, begin, end))
+    decode = None
+    if decode_chunks:
+        lengths = [c.num_cached_tokens + 1 for c in decode_chunks]
+        width = max(lengths)
+        key_slots = torch.zeros(len(decode_chunks), width, dtype=torch.long)
+        for i, c in enumerate(decode_chunks):
+            key_slots[i, : lengths[i]] = torch.tensor(_slots(c.block_table, block_size, 0, lengths[i]))
+        k_pos = torch.arange(width)
+        lens = torch.tensor(lengths)
+        mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
+        if sliding_window is not None:
+            mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
+        decode = DecodeBatch(decode_start, key_slots.to(device), mask[:, None, None, :].to(device))
+    return ForwardBatch(
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        prefills=prefills,
+        decode=decode,
+    )
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float):
+    """q: [B, Hq, L, D]; k, v: [B, Hk, S, D]. Repeats kv heads for GQA."""
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq, D]."""
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat.index_copy_(0, batch.slot_mapping, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, batch.slot_mapping, v.to(v_flat.dtype))
+    out = torch.empty_like(q)
+    for seg in batch.prefills:
+        sl = slice(seg.start, seg.start + seg.length)
+        qs = q[sl].transpose(0, 1).unsqueeze(0)
+        if seg.key_slots is None:
+            ks, vs = k[sl], v[sl]
+        else:
+            ks, vs = k_flat[seg.key_slots], v_flat[seg.key_slots]
+        ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
+        o = _sdpa(qs, ks, vs, seg.mask, seg.mask is None, scale)
+        out[sl] = o.squeeze(0).transpose(0, 1)
+    if batch.decode is not None:
+        d = batch.decode
+        qd = q[d.start :].unsqueeze(2)  # [B, Hq, 1, D]
+        kd = k_flat[d.key_slots].transpose(1, 2)  # [B, Hk, S, D]
+        vd = v_flat[d.key_slots].transpose(1, 2)
+        out[d.start :] = _sdpa(qd, kd, vd, d.mask, False, scale).squeeze(2)
+    return out

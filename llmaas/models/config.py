@@ -1,0 +1,133 @@
+"""ModelConfig: the fields our modules need, read from an HF-format config.json.
+
+Refuses what we do not support (unknown architecture, unknown rope scaling, activations other than
+SiLU) with a message naming the field: loading silently into a wrong model is worse than failing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmaas.errors import ModelLoadError
+
+DENSE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # qwen2: bias on q, k, v projections
+    qk_norm: bool = False  # qwen3: RMSNorm on each head of q and k
+    sliding_window: int | None = None  # mistral v0.1, qwen2 with use_sliding_window
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in cfg:
+        raise ModelLoadError(f"{path}: config field '{key}' is missing")
+    return cfg[key]
+
+
+def _rope_params(cfg: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None]:
+    """transformers 5 writes `rope_parameters`; older configs write rope_theta + rope_scaling."""
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or None
+    if params:
+        scaling = params
+    if scaling is None:
+        return theta, None
+    scaling = dict(scaling)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"{path}: rope_scaling.rope_type '{rope_type}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    scaling["rope_type"] = rope_type
+    return theta, (None if rope_type == "default" else scaling)
+
+
+def _eos_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> ModelConfig:
+    family = cfg.get("model_type")
+    if family not in DENSE_FAMILIES:
+        raise ModelLoadError(
+            f"{path}: model_type '{family}' is not supported (supported: {', '.join(DENSE_FAMILIES)})"
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ModelLoadError(f"{path}: hidden_act '{act}' is not supported (only silu)")
+    if cfg.get("mlp_bias"):
+        raise ModelLoadError(f"{path}: mlp_bias=true is not supported")
+    hidden = int(_require(cfg, "hidden_size", path))
+    heads = int(_require(cfg, "num_attention_heads", path))
+    theta, scaling = _rope_params(cfg, path)
+    window = cfg.get("sliding_window")
+    if family == "qwen2" or family == "qwen3":
+        window = window if cfg.get("use_sliding_window") else None
+    return ModelConfig(
+        family=family,
+        vocab_size=int(_require(cfg, "vocab_size", path)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(cfg, "intermediate_size", path)),
+        num_layers=int(_require(cfg, "num_hidden_layers", path)),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+        qk_norm=family == "qwen3",
+        sliding_window=int(window) if window else None,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        raw=cfg,
+    )
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path} not found: not an HF-format model directory") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return config_from_dict(cfg, path)
