@@ -1,0 +1,282 @@
+"""LLMEngine: requests in, tokens out. `step()` is schedule -> run -> postprocess.
+
+Synchronous and single-threaded; `AsyncEngine` drives it from a thread for the HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmaas.engine.block_manager import BlockManager
+from llmaas.engine.model_runner import ModelRunner
+from llmaas.engine.outputs import CompletionOutput, RequestOutput
+from llmaas.engine.sampling_params import SamplingParams
+from llmaas.engine.scheduler import Scheduler
+from llmaas.engine.sequence import Sequence, SequenceStatus, TokenLogprob
+from llmaas.errors import ContextLengthExceededError, InvalidRequestError
+from llmaas.models.catalog import resolve_model_dir
+from llmaas.models.loader import load_model
+from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("llmaas.engine")
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "bfloat16"
+    device: str | None = None  # None: cuda when present, else cpu
+    kv_cache_memory: int = 512 * 2**20  # bytes for the paged KV cache, allocated once at start
+    block_size: int = 16
+    max_num_seqs: int = 64  # cap on running sequences
+    max_num_batched_tokens: int = 1024  # per-step token budget shared by prefill chunks and decodes
+    max_model_len: int | None = None  # default: the model's context window
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    quantization: str | None = None  # "int8": weight-only int8 for small-batch decode
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype '{self.dtype}' is not one of {sorted(DTYPES)}", param="dtype")
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        config = config or EngineConfig()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        self.config = config
+        dtype, device = config.torch_dtype(), config.torch_device()
+        t0 = time.perf_counter()
+        self.model_dir = resolve_model_dir(config.model)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.model = load_model(self.model_dir, dtype=dtype, device=device)
+        if config.quantization:
+            from llmaas.models.quantize import quantize_model
+
+            quantize_model(self.model, config.quantization)
+        self.load_seconds = time.perf_counter() - t0
+        self.model_config = self.model.config
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.runner = ModelRunner(self.model, config.block_size, config.kv_cache_memory, device, dtype, config.seed)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.num_steps = 0
+        log.info(
+            "loaded %s (%s, %s) in %.2fs; KV cache %d blocks x %d tokens = %.0f MiB",
+            config.model, self.model_config.family, config.dtype, self.load_seconds, self.runner.num_blocks,
+            config.block_size, self.runner.kv_cache_bytes / 2**20,
+        )
+
+    # ----------------------------------------------------------------- requests
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return ids
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """Check the context window; None means 'up to the window', like the OpenAI API."""
+        room = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
+        if num_prompt_tokens >= room:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {room} tokens, but the prompt has "
+                f"{num_prompt_tokens} tokens.", param="prompt",
+            )
+        if params.max_tokens is None:
+            return room - num_prompt_tokens
+        if num_prompt_tokens + params.max_tokens > room:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {room} tokens. However, you requested "
+                f"{num_prompt_tokens + params.max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
+        return params.max_tokens
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+    ) -> list[int]:
+        """Validate and queue; raises InvalidRequestError before any work. Returns the prompt token ids."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id '{request_id}' is already in use", param="request_id")
+        params.validate(self.model_config.vocab_size)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError("'priority' must be an integer", param="priority")
+        prompt_ids = self.tokenize_prompt(prompt)
+        max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seq = Sequence(request_id, index, prompt_ids, params, priority=priority, max_tokens=max_tokens)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device)
+                seq.generator.manual_seed(params.seed + index)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            seq.leader = seqs[0] if seqs else None
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt_ids, seqs, time.monotonic())
+        return prompt_ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel now: blocks are freed at once. Returns the final output (tokens so far) or None."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        return self._request_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        results = self.runner.run(chunks)
+        self.num_steps += 1
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        touched: dict[str, _Request] = {}
+        for seq, token, info in results:
+            self._append_token(seq, token, info)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        for chunk in chunks:
+            if not chunk.seq.is_finished:
+                self.block_manager.register_full_blocks(chunk.seq)
+        outputs = []
+        for request in touched.values():
+            out = self._request_output(request)
+            outputs.append(out)
+            if out.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, info: TokenLogprob | None) -> None:
+        seq.output_token_ids.append(token)
+        if info is not None:
+            seq.output_logprobs.append(info)
+            seq.cumulative_logprob += info.logprob
+        params = seq.params
+        if token in params.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return self._finish(seq, "stop", None)
+        seq.text += seq.detokenizer.add(token)
+        if params.stop and self._cut_at_stop_string(seq):
+            return None
+        if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length")
+        return None
+
+    def _cut_at_stop_string(self, seq: Sequence) -> bool:
+        params = seq.params
+        longest = max(len(s) for s in params.stop)
+        search_from = max(0, seq.emitted_text_len - longest)
+        best = None
+        for stop in params.stop:
+            idx = seq.text.find(stop, search_from)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return False
+        idx, stop = best
+        seq.text = seq.text[: idx + (len(stop) if params.include_stop_str_in_output else 0)]
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        if not isinstance(stop_reason, str):  # a cut at a stop string must not be undone
+            seq.text += seq.detokenizer.flush()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SequenceStatus.FINISHED
+        self.scheduler.remove(seq)
+
+    def _completion_output(self, seq: Sequence) -> CompletionOutput:
+        # Hold back text that may turn out to be the start of a stop string, so it never leaks.
+        holdback = 0 if seq.is_finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        emit_to = max(seq.emitted_text_len, len(seq.text) - holdback)
+        delta_text = seq.text[seq.emitted_text_len : emit_to]
+        delta_tokens = seq.output_token_ids[seq.emitted_token_count :]
+        delta_logprobs = seq.output_logprobs[seq.emitted_token_count :]
+        seq.emitted_text_len, seq.emitted_token_count = emit_to, len(seq.output_token_ids)
+        want_logprobs = seq.params.logprobs is not None
+        return CompletionOutput(
+            index=seq.index,
+            text=seq.text,
+            token_ids=list(seq.output_token_ids),
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=list(seq.output_logprobs) if want_logprobs else None,
+            cumulative_logprob=seq.cumulative_logprob if want_logprobs else None,
+            delta_text=delta_text,
+            delta_token_ids=delta_tokens,
+            delta_logprobs=delta_logprobs,
+        )
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        seqs = request.seqs
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[self._completion_output(s) for s in seqs],
+            finished=all(s.is_finished for s in seqs),
+            prompt_tokens=len(request.prompt_token_ids),
+            cached_tokens=seqs[0].num_cached_prompt_tokens,
+            completion_tokens=sum(len(s.output_token_ids) for s in seqs),
+        )
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "prefix_cache_hit_rate": bm.prefix_hit_rate,
+            "preemptions": self.scheduler.num_preemptions,
+        }

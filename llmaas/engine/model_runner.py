@@ -1,0 +1,84 @@
+"""ModelRunner: owns the model and its KV cache; turns scheduled chunks into one forward pass.
+
+The KV cache is allocated once, at start-up, from a byte budget: memory never grows with traffic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmaas.engine.sampler import sample
+from llmaas.engine.scheduler import ScheduledChunk
+from llmaas.engine.sequence import Sequence, TokenLogprob
+from llmaas.errors import InvalidRequestError
+from llmaas.models.attention import SequenceChunk, build_forward_batch
+
+
+def is_decode_chunk(chunk: ScheduledChunk) -> bool:
+    return chunk.num_new_tokens == 1 and chunk.seq.num_computed_tokens > 0
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        block_size: int,
+        kv_cache_bytes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        layers = model.attention_layers()
+        elem_size = torch.empty(0, dtype=dtype).element_size()
+        self.kv_bytes_per_token = sum(
+            math.prod(shape) for layer in layers for shape in layer.cache_shapes()
+        ) * elem_size
+        self.num_blocks = int(kv_cache_bytes // (self.kv_bytes_per_token * block_size))
+        if self.num_blocks < 2:
+            raise InvalidRequestError(
+                f"kv cache memory of {kv_cache_bytes} bytes holds fewer than 2 blocks "
+                f"({self.kv_bytes_per_token * block_size} bytes each)",
+                param="kv_cache_memory",
+            )
+        for layer in layers:
+            layer.bind_cache(
+                [torch.zeros(self.num_blocks, block_size, *shape, dtype=dtype, device=device)
+                 for shape in layer.cache_shapes()]
+            )
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.sliding_window = getattr(model.config, "sliding_window", None)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """One forward over all chunks; returns (seq, token, logprob info) for chunks that sample."""
+        ordered = [c for c in chunks if not is_decode_chunk(c)] + [c for c in chunks if is_decode_chunk(c)]
+        input_ids: list[int] = []
+        seq_chunks: list[SequenceChunk] = []
+        sample_rows: list[int] = []
+        sampling: list[Sequence] = []
+        for c in ordered:
+            seq = c.seq
+            begin = seq.num_computed_tokens
+            input_ids.extend(seq.all_token_ids[begin : begin + c.num_new_tokens])
+            seq_chunks.append(SequenceChunk(c.num_new_tokens, begin, seq.block_table))
+            if c.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampling.append(seq)
+        batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
+        hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        results = sample(logits, sampling, self.generator)
+        return [(seq, tok, info) for seq, (tok, info) in zip(sampling, results)]

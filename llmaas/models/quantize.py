@@ -1,0 +1,50 @@
+"""Weight-only int8 quantization (per output channel, symmetric).
+
+Why: batch-1 decode on a CPU is bound by how fast weights stream from memory, and torch's bf16
+single-row matmul streams at well under the memory's bandwidth. torch's int8 weight-pack kernel reads
+half the bytes. It is slow for larger batches, so those use the same quantized weights dequantized to
+the compute dtype: one model, the same numbers at every batch size up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmaas.errors import InvalidRequestError
+
+SMALL_BATCH = 4  # rows at or below this use the int8 kernel
+SUPPORTED = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        qweight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        dtype = linear.weight.dtype
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("dequantized", (qweight.float() * scales[:, None]).to(dtype))
+        self.bias = linear.bias
+        self.use_int8_kernel = qweight.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_int8_kernel and x.dim() == 2 and x.shape[0] <= SMALL_BATCH:
+            out = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+            return out + self.bias if self.bias is not None else out
+        return F.linear(x, self.dequantized, self.bias)
+
+
+def quantize_model(model: nn.Module, method: str) -> nn.Module:
+    """Replace every nn.Linear (lm_head included) in place."""
+    if method not in SUPPORTED:
+        raise InvalidRequestError(f"quantization '{method}' is not one of {SUPPORTED}", param="quantization")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+        del name
+    return model
