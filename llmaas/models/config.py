@@ -15,6 +15,7 @@ from llmaas.errors import ModelLoadError
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 
 
 @dataclass
@@ -71,6 +72,15 @@ def _rope_params(cfg: dict[str, Any], path: Path) -> tuple[float, dict[str, Any]
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     scaling["rope_type"] = rope_type
+    for key in _ROPE_REQUIRED.get(rope_type, ()):
+        if scaling.get(key) is None:
+            raise ModelLoadError(f"{path}: rope_scaling.{key} is required for rope_type '{rope_type}'")
+    if rope_type in ("llama3", "yarn"):
+        # As transformers: a top-level original_max_position_embeddings wins, else max_position_embeddings.
+        if cfg.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        elif not scaling.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = cfg.get("max_position_embeddings", 2048)
     return theta, (None if rope_type == "default" else scaling)
 
 
@@ -78,6 +88,31 @@ def _eos_ids(value: Any) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _sliding_window(cfg: dict[str, Any], family: str, path: Path) -> int | None:
+    """The window every layer uses, or None. Our layers share one window (the engine's batch mask)."""
+    window = cfg.get("sliding_window")
+    if family == "llama" or not window:
+        return None  # transformers' llama has no sliding window
+    if family == "mistral":
+        return int(window)
+    # qwen2 / qwen3: only with use_sliding_window, and only on layers >= max_window_layers.
+    if not cfg.get("use_sliding_window"):
+        return None
+    num_layers = int(_require(cfg, "num_hidden_layers", path))
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+        for i in range(num_layers)
+    ]
+    if all(t == "full_attention" for t in layer_types):
+        return None
+    if all(t == "sliding_attention" for t in layer_types):
+        return int(window)
+    raise ModelLoadError(
+        f"{path}: use_sliding_window with a window on only some layers (max_window_layers / layer_types) "
+        "is not supported"
+    )
 
 
 def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> ModelConfig:
@@ -94,9 +129,7 @@ def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> M
     hidden = int(_require(cfg, "hidden_size", path))
     heads = int(_require(cfg, "num_attention_heads", path))
     theta, scaling = _rope_params(cfg, path)
-    window = cfg.get("sliding_window")
-    if family == "qwen2" or family == "qwen3":
-        window = window if cfg.get("use_sliding_window") else None
+    window = _sliding_window(cfg, family, path)
     return ModelConfig(
         family=family,
         vocab_size=int(_require(cfg, "vocab_size", path)),
@@ -111,9 +144,10 @@ def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> M
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+        # transformers' qwen2 always has q/k/v biases, whatever attention_bias says.
+        attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=family == "qwen3",
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         raw=cfg,

@@ -34,8 +34,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn(dim: int, theta: float, s: dict[str, Any], max_pos: int) -> tuple[torch.Tensor, float]:
-    factor = float(s["factor"])
     original = int(s.get("original_max_position_embeddings") or max_pos)
+    # As transformers: no factor means the context was stretched from `original` to `max_pos`.
+    factor = float(s["factor"]) if s.get("factor") is not None else max_pos / original
     beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
