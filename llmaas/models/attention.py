@@ -98,23 +98,33 @@ def build_forward_batch(
         slot_mapping.extend(_slots(chunk.block_table, block_size, begin, end))
     decode = None
     if decode_chunks:
-        lengths = [c.num_cached_tokens + 1 for c in decode_chunks]
-        width = max(lengths)
-        key_slots = torch.zeros(len(decode_chunks), width, dtype=torch.long)
-        for i, c in enumerate(decode_chunks):
-            key_slots[i, : lengths[i]] = torch.tensor(_slots(c.block_table, block_size, 0, lengths[i]))
-        k_pos = torch.arange(width)
-        lens = torch.tensor(lengths)
-        mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
-        if sliding_window is not None:
-            mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
-        decode = DecodeBatch(decode_start, key_slots.to(device), mask[:, None, None, :].to(device))
+        decode = _decode_batch(decode_chunks, decode_start, block_size, device, sliding_window)
     return ForwardBatch(
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         prefills=prefills,
         decode=decode,
     )
+
+
+def _decode_batch(
+    chunks: list[SequenceChunk], start: int, block_size: int, device, sliding_window: int | None
+) -> DecodeBatch:
+    """Slots of every cached key of each decoding sequence, computed with tensor ops (hot path)."""
+    lens = torch.tensor([c.num_cached_tokens + 1 for c in chunks])
+    width = int(lens.max())
+    num_blocks = -(-width // block_size)
+    tables = torch.zeros(len(chunks), num_blocks, dtype=torch.long)
+    for i, c in enumerate(chunks):
+        row = c.block_table[:num_blocks]
+        tables[i, : len(row)] = torch.tensor(row)
+    k_pos = torch.arange(width)
+    key_slots = tables[:, k_pos // block_size] * block_size + k_pos % block_size
+    mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
+    key_slots = key_slots.masked_fill(~mask, 0)
+    if sliding_window is not None:
+        mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
+    return DecodeBatch(start, key_slots.to(device), mask[:, None, None, :].to(device))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float):
