@@ -25,30 +25,51 @@ def _parse_bytes(text: str) -> int:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="catalog name (see `llmaas models`), an HF-format directory or a .gguf file")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="catalog name (see `llmaas models`), an HF-format directory or a .gguf file",
+    )
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    g.add_argument("--kv-cache-memory", type=_parse_bytes, default="512MiB",
-                   help="bytes for the paged KV cache, allocated once at start (default 512MiB)")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=_parse_bytes,
+        default="512MiB",
+        help="bytes for the paged KV cache, allocated once at start (default 512MiB)",
+    )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="cap on running sequences")
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="per-step token budget shared by prefill chunks and decodes")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="per-step token budget shared by prefill chunks and decodes",
+    )
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--quantization", choices=["int8"], default=None,
-                   help="weight-only int8: faster small-batch decode on CPU")
+    g.add_argument(
+        "--quantization",
+        choices=["int8"],
+        default=None,
+        help="weight-only int8: faster small-batch decode on CPU",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
     from llmaas.engine.llm_engine import EngineConfig
 
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, quantization=args.quantization,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        quantization=args.quantization,
     )
 
 
@@ -60,8 +81,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM(config=engine_config_from_args(args))
     load_s = time.perf_counter() - t0
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=args.stop or [], n=args.n, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+        n=args.n,
+        ignore_eos=args.ignore_eos,
     )
     prompts = args.prompt or [sys.stdin.read()]
     t1 = time.perf_counter()
@@ -72,18 +99,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen_s = time.perf_counter() - t1
     for out in outputs:
         if args.json:
-            print(json.dumps({
-                "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
-                "completion_tokens": out.completion_tokens,
-                "choices": [{"text": o.text, "finish_reason": o.finish_reason, "token_ids": o.token_ids}
-                            for o in out.outputs],
-            }))
+            print(
+                json.dumps(
+                    {
+                        "prompt_tokens": out.prompt_tokens,
+                        "cached_tokens": out.cached_tokens,
+                        "completion_tokens": out.completion_tokens,
+                        "choices": [
+                            {"text": o.text, "finish_reason": o.finish_reason, "token_ids": o.token_ids}
+                            for o in out.outputs
+                        ],
+                    }
+                )
+            )
         else:
             for o in out.outputs:
                 print(o.text)
     completion = sum(o.completion_tokens for o in outputs)
-    print(f"[load {load_s:.2f}s, {completion} tokens in {gen_s:.2f}s = {completion / gen_s:.1f} tok/s]",
-          file=sys.stderr)
+    print(
+        f"[load {load_s:.2f}s, {completion} tokens in {gen_s:.2f}s = {completion / gen_s:.1f} tok/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -96,7 +132,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmaas", description="LLM as a Service at the lowest cost per token.")
+    parser = argparse.ArgumentParser(
+        prog="llmaas", description="LLM as a Service at the lowest cost per token."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
     sub = parser.add_subparsers(dest="verb", required=True)
 
@@ -122,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except LlmaasError as exc:

@@ -57,7 +57,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; the model's own chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
+        prompts = [
+            self.tokenizer.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

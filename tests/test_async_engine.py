@@ -59,7 +59,9 @@ def test_leaving_early_aborts_in_the_engine(engine):
                 break
         await gen.aclose()
         # the abort is a command the loop runs before its next step
-        stats = await asyncio.wrap_future(aeng.call(lambda e: (list(e.requests), e.block_manager.num_used_blocks)))
+        stats = await asyncio.wrap_future(
+            aeng.call(lambda e: (list(e.requests), e.block_manager.num_used_blocks))
+        )
         return stats
 
     try:

@@ -41,10 +41,14 @@ def make_llm(model_dir, **kw) -> LLM:
 def reference_greedy(reference, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -108,15 +112,18 @@ def test_seed_gives_same_tokens_alone_and_batched(model_dir):
     other = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, ignore_eos=True)
     batched = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [other, params, other])
     assert batched[1].outputs[0].token_ids == alone
-    different = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99,
-                                                          ignore_eos=True))[0]
+    different = llm.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True)
+    )[0]
     assert different.outputs[0].token_ids != alone
 
 
 def test_n_samples_share_prompt_blocks(model_dir):
     llm = make_llm(model_dir)
     prompt = list(range(100, 130))  # 30 tokens = 7 full blocks
-    out = llm.generate([prompt], SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))[0]
+    out = llm.generate([prompt], SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))[
+        0
+    ]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert out.completion_tokens == 24
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
@@ -130,8 +137,9 @@ def test_stop_strings_never_leak(model_dir):
     text = base.outputs[0].text
     assert len(text) > 6
     stop = text[3:6]
-    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=30, temperature=0.0, stop=[stop],
-                                                    ignore_eos=True))[0]
+    out = llm.generate(
+        [PROMPTS[1]], SamplingParams(max_tokens=30, temperature=0.0, stop=[stop], ignore_eos=True)
+    )[0]
     o = out.outputs[0]
     assert o.finish_reason == "stop" and o.stop_reason == stop
     assert o.text == text[: text.index(stop)]
@@ -141,8 +149,9 @@ def test_stop_token_ids_and_eos(model_dir):
     llm = make_llm(model_dir)
     base = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
     target = base.outputs[0].token_ids[4]
-    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[target],
-                                                    ignore_eos=True))[0].outputs[0]
+    out = llm.generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[target], ignore_eos=True)
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == target
     assert out.token_ids[-1] == target and target not in out.token_ids[:-1]
     # logit_bias forces eos (id 2): generation stops at once unless ignore_eos
@@ -171,23 +180,38 @@ def test_logprobs_match_reference(model_dir, reference):
 def test_penalties_change_output(model_dir):
     llm = make_llm(model_dir)
     plain = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
-    penal = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
-                                                      frequency_penalty=2.0, presence_penalty=2.0))[0]
+    penal = llm.generate(
+        [PROMPTS[2]],
+        SamplingParams(
+            max_tokens=20, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
+        ),
+    )[0]
     ids = penal.outputs[0].token_ids
     assert ids != plain.outputs[0].token_ids
     assert len(set(ids)) >= len(set(plain.outputs[0].token_ids))
-    rep = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
-                                                    repetition_penalty=5.0))[0]
+    rep = llm.generate(
+        [PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, repetition_penalty=5.0)
+    )[0]
     assert rep.outputs[0].token_ids != plain.outputs[0].token_ids
 
 
 def test_top_k_one_is_greedy(model_dir):
     llm = make_llm(model_dir)
     greedy = llm.generate([PROMPTS[3]], GREEDY)[0].outputs[0].token_ids
-    topk = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=3,
-                                                     ignore_eos=True))[0].outputs[0].token_ids
-    tiny_p = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=3,
-                                                       ignore_eos=True))[0].outputs[0].token_ids
+    topk = (
+        llm.generate(
+            [PROMPTS[3]], SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
+    tiny_p = (
+        llm.generate(
+            [PROMPTS[3]], SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True)
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     assert topk == greedy == tiny_p
 
 
@@ -254,7 +278,9 @@ def test_context_window_errors(model_dir):
     with pytest.raises(ContextLengthExceededError) as err:
         llm.generate([list(range(200))], SamplingParams(max_tokens=10_000_000))
     assert err.value.param == "max_tokens"
-    out = llm.generate([list(range(250))], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[0]
+    out = llm.generate([list(range(250))], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))[
+        0
+    ]
     assert out.completion_tokens == 6 and out.outputs[0].finish_reason == "length"
 
 
@@ -267,9 +293,13 @@ def test_unknown_model_name(tmp_path):
 
 def test_kv_cache_is_fixed_at_start(model_dir):
     llm = make_llm(model_dir)
-    caches = [t.data_ptr() for layer in llm.engine.model.attention_layers() for t in (layer.k_cache, layer.v_cache)]
+    caches = [
+        t.data_ptr() for layer in llm.engine.model.attention_layers() for t in (layer.k_cache, layer.v_cache)
+    ]
     llm.generate(PROMPTS * 4, SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True))
-    after = [t.data_ptr() for layer in llm.engine.model.attention_layers() for t in (layer.k_cache, layer.v_cache)]
+    after = [
+        t.data_ptr() for layer in llm.engine.model.attention_layers() for t in (layer.k_cache, layer.v_cache)
+    ]
     assert caches == after
 
 

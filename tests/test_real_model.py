@@ -27,15 +27,21 @@ def test_greedy_equals_transformers_on_same_weights(llm_fp32):
         ids = llm_fp32.tokenizer.encode(prompt)
         with torch.no_grad():
             expected = ref.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )[0, len(ids) :].tolist()
         assert out.outputs[0].token_ids == expected, prompt
 
 
 def test_chat_answers_in_english(llm_fp32):
-    out = llm_fp32.chat([{"role": "user", "content": "What is the capital of France?"}],
-                        SamplingParams(max_tokens=20, temperature=0.0))[0]
+    out = llm_fp32.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=20, temperature=0.0),
+    )[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"  # <|im_end|> ends the turn and is not in the text
     assert "<|im_end|>" not in out.outputs[0].text

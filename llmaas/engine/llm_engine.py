@@ -24,8 +24,14 @@ from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("llmaas.engine")
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -80,16 +86,25 @@ class LLMEngine:
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        self.runner = ModelRunner(self.model, config.block_size, config.kv_cache_memory, device, dtype, config.seed)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(
+            self.model, config.block_size, config.kv_cache_memory, device, dtype, config.seed
+        )
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         log.info(
             "loaded %s (%s, %s) in %.2fs; KV cache %d blocks x %d tokens = %.0f MiB",
-            config.model, self.model_config.family, config.dtype, self.load_seconds, self.runner.num_blocks,
-            config.block_size, self.runner.kv_cache_bytes / 2**20,
+            config.model,
+            self.model_config.family,
+            config.dtype,
+            self.load_seconds,
+            self.runner.num_blocks,
+            config.block_size,
+            self.runner.kv_cache_bytes / 2**20,
         )
 
     # ----------------------------------------------------------------- requests
@@ -102,7 +117,9 @@ class LLMEngine:
             ids = list(prompt)
             vocab = self.model_config.vocab_size
             if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {vocab})", param="prompt"
+                )
         if not ids:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return ids
@@ -113,7 +130,8 @@ class LLMEngine:
         if num_prompt_tokens >= room:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {room} tokens, but the prompt has "
-                f"{num_prompt_tokens} tokens.", param="prompt",
+                f"{num_prompt_tokens} tokens.",
+                param="prompt",
             )
         if params.max_tokens is None:
             return room - num_prompt_tokens
@@ -127,7 +145,11 @@ class LLMEngine:
         return params.max_tokens
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
     ) -> list[int]:
         """Validate and queue; raises InvalidRequestError before any work. Returns the prompt token ids."""
         params = params or SamplingParams()
@@ -144,7 +166,9 @@ class LLMEngine:
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device)
                 seq.generator.manual_seed(params.seed + index)
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=params.skip_special_tokens
+            )
             seq.leader = seqs[0] if seqs else None
             seqs.append(seq)
             self.scheduler.add(seq)

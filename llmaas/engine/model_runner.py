@@ -36,9 +36,9 @@ class ModelRunner:
         self.dtype = dtype
         layers = model.attention_layers()
         elem_size = torch.empty(0, dtype=dtype).element_size()
-        self.kv_bytes_per_token = sum(
-            math.prod(shape) for layer in layers for shape in layer.cache_shapes()
-        ) * elem_size
+        self.kv_bytes_per_token = (
+            sum(math.prod(shape) for layer in layers for shape in layer.cache_shapes()) * elem_size
+        )
         self.num_blocks = int(kv_cache_bytes // (self.kv_bytes_per_token * block_size))
         if self.num_blocks < 2:
             raise InvalidRequestError(
@@ -48,8 +48,10 @@ class ModelRunner:
             )
         for layer in layers:
             layer.bind_cache(
-                [torch.zeros(self.num_blocks, block_size, *shape, dtype=dtype, device=device)
-                 for shape in layer.cache_shapes()]
+                [
+                    torch.zeros(self.num_blocks, block_size, *shape, dtype=dtype, device=device)
+                    for shape in layer.cache_shapes()
+                ]
             )
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

@@ -68,8 +68,11 @@ def sample(
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
     needs_processing = any(
-        s.params.logit_bias or s.params.repetition_penalty != 1.0 or s.params.presence_penalty
-        or s.params.frequency_penalty for s in seqs
+        s.params.logit_bias
+        or s.params.repetition_penalty != 1.0
+        or s.params.presence_penalty
+        or s.params.frequency_penalty
+        for s in seqs
     )
     if needs_processing:
         logits = logits.clone()
@@ -98,4 +101,3 @@ def sample(
             info = TokenLogprob(token_list[row], float(lp[token_list[row]]), top)
         results.append((token_list[row], info))
     return results
-

@@ -52,8 +52,14 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequestError naming the parameter; called by the engine on add_request."""
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             _finite(name, getattr(self, name))
         if self.temperature < 0:
             raise InvalidRequestError("'temperature' must be >= 0", param="temperature")
@@ -87,10 +93,14 @@ class SamplingParams:
             raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}", param="logprobs")
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or (vocab_size is not None and not 0 <= token < vocab_size):
-                raise InvalidRequestError(f"'logit_bias' has an invalid token id {token!r}", param="logit_bias")
+                raise InvalidRequestError(
+                    f"'logit_bias' has an invalid token id {token!r}", param="logit_bias"
+                )
             _finite("logit_bias", bias)
             if not -100 <= bias <= 100:
                 raise InvalidRequestError("'logit_bias' values must be in [-100, 100]", param="logit_bias")
         for token in self.stop_token_ids:
             if not isinstance(token, int) or (vocab_size is not None and not 0 <= token < vocab_size):
-                raise InvalidRequestError(f"'stop_token_ids' has an invalid id {token!r}", param="stop_token_ids")
+                raise InvalidRequestError(
+                    f"'stop_token_ids' has an invalid id {token!r}", param="stop_token_ids"
+                )

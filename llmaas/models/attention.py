@@ -130,7 +130,9 @@ def _decode_batch(
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float):
     """q: [B, Hq, L, D]; k, v: [B, Hk, S, D]. GQA inside the kernel (repeating kv heads costs ~10x)."""
     gqa = k.shape[1] != q.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+    )
 
 
 def paged_attention(

@@ -95,7 +95,9 @@ def load_model(
     for name, tensor in state.items():
         want = model.get_parameter(name).shape
         if tuple(tensor.shape) != tuple(want):
-            raise ModelLoadError(f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}")
+            raise ModelLoadError(
+                f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
+            )
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
