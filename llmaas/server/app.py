@@ -1,0 +1,127 @@
+"""The FastAPI app: routes, error mapping, model loading in the background, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from llmaas.engine.async_engine import AsyncEngine
+from llmaas.server import chat, completions
+from llmaas.server.errors import error_body, install_error_handlers
+from llmaas.server.metrics import HttpMetricsMiddleware
+from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
+from llmaas.server.registry import ModelRegistry, ServedModel
+from llmaas.server.state import ServerState
+from llmaas.server.usage import BillingHook
+
+log = logging.getLogger("llmaas.server")
+
+STATS_TIMEOUT_S = 2.0
+
+
+def create_app(
+    engines: Mapping[str, AsyncEngine] | None = None,
+    *,
+    load: Callable[[str], AsyncEngine] | None = None,
+    model_names: list[str] | tuple[str, ...] = (),
+    billing_hook: BillingHook | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible app over `engines` (served name -> AsyncEngine, already loaded).
+
+    With `load`, the models in `model_names` are loaded in the background at start-up (`load(name)`
+    runs in a thread), /health answering 503 until all are ready; the app then owns those engines and
+    shuts them down on exit. Engines passed in are the caller's to shut down.
+    """
+    registry = ModelRegistry([*model_names, *(engines or {})])
+    for name, engine in (engines or {}).items():
+        registry.add(name, engine)
+    state = ServerState(registry, billing_hook)
+
+    async def load_all() -> None:
+        for name in model_names:
+            try:
+                registry.add(name, await asyncio.to_thread(load, name))
+                log.info("model %s is ready", name)
+            except Exception as exc:
+                log.exception("loading model %s failed", name)
+                registry.models[name].error = str(exc)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(load_all()) if load is not None else None
+        try:
+            yield
+        finally:
+            if loading is not None:
+                loading.cancel()
+                owned = [m.engine for n, m in registry.models.items() if n in model_names and m.engine]
+                for engine in owned:
+                    await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="llmaas", version="0.1.0", summary="OpenAI-compatible LLM API", lifespan=lifespan)
+    app.state.llmaas = state
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
+
+    def card(model: ServedModel) -> dict:
+        return {"id": model.name, "object": "model", "created": model.created, "owned_by": "llmaas"}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [card(m) for m in registry.models.values()]})
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(model_id: str) -> JSONResponse:
+        model = registry.models.get(model_id)
+        if model is None:
+            registry.get(model_id)  # raises model_not_found
+        return JSONResponse(card(model))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if registry.ready:
+            return JSONResponse({"status": "ok"})
+        loading = {
+            n: ("failed: " + m.error if m.error else "loading")
+            for n, m in registry.models.items()
+            if m.engine is None
+        }
+        body = error_body(f"not ready: {loading}", "server_error", None, "model_loading")
+        return JSONResponse(
+            {**body, "status": "loading", "models": loading}, status_code=503, headers={"Retry-After": "1"}
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        stats = {}
+        for name, model in registry.models.items():
+            if model.engine is not None:
+                try:
+                    future = model.engine.call(lambda e: e.stats())
+                    stats[name] = await asyncio.wait_for(asyncio.wrap_future(future), STATS_TIMEOUT_S)
+                except Exception:  # a stuck engine must not take /metrics down with it
+                    log.warning("no stats from %s", name)
+        return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+    def openapi() -> dict:
+        # FastAPI documents a 422 for every body; this server answers 400 instead (errors.py).
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,157 @@
+"""OpenAI response bodies as plain dicts: usage, choices, logprobs, chunks.
+
+Plain dicts and one json.dumps per body/event keep the HTTP layer cheap next to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from llmaas.engine.sequence import TokenLogprob
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop"}  # OpenAI has no "abort"
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a probability that underflowed (and JSON has no -inf)
+
+TokenText = Callable[[int], str]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else FINISH_REASONS.get(reason, reason)
+
+
+def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _lp(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+# -------------------------------------------------------------------- chat
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+    content = []
+    for entry in entries:
+        text = token_text(entry.token_id)
+        content.append(
+            {
+                "token": text,
+                "logprob": _lp(entry.logprob),
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": (t := token_text(tid)), "logprob": _lp(lp), "bytes": list(t.encode())}
+                    for tid, lp in entry.top
+                ],
+            }
+        )
+    return {"content": content, "refusal": None}
+
+
+def chat_completion(
+    id_: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def chat_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason(reason),
+    }
+
+
+# ------------------------------------------------------------- completions
+class CompletionLogprobs:
+    """Legacy completions logprobs ({tokens, token_logprobs, top_logprobs, text_offset}), built
+    incrementally so streamed chunks carry running text offsets."""
+
+    def __init__(self, token_text: TokenText, offset: int = 0):
+        self.token_text = token_text
+        self.offset = offset
+
+    def build(self, entries: Sequence[TokenLogprob], prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        text_offset: list[int] = []
+        for tid in prompt_ids:  # echoed prompt: no logprobs computed for it (see docs)
+            text = self.token_text(tid)
+            tokens.append(text)
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            text_offset.append(self.offset)
+            self.offset += len(text)
+        for entry in entries:
+            text = self.token_text(entry.token_id)
+            tokens.append(text)
+            token_logprobs.append(_lp(entry.logprob))
+            top = {self.token_text(tid): _lp(lp) for tid, lp in entry.top}
+            top.setdefault(text, _lp(entry.logprob))  # the sampled token is always included, like OpenAI
+            top_logprobs.append(top)
+            text_offset.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        }
+
+
+def completion(
+    id_: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any] | None
+) -> dict[str, Any]:
+    body = {
+        "id": id_,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def completion_choice(
+    index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}

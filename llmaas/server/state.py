@@ -1,0 +1,93 @@
+"""What the route handlers share: the served models, metrics and the billing hook."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Sequence
+
+from fastapi import Request
+
+from llmaas.engine.sampling_params import SamplingParams
+from llmaas.server.generation import EngineRun, spawn, watch_disconnect
+from llmaas.server.metrics import Metrics
+from llmaas.server.registry import ModelRegistry, ServedModel
+from llmaas.server.usage import BillingHook, RequestUsage
+
+log = logging.getLogger("llmaas.server")
+
+
+def bearer_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+class ServerState:
+    def __init__(self, registry: ModelRegistry, billing_hook: BillingHook | None = None):
+        self.registry = registry
+        self.metrics = Metrics()
+        self.billing_hook = billing_hook
+
+    async def start_run(
+        self,
+        request: Request,
+        model: ServedModel,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams,
+        request_id: str,
+        endpoint: str,
+        user: str | None,
+    ) -> tuple[EngineRun, asyncio.Task]:
+        """Submit the engine requests and watch for the client leaving; returns once every prompt has
+        its first output (validation errors raise before that). Returns (run, watcher task)."""
+        api_key = bearer_token(request)
+
+        async def on_end(run: EngineRun, status: str) -> None:
+            self._observe(run, model.name, endpoint, status)
+            if self.billing_hook is None:
+                return
+            record = RequestUsage(
+                request_id=request_id,
+                model=model.name,
+                endpoint=endpoint,
+                prompt_tokens=run.prompt_tokens,
+                cached_tokens=run.cached_tokens,
+                completion_tokens=run.completion_tokens,
+                status=status,
+                finish_reasons=run.finish_reasons,
+                user=user,
+                api_key=api_key,
+            )
+            try:
+                result = self.billing_hook(record)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("billing hook failed for %s", request_id)
+
+        run = EngineRun(model.engine, prompts, params, request_id, on_end)
+        watcher = spawn(watch_disconnect(request.receive, run))
+        try:
+            await run.start()
+        except BaseException:
+            watcher.cancel()
+            raise
+        return run, watcher
+
+    def _observe(self, run: EngineRun, model: str, endpoint: str, status: str) -> None:
+        m = self.metrics
+        m.requests.inc(model=model, endpoint=endpoint, status=status)
+        m.prompt_tokens.inc(run.prompt_tokens, model=model)
+        m.cached_tokens.inc(run.cached_tokens, model=model)
+        m.completion_tokens.inc(run.completion_tokens, model=model)
+        end = run.end_time or run.start_time
+        m.e2e.observe(end - run.start_time, model=model)
+        if run.first_token_time is not None:
+            m.ttft.observe(run.first_token_time - run.start_time, model=model)
+            longest = max((len(c.token_ids) for o in run.latest if o for c in o.outputs), default=0)
+            if longest > 1:
+                m.tpot.observe((end - run.first_token_time) / (longest - 1), model=model)
