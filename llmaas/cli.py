@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model catalog")
     models.set_defaults(func=cmd_models)
+
+    from llmaas.server.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
