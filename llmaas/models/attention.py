@@ -29,8 +29,8 @@ class PrefillSegment:
 @dataclass
 class DecodeBatch:
     start: int  # first decode token in the flat batch; decode tokens run to the end
-    key_slots: torch.Tensor  # [B, S] cache slots, padded
-    mask: torch.Tensor  # [B, 1, 1, S] True = may attend
+    block_tables: torch.Tensor  # [B, num_blocks] cache blocks of each sequence, padded with block 0
+    mask: torch.Tensor  # [B, 1, 1, num_blocks * block_size] True = may attend
 
 
 @dataclass
@@ -110,21 +110,45 @@ def build_forward_batch(
 def _decode_batch(
     chunks: list[SequenceChunk], start: int, block_size: int, device, sliding_window: int | None
 ) -> DecodeBatch:
-    """Slots of every cached key of each decoding sequence, computed with tensor ops (hot path)."""
+    """Block tables and key masks of the decoding sequences, computed with tensor ops (hot path)."""
     lens = torch.tensor([c.num_cached_tokens + 1 for c in chunks])
-    width = int(lens.max())
-    num_blocks = -(-width // block_size)
+    num_blocks = -(-int(lens.max()) // block_size)
     tables = torch.zeros(len(chunks), num_blocks, dtype=torch.long)
     for i, c in enumerate(chunks):
         row = c.block_table[:num_blocks]
         tables[i, : len(row)] = torch.tensor(row)
-    k_pos = torch.arange(width)
-    key_slots = tables[:, k_pos // block_size] * block_size + k_pos % block_size
+    k_pos = torch.arange(num_blocks * block_size)
     mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
-    key_slots = key_slots.masked_fill(~mask, 0)
     if sliding_window is not None:
         mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
-    return DecodeBatch(start, key_slots.to(device), mask[:, None, None, :].to(device))
+    return DecodeBatch(start, tables.to(device), mask[:, None, None, :].to(device))
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size, *shape] cache -> [B, S, *shape] for each row of block ids.
+
+    Copies whole blocks (kilobytes each), several times faster than gathering token by token.
+    """
+    b, n = block_tables.shape
+    return cache.index_select(0, block_tables.reshape(-1)).view(b, n * cache.shape[1], *cache.shape[2:])
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per sequence. q: [B, Hq, D]; k, v: [B, S, Hk, D]; mask: [B, 1, 1, S] -> [B, Hq, D].
+
+    Two batched matmuls with the query heads of a kv head grouped together: for a single query
+    this is several times faster on CPU than the fused SDPA kernel, which is built for long queries.
+    """
+    b, hq, d = q.shape
+    hk = k.shape[2]
+    qg = q.view(b, hk, hq // hk, d)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hk, G, Dv]
+    return out.reshape(b, hq, v.shape[-1])
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float):
@@ -162,8 +186,6 @@ def paged_attention(
         out[sl] = o.squeeze(0).transpose(0, 1)
     if batch.decode is not None:
         d = batch.decode
-        qd = q[d.start :].unsqueeze(2)  # [B, Hq, 1, D]
-        kd = k_flat[d.key_slots].transpose(1, 2)  # [B, Hk, S, D]
-        vd = v_flat[d.key_slots].transpose(1, 2)
-        out[d.start :] = _sdpa(qd, kd, vd, d.mask, False, scale).squeeze(2)
+        kd, vd = gather_blocks(k_cache, d.block_tables), gather_blocks(v_cache, d.block_tables)
+        out[d.start :] = decode_attention(q[d.start :], kd, vd, d.mask, scale)
     return out
