@@ -20,6 +20,7 @@ from llmaas.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 from llmaas.errors import ContextLengthExceededError, InvalidRequestError
 from llmaas.models.catalog import resolve_model_dir
 from llmaas.models.loader import load_model
+from llmaas.models.packed_linear import pack_linears
 from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("llmaas.engine")
@@ -47,6 +48,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     quantization: str | None = None  # "int8": weight-only int8 for small-batch decode
+    pack_weights: bool = True  # CPU: weights in oneDNN's blocked layout (about 2x faster decode)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -80,6 +82,8 @@ class LLMEngine:
             from llmaas.models.quantize import quantize_model
 
             quantize_model(self.model, config.quantization)
+        if config.pack_weights:
+            pack_linears(self.model)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
         self.max_model_len = min(

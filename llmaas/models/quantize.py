@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmaas.errors import InvalidRequestError
+from llmaas.models.packed_linear import pack_weight, packed_linear
 
 SMALL_BATCH = 4  # rows at or below this use the int8 kernel
 SUPPORTED = ("int8",)
@@ -27,7 +28,10 @@ class Int8Linear(nn.Module):
         dtype = linear.weight.dtype
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(dtype))
-        self.register_buffer("dequantized", (qweight.float() * scales[:, None]).to(dtype))
+        dequantized = (qweight.float() * scales[:, None]).to(dtype)
+        self.register_buffer("dequantized", dequantized)
+        packed = pack_weight(dequantized)
+        self.register_buffer("packed", packed if packed is not None else torch.empty(0))
         self.bias = linear.bias
         self.use_int8_kernel = qweight.device.type == "cpu"
 
@@ -35,6 +39,8 @@ class Int8Linear(nn.Module):
         if self.use_int8_kernel and x.dim() == 2 and x.shape[0] <= SMALL_BATCH:
             out = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
             return out + self.bias if self.bias is not None else out
+        if self.packed.numel():
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.dequantized, self.bias)
 
 
