@@ -99,6 +99,13 @@ def test_prefix_cache_reports_cached_tokens_and_keeps_output(model_dir, referenc
     assert llm.engine.block_manager.prefix_hit_rate > 0
 
 
+def test_prompt_is_cached_even_when_request_ends_in_its_prefill_step(model_dir):
+    llm = make_llm(model_dir)
+    shared = list(range(150, 170))
+    llm.generate([shared + [1]], SamplingParams(max_tokens=1, temperature=0.0))
+    assert llm.generate([shared + [2]], GREEDY)[0].cached_tokens == 20
+
+
 def test_no_prefix_caching_reports_zero(model_dir):
     llm = make_llm(model_dir, enable_prefix_caching=False)
     llm.generate([list(range(50, 70))], GREEDY)

@@ -209,13 +209,12 @@ class LLMEngine:
         self.num_steps += 1
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            # Publish filled blocks now: a sequence that finishes below frees its blocks at once.
+            self.block_manager.register_full_blocks(chunk.seq)
         touched: dict[str, _Request] = {}
         for seq, token, info in results:
             self._append_token(seq, token, info)
             touched[seq.request_id] = self.requests[seq.request_id]
-        for chunk in chunks:
-            if not chunk.seq.is_finished:
-                self.block_manager.register_full_blocks(chunk.seq)
         outputs = []
         for request in touched.values():
             out = self._request_output(request)
