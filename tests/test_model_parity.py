@@ -46,7 +46,7 @@ class PagedRun:
         self.model = model
         self.sliding_window = sliding_window
         for attn in model.attention_layers():
-            attn.bind_cache([torch.zeros(NUM_BLOCKS, BLOCK_SIZE, *s) for s in attn.cache_shapes()])
+            attn.allocate_cache(NUM_BLOCKS, BLOCK_SIZE, torch.float32, "cpu")
         self.free = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free)  # block tables are scattered, not in order
 

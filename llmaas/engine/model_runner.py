@@ -5,8 +5,6 @@ The KV cache is allocated once, at start-up, from a byte budget: memory never gr
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from llmaas.engine.sampler import sample
@@ -36,9 +34,7 @@ class ModelRunner:
         self.dtype = dtype
         layers = model.attention_layers()
         elem_size = torch.empty(0, dtype=dtype).element_size()
-        self.kv_bytes_per_token = (
-            sum(math.prod(shape) for layer in layers for shape in layer.cache_shapes()) * elem_size
-        )
+        self.kv_bytes_per_token = sum(layer.cache_elements_per_token() for layer in layers) * elem_size
         self.num_blocks = int(kv_cache_bytes // (self.kv_bytes_per_token * block_size))
         if self.num_blocks < 2:
             raise InvalidRequestError(
@@ -47,12 +43,7 @@ class ModelRunner:
                 param="kv_cache_memory",
             )
         for layer in layers:
-            layer.bind_cache(
-                [
-                    torch.zeros(self.num_blocks, block_size, *shape, dtype=dtype, device=device)
-                    for shape in layer.cache_shapes()
-                ]
-            )
+            layer.allocate_cache(self.num_blocks, block_size, dtype, device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.sliding_window = getattr(model.config, "sliding_window", None)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 FUSED_DECODE_MAX_BATCH = 2  # measured on CPU: SDPA wins below this, two batched matmuls above
 
 
@@ -128,33 +127,42 @@ def _decode_batch(
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, *shape] cache -> [B, S, *shape] for each row of block ids.
+    """Head-major cache [H, num_blocks, block_size, D] -> [H, B, S, D] for each row of block ids.
 
-    Copies whole blocks (kilobytes each), several times faster than gathering token by token.
+    Copies whole blocks (kilobytes each), several times faster than gathering token by token, and
+    the result is already in the layout the attention matmuls want (no transposing copy).
     """
     b, n = block_tables.shape
-    return cache.index_select(0, block_tables.reshape(-1)).view(b, n * cache.shape[1], *cache.shape[2:])
+    h, _, block_size, d = cache.shape
+    return cache.index_select(1, block_tables.reshape(-1)).view(h, b, n * block_size, d)
 
 
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query per sequence. q: [B, Hq, D]; k, v: [B, S, Hk, D]; mask: [B, 1, 1, S] -> [B, Hq, D].
+    """One query per sequence. q: [B, Hq, D]; k, v: [Hk, B, S, D]; mask: [B, 1, 1, S] -> [B, Hq, D].
 
-    Two batched matmuls with the query heads of a kv head grouped together: for a single query
-    this is several times faster on CPU than the fused SDPA kernel, which is built for long queries.
+    For more than a couple of rows: two batched matmuls with the query heads of a kv head grouped,
+    several times faster on CPU than the fused SDPA kernel, which is built for long queries.
     """
     b, hq, d = q.shape
-    hk = k.shape[2]
+    hk = k.shape[0]
     if b <= FUSED_DECODE_MAX_BATCH:  # a handful of rows: the fused kernel's fixed cost is lower
-        out = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask, False, scale)
+        out = _sdpa(q.unsqueeze(2), k.transpose(0, 1), v.transpose(0, 1), mask, False, scale)
         return out.squeeze(2)
-    qg = q.view(b, hk, hq // hk, d)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hk, G, Dv]
-    return out.reshape(b, hq, v.shape[-1])
+    qg = (q * scale).view(b, hk, hq // hk, d).transpose(0, 1)  # [Hk, B, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [Hk, B, G, S]
+    scores.masked_fill_(~mask.view(1, b, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.matmul(probs, v)  # [Hk, B, G, Dv]
+    return out.transpose(0, 1).reshape(b, hq, v.shape[-1])
+
+
+def allocate_kv_cache(
+    num_heads: int, head_dim: int, num_blocks: int, block_size: int, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """One layer's K (or V) cache, head-major: [H, num_blocks, block_size, D]."""
+    return torch.zeros(num_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, scale: float):
@@ -174,24 +182,30 @@ def paged_attention(
     batch: ForwardBatch,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq, D]."""
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat.index_copy_(0, batch.slot_mapping, k.to(k_flat.dtype))
-    v_flat.index_copy_(0, batch.slot_mapping, v.to(v_flat.dtype))
+    """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [Hk, num_blocks, block_size, D]. Returns [T, Hq, D]."""
+    k_flat = k_cache.view(k_cache.shape[0], -1, k_cache.shape[-1])  # [Hk, slots, D]
+    v_flat = v_cache.view(v_cache.shape[0], -1, v_cache.shape[-1])
+    k_flat.index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_flat.dtype))
+    v_flat.index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_flat.dtype))
+    if not batch.prefills and batch.decode is not None:  # the common pure-decode step: no scatter
+        return decode_attention(q, *_gathered(k_cache, v_cache, batch.decode), batch.decode.mask, scale)
     out = torch.empty_like(q)
     for seg in batch.prefills:
         sl = slice(seg.start, seg.start + seg.length)
         qs = q[sl].transpose(0, 1).unsqueeze(0)
         if seg.key_slots is None:
-            ks, vs = k[sl], v[sl]
+            ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
         else:
-            ks, vs = k_flat[seg.key_slots], v_flat[seg.key_slots]
-        ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
-        o = _sdpa(qs, ks, vs, seg.mask, seg.mask is None, scale)
+            ks, vs = k_flat.index_select(1, seg.key_slots), v_flat.index_select(1, seg.key_slots)
+        o = _sdpa(qs, ks.unsqueeze(0), vs.unsqueeze(0), seg.mask, seg.mask is None, scale)
         out[sl] = o.squeeze(0).transpose(0, 1)
     if batch.decode is not None:
         d = batch.decode
-        kd, vd = gather_blocks(k_cache, d.block_tables), gather_blocks(v_cache, d.block_tables)
-        out[d.start :] = decode_attention(q[d.start :], kd, vd, d.mask, scale)
+        out[d.start :] = decode_attention(q[d.start :], *_gathered(k_cache, v_cache, d), d.mask, scale)
     return out
+
+
+def _gathered(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gather_blocks(k_cache, d.block_tables), gather_blocks(v_cache, d.block_tables)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmaas.models.attention import ForwardBatch, paged_attention
+from llmaas.models.attention import ForwardBatch, allocate_kv_cache, paged_attention
 from llmaas.models.config import ModelConfig
 from llmaas.models.rope import RotaryEmbedding, apply_rotary
 
@@ -38,12 +38,13 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def cache_shapes(self) -> list[tuple[int, ...]]:
-        """Per-token shapes of this layer's cache tensors (the engine allocates them in blocks)."""
-        return [(self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)]
+    def cache_elements_per_token(self) -> int:
+        """Cache entries one token costs in this layer (the engine sizes its block pool with it)."""
+        return 2 * self.num_kv_heads * self.head_dim
 
-    def bind_cache(self, tensors: list[torch.Tensor]) -> None:
-        self.k_cache, self.v_cache = tensors
+    def allocate_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> None:
+        args = (self.num_kv_heads, self.head_dim, num_blocks, block_size, dtype, device)
+        self.k_cache, self.v_cache = allocate_kv_cache(*args), allocate_kv_cache(*args)
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
