@@ -1,0 +1,179 @@
+"""API keys: `sk-` + 32 random bytes, shown once, stored only as a sha256 hash.
+
+sha256 (not a slow password hash) is right here: the secret has 256 bits of entropy, so there is
+nothing to brute-force, and verification stays one indexed lookup per request. Every lookup reads
+the row, so revocation and expiry take effect on the next request. The secret never appears in a
+repr, a log line or an error message: only the key id and the short display prefix do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+
+from llmaas.billing.accounts import find_account
+from llmaas.billing.db import Database
+from llmaas.billing.errors import AuthenticationError, ModelNotAllowedError, NotFoundError
+from llmaas.billing.plans import get_plan
+from llmaas.billing.schema import Account, ApiKey, utcnow
+from llmaas.errors import InvalidRequestError
+
+KEY_PREFIX = "sk-"
+_SECRET_BYTES = 32
+_DISPLAY_CHARS = 4  # "sk-" + 4 characters: enough to tell keys apart in a listing, useless to guess
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown about a key: never the secret, never the hash."""
+
+    id: str
+    account_id: int
+    display_prefix: str
+    name: str | None
+    allowed_models: tuple[str, ...] | None
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class NewKey:
+    info: KeyInfo
+    secret: str = field(repr=False)  # shown to the operator once, then gone
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified request is: the key, its account, and the limits and priority that apply."""
+
+    key_id: str
+    account_id: int
+    account_name: str
+    plan: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    priority: int
+    allowed_models: tuple[str, ...] | None
+
+
+def _info(key: ApiKey) -> KeyInfo:
+    models = tuple(key.allowed_models) if key.allowed_models is not None else None
+    return KeyInfo(
+        key.id,
+        key.account_id,
+        key.display_prefix,
+        key.name,
+        models,
+        key.requests_per_minute,
+        key.tokens_per_minute,
+        key.created_at,
+        key.expires_at,
+        key.revoked_at,
+    )
+
+
+def _positive_or_none(value: int | None, param: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise InvalidRequestError(f"'{param}' must be a positive integer", param=param)
+    return value
+
+
+def create_key(
+    db: Database,
+    account: int | str,
+    *,
+    name: str | None = None,
+    expires_at: datetime | None = None,
+    allowed_models: list[str] | None = None,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+) -> NewKey:
+    if allowed_models is not None and (
+        isinstance(allowed_models, str) or not all(isinstance(m, str) and m for m in allowed_models)
+    ):
+        raise InvalidRequestError("'allowed_models' must be a list of model names", param="allowed_models")
+    _positive_or_none(requests_per_minute, "requests_per_minute")
+    _positive_or_none(tokens_per_minute, "tokens_per_minute")
+    secret = KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
+    with db.write() as session:
+        owner = find_account(session, account)
+        row = ApiKey(
+            id="key_" + secrets.token_hex(12),
+            account_id=owner.id,
+            key_hash=hash_key(secret),
+            display_prefix=secret[: len(KEY_PREFIX) + _DISPLAY_CHARS],
+            name=name,
+            allowed_models=sorted(set(allowed_models)) if allowed_models is not None else None,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+            created_at=utcnow(),
+            expires_at=expires_at,
+        )
+        session.add(row)
+        session.flush()
+        return NewKey(_info(row), secret)
+
+
+def verify_key(
+    db: Database, secret: str | None, model: str | None = None, now: datetime | None = None
+) -> Principal:
+    """The principal for a bearer secret, or AuthenticationError (401) / ModelNotAllowedError (403)."""
+    if not secret or not isinstance(secret, str) or not secret.startswith(KEY_PREFIX):
+        raise AuthenticationError("Missing or malformed API key. Pass it as 'Authorization: Bearer sk-...'.")
+    now = now or utcnow()
+    with db.read() as session:
+        found = session.execute(
+            select(ApiKey, Account)
+            .join(Account, Account.id == ApiKey.account_id)
+            .where(ApiKey.key_hash == hash_key(secret))
+        ).one_or_none()
+    if found is None:
+        raise AuthenticationError("Incorrect API key provided.")
+    key, account = found
+    if key.revoked_at is not None:
+        raise AuthenticationError(f"API key {key.display_prefix}... has been revoked.")
+    if key.expires_at is not None and key.expires_at <= now:
+        raise AuthenticationError(f"API key {key.display_prefix}... has expired.")
+    if model is not None and key.allowed_models is not None and model not in key.allowed_models:
+        raise ModelNotAllowedError(f"This API key may not use model {model!r}.", param="model")
+    plan = get_plan(account.plan)
+    return Principal(
+        key_id=key.id,
+        account_id=account.id,
+        account_name=account.name,
+        plan=plan.name,
+        requests_per_minute=key.requests_per_minute or plan.requests_per_minute,
+        tokens_per_minute=key.tokens_per_minute or plan.tokens_per_minute,
+        priority=plan.priority,
+        allowed_models=tuple(key.allowed_models) if key.allowed_models is not None else None,
+    )
+
+
+def revoke_key(db: Database, key_id: str, now: datetime | None = None) -> KeyInfo:
+    """Revoke at once (idempotent: a second revoke keeps the first time)."""
+    with db.write() as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            raise NotFoundError(f"No API key {key_id!r}", param="key_id")
+        if key.revoked_at is None:
+            key.revoked_at = now or utcnow()
+        return _info(key)
+
+
+def list_keys(db: Database, account: int | str | None = None) -> list[KeyInfo]:
+    with db.read() as session:
+        query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+        if account is not None:
+            query = query.where(ApiKey.account_id == find_account(session, account).id)
+        return [_info(k) for k in session.scalars(query)]

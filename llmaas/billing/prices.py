@@ -1,0 +1,138 @@
+"""Versioned prices per model, and the cost of a request at one price version.
+
+A new price never edits an old one: it is a new row with its own effective_from. A request is billed
+at the version in force when it was admitted (the hold records that version's id), so a price change
+while it runs does not change its cost.
+
+Cached prompt tokens are part of prompt_tokens (as the engine and OpenAI report them): the cost is
+    (prompt_tokens - cached_tokens) * input + cached_tokens * cached_input + completion_tokens * output
+per 1M tokens, rounded once, half up, to the micro-USD (see money.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from llmaas.billing.db import Database
+from llmaas.billing.errors import PriceNotSetError
+from llmaas.billing.money import TOKENS_PER_PRICE_UNIT, round_half_up_div, usd_to_micros
+from llmaas.billing.schema import Price, utcnow
+from llmaas.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class PriceVersion:
+    id: int
+    model: str
+    input_micros_per_m: int
+    cached_input_micros_per_m: int
+    output_micros_per_m: int
+    effective_from: datetime
+
+
+def _version(row: Price) -> PriceVersion:
+    return PriceVersion(
+        row.id,
+        row.model,
+        row.input_micros_per_m,
+        row.cached_input_micros_per_m,
+        row.output_micros_per_m,
+        row.effective_from,
+    )
+
+
+def set_price(
+    db: Database,
+    model: str,
+    *,
+    input_usd: str | Decimal,
+    cached_input_usd: str | Decimal,
+    output_usd: str | Decimal,
+    effective_from: datetime | None = None,
+) -> PriceVersion:
+    """A new price version for `model`, in USD per 1M tokens (decimal strings or Decimal, not floats)."""
+    if not isinstance(model, str) or not model or len(model) > 128:
+        raise InvalidRequestError("'model' must be a model name", param="model")
+    row = Price(
+        model=model,
+        input_micros_per_m=usd_to_micros(input_usd, "input"),
+        cached_input_micros_per_m=usd_to_micros(cached_input_usd, "cached_input"),
+        output_micros_per_m=usd_to_micros(output_usd, "output"),
+        effective_from=effective_from or utcnow(),
+        created_at=utcnow(),
+    )
+    try:
+        with db.write() as session:
+            session.add(row)
+            session.flush()
+            return _version(row)
+    except IntegrityError:
+        raise InvalidRequestError(
+            f"A price for {model!r} already starts at {row.effective_from.isoformat()}",
+            param="effective_from",
+        ) from None
+
+
+def price_in_force(session: Session, model: str, at: datetime | None = None) -> PriceVersion:
+    at = at or utcnow()
+    row = session.scalars(
+        select(Price)
+        .where(Price.model == model, Price.effective_from <= at)
+        .order_by(Price.effective_from.desc())
+        .limit(1)
+    ).one_or_none()
+    if row is None:
+        raise PriceNotSetError(f"No price is set for model {model!r}", param="model")
+    return _version(row)
+
+
+def current_price(db: Database, model: str, at: datetime | None = None) -> PriceVersion:
+    with db.read() as session:
+        return price_in_force(session, model, at)
+
+
+def get_price_version(session: Session, price_id: int) -> PriceVersion:
+    return _version(session.get_one(Price, price_id))
+
+
+def list_prices(db: Database, model: str | None = None) -> list[PriceVersion]:
+    """Every version, oldest first (a model's history when `model` is given)."""
+    with db.read() as session:
+        query = select(Price).order_by(Price.model, Price.effective_from)
+        if model is not None:
+            query = query.where(Price.model == model)
+        return [_version(p) for p in session.scalars(query)]
+
+
+def _count(value: int, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidRequestError(f"'{param}' must be a non-negative integer", param=param)
+    return value
+
+
+def cost_micros(price: PriceVersion, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
+    """Exact cost of one request in micro-USD, rounded once, half up."""
+    prompt = _count(prompt_tokens, "prompt_tokens")
+    cached = _count(cached_tokens, "cached_tokens")
+    completion = _count(completion_tokens, "completion_tokens")
+    if cached > prompt:
+        raise InvalidRequestError("'cached_tokens' cannot exceed 'prompt_tokens'", param="cached_tokens")
+    scaled = (
+        (prompt - cached) * price.input_micros_per_m
+        + cached * price.cached_input_micros_per_m
+        + completion * price.output_micros_per_m
+    )
+    return round_half_up_div(scaled, TOKENS_PER_PRICE_UNIT)
+
+
+def worst_case_cost_micros(price: PriceVersion, prompt_tokens: int, max_completion_tokens: int) -> int:
+    """What a hold must cover: every prompt token at the dearer input price, every allowed output token."""
+    uncached = cost_micros(price, prompt_tokens, 0, max_completion_tokens)
+    all_cached = cost_micros(price, prompt_tokens, prompt_tokens, max_completion_tokens)
+    return max(uncached, all_cached)

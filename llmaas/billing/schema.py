@@ -1,0 +1,153 @@
+"""The billing tables (SQLAlchemy 2 ORM). Alembic migrations in migrations/versions create them.
+
+Money columns are BigInteger micro-USD. Times are stored as naive UTC and read back as aware UTC,
+the same on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes in Python, naive UTC in the database (portable across dialects)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("billing datetimes must be timezone-aware")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    plan: Mapped[str] = mapped_column(String(32))
+    # Charges that no credit could cover (an under-estimated hold); paid first by the next credit.
+    overdraft_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "key_" + hex, safe to show
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
+    display_prefix: Mapped[str] = mapped_column(String(16))  # "sk-ab12", never more
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every model
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the plan's
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Price(Base):
+    """One version of a model's prices; the version in force is the latest effective_from <= now."""
+
+    __tablename__ = "prices"
+    __table_args__ = (UniqueConstraint("model", "effective_from"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+    input_micros_per_m: Mapped[int] = mapped_column(BigInteger)
+    cached_input_micros_per_m: Mapped[int] = mapped_column(BigInteger)
+    output_micros_per_m: Mapped[int] = mapped_column(BigInteger)
+    effective_from: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class LedgerEntry(Base):
+    """Append-only money movements: grant and top_up (positive), charge (negative).
+
+    Credits also track `remaining_micros`: charges draw from the credits that expire first, so an
+    expiring grant is used before a top-up and only its unused rest is lost when it expires.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (Index("ix_ledger_account_kind", "account_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # grant | top_up | charge
+    amount_micros: Mapped[int] = mapped_column(BigInteger)
+    remaining_micros: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # credits only
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)  # grants only
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)  # charges
+    note: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Hold(Base):
+    __tablename__ = "holds"
+    __table_args__ = (Index("ix_holds_account_status", "account_id", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    model: Mapped[str] = mapped_column(String(128))
+    price_id: Mapped[int] = mapped_column(ForeignKey("prices.id"))  # the version in force at admission
+    amount_micros: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | settled | released
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # server instance, for restarts
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class UsageRecord(Base):
+    """One row per billable request, never two: request_id is unique."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_account_minute", "account_id", "epoch_minute"),
+        Index("ix_usage_minute", "epoch_minute"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    model: Mapped[str] = mapped_column(String(128))
+    endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    price_id: Mapped[int] = mapped_column(ForeignKey("prices.id"))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cost_micros: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))  # completed | cancelled | failed
+    admitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    epoch_minute: Mapped[int] = mapped_column(BigInteger)  # finished_at // 60s, for portable bucketing
