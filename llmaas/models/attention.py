@@ -5,8 +5,9 @@ then decode tokens (one per sequence). `ForwardBatch` says where each token's ke
 (`slot_mapping`: flat slot = block * block_size + offset) and which cached slots each query may read.
 It is built once per step and shared by all layers; the layers only index with it.
 
-The cache layout is per layer and declared by the attention module (`cache_shapes`): dense
-attention keeps K and V per kv-head; latent attention (MLA) can keep one compressed vector per token.
+The cache layout is per layer and owned by the attention module (`allocate_cache`,
+`cache_elements_per_token`): dense attention keeps K and V head-major, [H, blocks, block_size, D];
+latent attention (MLA) can keep one compressed vector per token instead.
 """
 
 from __future__ import annotations
