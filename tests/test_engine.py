@@ -318,3 +318,19 @@ def test_text_and_chat(model_dir):
     chat = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     expected = llm.tokenizer.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
     assert chat.prompt_token_ids == expected
+
+
+@pytest.mark.parametrize("budget", [1024, 5])  # whole prompt in one step, or in chunks of 5
+def test_prompt_logprobs_match_reference(model_dir, reference, budget):
+    llm = make_llm(model_dir, max_num_batched_tokens=budget)
+    prompt = PROMPTS[3]
+    llm.generate([prompt], GREEDY)  # a cached prefix must not hide positions from scoring
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=3))[0]
+    with torch.no_grad():
+        ref = reference(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    assert out.cached_tokens == 0
+    for p, entry in enumerate(out.prompt_logprobs[1:]):
+        assert entry.token_id == prompt[p + 1]
+        assert abs(entry.logprob - float(ref[p, prompt[p + 1]])) < 1e-4
+        assert [t for t, _ in entry.top] == ref[p].topk(3).indices.tolist()

@@ -299,7 +299,9 @@ def test_completions_echo_logprobs_and_best_of(client):
     assert choice.text.startswith("Hello world")
     lp = choice.logprobs
     n_prompt = r.usage.prompt_tokens
-    assert len(lp.tokens) == n_prompt + 4 and lp.token_logprobs[:n_prompt] == [None] * n_prompt
+    assert len(lp.tokens) == n_prompt + 4 and lp.token_logprobs[0] is None  # the first token has no context
+    assert all(v <= 0 for v in lp.token_logprobs[1:n_prompt])  # echoed prompt tokens are scored
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[1:n_prompt])
     assert all(v <= 0 for v in lp.token_logprobs[n_prompt:])
     assert all(len(top) in (2, 3) for top in lp.top_logprobs[n_prompt:])
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0

@@ -53,8 +53,8 @@ class BlockManager:
 
     def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """Cached blocks for the longest cached run of seq's full blocks (never all its tokens)."""
-        if not self.enable_prefix_caching:
-            return [], []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return [], []  # prompt logprobs need the logits of every prompt position
         tokens = seq.all_token_ids
         hits: list[int] = []
         hashes: list[int] = []

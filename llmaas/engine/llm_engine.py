@@ -295,6 +295,7 @@ class LLMEngine:
             prompt_tokens=len(request.prompt_token_ids),
             cached_tokens=seqs[0].num_cached_prompt_tokens,
             completion_tokens=sum(len(s.output_token_ids) for s in seqs),
+            prompt_logprobs=seqs[0].prompt_logprobs if seqs[0].params.prompt_logprobs is not None else None,
         )
 
     def stats(self) -> dict[str, float]:

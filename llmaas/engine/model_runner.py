@@ -70,8 +70,34 @@ class ModelRunner:
                 sampling.append(seq)
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
+        offset = 0
+        for c in ordered:
+            if c.seq.params.prompt_logprobs is not None:
+                self._prompt_logprobs(c, hidden[offset : offset + c.num_new_tokens])
+            offset += c.num_new_tokens
         if not sampling:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         results = sample(logits, sampling, self.generator)
         return [(seq, tok, info) for seq, (tok, info) in zip(sampling, results)]
+
+    def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor) -> None:
+        """Logprob of each prompt token given the tokens before it (for echo / scoring requests)."""
+        seq = chunk.seq
+        prompt = seq.prompt_token_ids
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first token has no context
+        begin = seq.num_computed_tokens
+        # position p predicts token p + 1; skip positions already scored (a preempted sequence recomputes)
+        first = max(begin, len(seq.prompt_logprobs) - 1)
+        last = min(begin + chunk.num_new_tokens, len(prompt) - 1)
+        if first >= last:
+            return
+        logprobs = self.model.compute_logits(hidden[first - begin : last - begin]).float().log_softmax(-1)
+        targets = torch.tensor(prompt[first + 1 : last + 1], device=logprobs.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        k = seq.params.prompt_logprobs
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        for row, (token, lp) in enumerate(zip(targets.tolist(), chosen)):
+            top = list(zip(top_ids[row].tolist(), top_values[row].tolist())) if k else []
+            seq.prompt_logprobs.append(TokenLogprob(token, lp, top))

@@ -30,6 +30,7 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens served by the prefix cache (billed at the cached-input price)
     completion_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when SamplingParams.prompt_logprobs is set
 
     @property
     def text(self) -> str:

@@ -34,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: no logprobs; k: chosen token + k alternatives
+    prompt_logprobs: int | None = None  # k: logprob of every prompt token (after the first) + k alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -91,6 +92,12 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                f"'prompt_logprobs' must be between 0 and {MAX_LOGPROBS}", param="prompt_logprobs"
+            )
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or (vocab_size is not None and not 0 <= token < vocab_size):
                 raise InvalidRequestError(

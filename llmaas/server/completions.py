@@ -56,6 +56,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     names = {"n": "best_of"} if best_of != n else {}
     try:
         params = sampling_params(body, max_tokens=body.max_tokens, n=best_of, logprobs=engine_logprobs)
+        if body.echo and body.logprobs is not None:
+            params.prompt_logprobs = body.logprobs  # the echoed prompt gets real logprobs too
         request_id = R.new_id("cmpl")
         run, watcher = await state.start_run(
             request, model, prompts, params, request_id, "completions", body.user
@@ -92,7 +94,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             logprobs = None
             if body.logprobs is not None:
                 echoed = out.prompt_token_ids if body.echo else ()
-                logprobs = R.CompletionLogprobs(model.token_text).build(c.logprobs or [], echoed)
+                logprobs = R.CompletionLogprobs(model.token_text).build(
+                    c.logprobs or [], echoed, out.prompt_logprobs
+                )
             choices.append(R.completion_choice(len(choices), prompt_text + c.text, c.finish_reason, logprobs))
     usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens)
     return JSONResponse(R.completion(request_id, created, model.name, choices, usage))
@@ -154,7 +158,7 @@ async def _completion_events(
                 continue
             logprobs = None
             if body.logprobs is not None:
-                logprobs = logprob_builders[index].build(c.delta_logprobs, prompt_ids)
+                logprobs = logprob_builders[index].build(c.delta_logprobs, prompt_ids, out.prompt_logprobs)
             finished[index] = c.finish_reason is not None
             parts.append(chunk(index, prefix + c.delta_text, c.finish_reason, logprobs))
         if parts:

@@ -106,16 +106,28 @@ class CompletionLogprobs:
         self.token_text = token_text
         self.offset = offset
 
-    def build(self, entries: Sequence[TokenLogprob], prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+    def build(
+        self,
+        entries: Sequence[TokenLogprob],
+        prompt_ids: Sequence[int] = (),
+        prompt_entries: Sequence[TokenLogprob | None] | None = None,
+    ) -> dict[str, Any]:
+        """prompt_ids: the echoed prompt; prompt_entries: the engine's prompt logprobs for it
+        (the first token has none, like OpenAI's)."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
-        for tid in prompt_ids:  # echoed prompt: no logprobs computed for it (see docs)
+        for i, tid in enumerate(prompt_ids):
+            entry = prompt_entries[i] if prompt_entries and i < len(prompt_entries) else None
             text = self.token_text(tid)
             tokens.append(text)
-            token_logprobs.append(None)
-            top_logprobs.append(None)
+            token_logprobs.append(_lp(entry.logprob) if entry else None)
+            top = None
+            if entry:
+                top = {self.token_text(t): _lp(lp) for t, lp in entry.top}
+                top.setdefault(text, _lp(entry.logprob))  # the prompt token itself, as for sampled ones
+            top_logprobs.append(top)
             text_offset.append(self.offset)
             self.offset += len(text)
         for entry in entries:
