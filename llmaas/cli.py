@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llmaas.server.cli_serve import add_serve_parser
 
     add_serve_parser(sub)
+
+    from llmaas.billing.cli_commands import add_billing_parsers
+
+    add_billing_parsers(sub)
     return parser
 
 
