@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llmaas.engine.async_engine import AsyncEngine
 from llmaas.server import chat, completions
+from llmaas.server.billing import BillingMiddleware, ServerBilling
 from llmaas.server.errors import error_body, install_error_handlers
 from llmaas.server.metrics import HttpMetricsMiddleware
 from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
@@ -31,17 +32,21 @@ def create_app(
     load: Callable[[str], AsyncEngine] | None = None,
     model_names: list[str] | tuple[str, ...] = (),
     billing_hook: BillingHook | None = None,
+    billing: ServerBilling | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engines` (served name -> AsyncEngine, already loaded).
 
     With `load`, the models in `model_names` are loaded in the background at start-up (`load(name)`
     runs in a thread), /health answering 503 until all are ready; the app then owns those engines and
     shuts them down on exit. Engines passed in are the caller's to shut down.
+
+    With `billing`, every /v1 request is authenticated, rate limited, held and settled
+    (server/billing.py); without it nothing is billed (`billing_hook` still sees every request).
     """
     registry = ModelRegistry([*model_names, *(engines or {})])
     for name, engine in (engines or {}).items():
         registry.add(name, engine)
-    state = ServerState(registry, billing_hook)
+    state = ServerState(registry, billing_hook, billing)
 
     async def load_all() -> None:
         for name in model_names:
@@ -69,6 +74,8 @@ def create_app(
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    if billing is not None:
+        app.add_middleware(BillingMiddleware, billing=billing)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
 
     def card(model: ServedModel) -> dict:

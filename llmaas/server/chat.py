@@ -71,7 +71,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                     model.name,
                     [],
                     True,
-                    R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens),
+                    R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros),
                 )
             )
 
@@ -95,7 +95,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         )
         for c in out.outputs
     ]
-    usage = R.usage(out.prompt_tokens, out.cached_tokens, out.completion_tokens)
+    usage = R.usage(out.prompt_tokens, out.cached_tokens, out.completion_tokens, run.cost_micros)
     return JSONResponse(R.chat_completion(request_id, created, model.name, choices, usage))
 
 

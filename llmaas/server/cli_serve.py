@@ -49,6 +49,26 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=30.0,
         help="seconds in-flight requests get to finish after SIGTERM",
     )
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="billing database (default: a SQLite file under LLMAAS_HOME; postgresql+psycopg://... for "
+        "production)",
+    )
+    p.add_argument(
+        "--redis-url", default=None, help="share rate limits between replicas (default: in-process)"
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no API keys: every request is billed to the 'default' account, without rate limits",
+    )
+    p.add_argument(
+        "--instance-id",
+        default=None,
+        help="owner of this replica's holds; its open holds from a previous run are released at start "
+        "(default: HOST:PORT)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -78,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return AsyncEngine(LLMEngine(configs[name]), max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
-    app = create_app(load=load, model_names=names)
+    app = create_app(load=load, model_names=names, billing=_billing(args, names))
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -93,3 +113,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def _billing(args: argparse.Namespace, served: list[str]):
+    from llmaas.billing import open_database
+    from llmaas.server.billing import ServerBilling
+    from llmaas.server.bootstrap import bootstrap
+
+    db = open_database(args.database_url)
+    bootstrap(db, served, say=lambda line: print(line, flush=True))
+    limiter = None
+    if args.redis_url:
+        from llmaas.billing.ratelimit_redis import RedisRateLimiter
+
+        limiter = RedisRateLimiter.from_url(args.redis_url)
+    billing = ServerBilling(
+        db, limiter, auth=not args.no_auth, owner=args.instance_id or f"{args.host}:{args.port}"
+    )
+    billing.release_previous_holds()
+    return billing

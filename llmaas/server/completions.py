@@ -74,7 +74,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         def final() -> str | None:
             if not include_usage:
                 return None
-            usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens)
+            usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
             return event(R.completion(request_id, created, model.name, [], usage))
 
         return sse_response(guarded(run, watcher, events, final))
@@ -98,7 +98,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                     c.logprobs or [], echoed, out.prompt_logprobs
                 )
             choices.append(R.completion_choice(len(choices), prompt_text + c.text, c.finish_reason, logprobs))
-    usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens)
+    usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
     return JSONResponse(R.completion(request_id, created, model.name, choices, usage))
 
 

@@ -32,7 +32,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def error_response(exc: LlmaasError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status_code == 503 else None
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status_code == 503 else {}
+    headers.update(getattr(exc, "headers", None) or {})  # billing: Retry-After, x-ratelimit-*, x-should-retry
     body = error_body(exc.message, exc.error_type, exc.param, exc.code)
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 

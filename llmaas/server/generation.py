@@ -43,8 +43,11 @@ class EngineRun:
         params: SamplingParams,
         request_id: str,
         on_end: Callable[[EngineRun, str], Awaitable[None]],
+        priority: int = 0,
     ):
         self.engine = engine
+        self.priority = priority
+        self.cost_micros: int | None = None  # set by billing when the request is settled
         self.params = params
         self.request_ids = (
             [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -67,7 +70,9 @@ class EngineRun:
     async def _pump(self, index: int, prompt: str | list[int], request_id: str) -> None:
         started = self._started[index]
         try:
-            async for out in self.engine.generate(prompt, self.params, request_id=request_id):
+            async for out in self.engine.generate(
+                prompt, self.params, request_id=request_id, priority=self.priority
+            ):
                 if not started.done():
                     started.set_result(None)
                 self._queue.put_nowait((index, out))

@@ -10,6 +10,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
 from llmaas.engine.sequence import TokenLogprob
@@ -36,8 +37,11 @@ def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
+def usage(
+    prompt_tokens: int, cached_tokens: int, completion_tokens: int, cost_micros: int | None = None
+) -> dict[str, Any]:
+    """OpenAI's usage object; with billing, `cost` in USD (OpenRouter's field) as a JSON number."""
+    body = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
@@ -49,6 +53,10 @@ def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dic
             "rejected_prediction_tokens": 0,
         },
     }
+    if cost_micros is not None:
+        # The 6-decimal string parses to the float whose shortest repr is that string: exact on the wire.
+        body["cost"] = float(Decimal(cost_micros) / 1_000_000)
+    return body
 
 
 def _lp(value: float) -> float:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from fastapi import Request
 
 from llmaas.engine.sampling_params import SamplingParams
+from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBilling
 from llmaas.server.generation import EngineRun, spawn, watch_disconnect
 from llmaas.server.metrics import Metrics
 from llmaas.server.registry import ModelRegistry, ServedModel
@@ -27,10 +28,16 @@ def bearer_token(request: Request) -> str | None:
 
 
 class ServerState:
-    def __init__(self, registry: ModelRegistry, billing_hook: BillingHook | None = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        billing_hook: BillingHook | None = None,
+        billing: ServerBilling | None = None,
+    ):
         self.registry = registry
         self.metrics = Metrics()
         self.billing_hook = billing_hook
+        self.billing = billing
 
     async def start_run(
         self,
@@ -45,10 +52,11 @@ class ServerState:
         """Submit the engine requests and watch for the client leaving; returns once every prompt has
         its first output (validation errors raise before that). Returns (run, watcher task)."""
         api_key = bearer_token(request)
+        admission = await self._admit(request, model, prompts, params, request_id)
 
         async def on_end(run: EngineRun, status: str) -> None:
             self._observe(run, model.name, endpoint, status)
-            if self.billing_hook is None:
+            if self.billing_hook is None and admission is None:
                 return
             record = RequestUsage(
                 request_id=request_id,
@@ -62,6 +70,14 @@ class ServerState:
                 user=user,
                 api_key=api_key,
             )
+            if admission is not None:
+                try:
+                    settled = await asyncio.to_thread(self.billing.finish, admission, record)
+                    run.cost_micros = settled.cost_micros if settled is not None else None
+                except Exception:
+                    log.exception("settling %s failed", request_id)
+            if self.billing_hook is None:
+                return
             try:
                 result = self.billing_hook(record)
                 if inspect.isawaitable(result):
@@ -69,7 +85,8 @@ class ServerState:
             except Exception:
                 log.exception("billing hook failed for %s", request_id)
 
-        run = EngineRun(model.engine, prompts, params, request_id, on_end)
+        priority = admission.priority if admission is not None else 0
+        run = EngineRun(model.engine, prompts, params, request_id, on_end, priority=priority)
         watcher = spawn(watch_disconnect(request.receive, run))
         try:
             await run.start()
@@ -77,6 +94,33 @@ class ServerState:
             watcher.cancel()
             raise
         return run, watcher
+
+    async def _admit(
+        self,
+        request: Request,
+        model: ServedModel,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams,
+        request_id: str,
+    ) -> Admission | None:
+        """Rate limit and hold the worst-case cost: every prompt token at the input price, and per
+        prompt n x (max_tokens, or the rest of the context window) at the output price."""
+        if self.billing is None:
+            return None
+        llm = model.engine.engine
+        room = min(llm.max_model_len, llm.block_manager.num_blocks * llm.config.block_size)
+        prompt_tokens = completion_tokens = 0
+        for prompt in prompts:
+            count = len(llm.tokenize_prompt(prompt))  # raises 400 for an empty or invalid prompt
+            prompt_tokens += count
+            max_tokens = params.max_tokens if params.max_tokens is not None else max(room - count, 0)
+            completion_tokens += params.n * max_tokens
+        principal = request.scope.get(PRINCIPAL)
+        admission = await asyncio.to_thread(
+            self.billing.admit, principal, model.name, request_id, prompt_tokens, completion_tokens
+        )
+        request.scope[RATE_HEADERS] = admission.headers
+        return admission
 
     def _observe(self, run: EngineRun, model: str, endpoint: str, status: str) -> None:
         m = self.metrics
