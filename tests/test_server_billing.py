@@ -33,6 +33,8 @@ from llmaas.server.bootstrap import bootstrap
 from tests.model_factory import make_tiny_checkpoint
 from tests.test_server_api import MODEL, make_engine, serve
 
+pytest_plugins = ["tests.billing_services"]  # postgres_url
+
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 
 
@@ -46,9 +48,19 @@ def engine(tmp_path_factory):
     aeng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    database = open_database(f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'billing.sqlite3'}")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db(request, tmp_path_factory):
+    """The server's ledger, on a SQLite file and on PostgreSQL (skipped, or failed in CI, if absent)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'billing.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    database = open_database(url)
+    if request.param == "postgresql":  # other modules leave rows behind in the run's database
+        from tests.billing_services import TABLES  # after pytest_plugins registered it
+
+        with database.engine.begin() as connection:
+            connection.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     bootstrap(database, [MODEL], admin_key="sk-admin-test", say=lambda _line: None)
     set_price(database, MODEL, input_usd="1.00", cached_input_usd="0.50", output_usd="2.00")
     yield database

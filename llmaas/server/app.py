@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llmaas.engine.async_engine import AsyncEngine
-from llmaas.server import chat, completions
+from llmaas.server import admin, chat, completions
 from llmaas.server.billing import BillingMiddleware, ServerBilling
 from llmaas.server.errors import error_body, install_error_handlers
 from llmaas.server.metrics import HttpMetricsMiddleware
@@ -74,6 +74,8 @@ def create_app(
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(admin.admin)
+    app.include_router(admin.organization)
     if billing is not None:
         app.add_middleware(BillingMiddleware, billing=billing)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
