@@ -28,6 +28,7 @@ from llmaas.billing import (
 from llmaas.billing.keys import KEY_PREFIX, hash_key
 from llmaas.billing.prices import set_price
 from llmaas.billing.schema import Account, ApiKey, utcnow
+from llmaas.errors import InvalidRequestError
 from llmaas.server.billing import DEFAULT_ACCOUNT
 
 log = logging.getLogger("llmaas.server")
@@ -46,7 +47,10 @@ def _account_exists(db: Database, name: str) -> bool:
 def ensure_admin_key(db: Database, env_key: str | None) -> str | None:
     """The admin key's secret when it was created now (to print once), else None."""
     if not _account_exists(db, ADMIN_ACCOUNT):
-        create_account(db, ADMIN_ACCOUNT, plan="free", free_grant=None)
+        try:
+            create_account(db, ADMIN_ACCOUNT, plan="free", free_grant=None)
+        except InvalidRequestError:  # a replica starting at the same time created it
+            pass
     with db.write() as session:
         admin = session.scalars(select(Account).where(Account.name == ADMIN_ACCOUNT)).one()
         if env_key:
@@ -98,8 +102,14 @@ def bootstrap(
 ) -> None:
     """Create what a fresh database lacks; print new secrets once through `say`."""
     admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+    created = False
     if not _account_exists(db, DEFAULT_ACCOUNT):
-        create_account(db, DEFAULT_ACCOUNT, plan="free")
+        try:
+            create_account(db, DEFAULT_ACCOUNT, plan="free")
+            created = True
+        except InvalidRequestError:  # a replica starting at the same time created it
+            pass
+    if created:
         key = create_key(db, DEFAULT_ACCOUNT, name="default")
         say(f"Created account '{DEFAULT_ACCOUNT}' (free plan, free grant). Its API key (shown once):")
         say(f"    {key.secret}")
