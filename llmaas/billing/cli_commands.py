@@ -287,7 +287,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                 r["created_at"],
                 r["expires_at"],
                 r["revoked_at"],
-                r["models"] or "all",
+                "all" if r["models"] is None else (r["models"] or "none"),  # [] allows no model
             )
             for r in records
         ],
