@@ -1,4 +1,4 @@
-"""What the HTTP layer costs next to the model: the engine in-process against `llmaas serve` over loopback.
+"""What the HTTP layer costs next to the model: the engine in-process against the same over loopback HTTP.
 
 Issue 3's targets, for SmolLM2-135M in bf16 on this machine, measured in one run:
 
@@ -7,25 +7,29 @@ Issue 3's targets, for SmolLM2-135M in bf16 on this machine, measured in one run
 2. Streaming inter-token latency, p50 of the gaps between successive outputs of one request (128 new
    tokens, greedy, ignore_eos): HTTP (gaps between SSE events) within 10% of the engine's.
 3. Aggregate output tok/s of 32 concurrent requests (distinct 128-token prompts, 128 new tokens each,
-   submitted together): HTTP within 10% of the engine's offline figure.
+   submitted together): HTTP within 10% of the engine's (AsyncEngine's, and the offline step loop's).
 
-The engine side is `AsyncEngine(LLMEngine(...)).generate(...)` in this process (plus, for reference, the
-synchronous `LLMEngine.step()` loop, the engine's own time without the thread hand-off); this process's main
-thread never runs torch itself (see `in_thread`: an OpenMP pool left on another live thread slows the
-engine thread down, and that would be charged to the engine rather than the server). The HTTP side
-starts `llmaas serve --model smollm2-135m --host 127.0.0.1 --port <free>` as a subprocess once the
-in-process engine is gone (the machine has 2 cores: never both at once) and drives it with httpx
-(HTTP/1.1 keep-alive; `/v1/completions` with prompt token ids, `temperature: 0`, `ignore_eos: true`;
-SSE for streaming) and, for the max_tokens=1 latency, also with the official openai SDK. Phases
-alternate (engine, HTTP, engine, HTTP, ...) to spread machine noise; each starts cold (new engine or
-new server, empty prefix cache), warms up on other prompts, then measures. The table shows the median
-over rounds. The client runs on the same 2 cores as the server, so the HTTP figures include the client.
+Engine side: `AsyncEngine(LLMEngine(...)).generate(...)` in this process, plus for reference the bare
+`LLMEngine.step()` loop. This process's main thread never runs torch (see `in_thread`: an OpenMP pool
+left on another live thread slows the engine thread down, which would be charged to the engine).
+
+HTTP side, once the in-process engine is gone (2 cores: never both at once), one phase per server:
+- `app`: the HTTP layer alone, `create_app` as `llmaas serve` builds it but without billing (this
+  script re-run with a hidden `--serve-app`): what issue 3's targets are about;
+- `serve`: the real `llmaas serve --model smollm2-135m --host 127.0.0.1 --port <free>`, with billing on
+  where the command has it (`--no-auth`, a throw-away SQLite ledger in a scratch directory).
+Each is driven with httpx (HTTP/1.1 keep-alive; `/v1/completions` with prompt token ids,
+`temperature: 0`, `ignore_eos: true`; SSE for streaming) and, for max_tokens=1, also the openai SDK.
+Phases alternate (engine, app, serve, engine, ...) to spread machine noise; each starts cold (new
+engine or server, empty prefix cache), warms up on other prompts, then measures. Tables show the median
+over rounds, each round's value and the best rounds'. The client shares the 2 cores with the server, so
+HTTP figures include the client. The script stops the servers it starts (also on Ctrl-C, SIGTERM, error).
 
 Run it on a quiet machine (`uptime`: 1-minute load well under 1 before starting):
 
-    .venv/bin/python benchmarks/http_overhead.py --quick       # smoke run, about a minute
-    .venv/bin/python benchmarks/http_overhead.py               # full run, a few minutes
-    .venv/bin/python benchmarks/http_overhead.py --rounds 5 --out /tmp/http_overhead.json
+    .venv/bin/python benchmarks/http_overhead.py --quick        # smoke run, about 1.5 minutes
+    .venv/bin/python benchmarks/http_overhead.py                # full run (3 rounds), about 9 minutes
+    .venv/bin/python benchmarks/http_overhead.py --servers app --rounds 5 --out /tmp/http_overhead.json
 """
 
 from __future__ import annotations
@@ -349,6 +353,9 @@ def serve_app(port: int) -> None:
         return AsyncEngine(LLMEngine(EngineConfig(model=MODEL, dtype=DTYPE)))
 
     app = create_app(load=load, model_names=[MODEL])
+    # As `llmaas serve` does: uvicorn drains on SIGTERM, then re-raises it to these no-ops (exit 0).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
 
 
@@ -744,7 +751,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "billing on) (default: app,serve)",
     )
     p.add_argument("--one-token-requests", type=int, help="sequential max_tokens=1 requests (default 50)")
-    p.add_argument("--short-prompt-tokens", type=int, default=8, help="prompt length for max_tokens=1")
+    p.add_argument(
+        "--short-prompt-tokens",
+        type=int,
+        default=8,
+        help="prompt length for max_tokens=1 (8; keep it under the 16-token KV block: no prefix-cache hits)",
+    )
     p.add_argument("--streams", type=int, help="streaming requests per phase for the inter-token latency (3)")
     p.add_argument("--new-tokens", type=int, help="tokens per streaming / concurrent request (128)")
     p.add_argument("--concurrency", type=int, help="concurrent requests / HTTP clients (32)")
