@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,32 @@ from llmaas.server.usage import BillingHook
 log = logging.getLogger("llmaas.server")
 
 STATS_TIMEOUT_S = 2.0
+
+
+async def _in_short_lived_thread(fn: Callable, *args):
+    """Run fn in a thread that exits afterwards.
+
+    Why not asyncio.to_thread: torch's OpenMP keeps a worker pool per thread that ran torch; an
+    executor thread that loaded the model stays alive, and with more OpenMP workers than cores every
+    op of the engine thread pays a wake-up (measured: batch-1 decode step 25 -> 31-41 ms).
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="llmaas-model-loader", daemon=True).start()
+    return await future
 
 
 def create_app(
@@ -51,7 +78,7 @@ def create_app(
     async def load_all() -> None:
         for name in model_names:
             try:
-                registry.add(name, await asyncio.to_thread(load, name))
+                registry.add(name, await _in_short_lived_thread(load, name))
                 log.info("model %s is ready", name)
             except Exception as exc:
                 log.exception("loading model %s failed", name)
