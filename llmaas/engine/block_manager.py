@@ -146,12 +146,6 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            if block.ref_count == 0 and block.block_hash is not None:
-                block.block_hash, block.token_ids = None, ()
-        self.cached = {h: b for h, b in self.cached.items() if self.blocks[b].block_hash == h}
-
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

@@ -11,11 +11,11 @@ from llmaas.engine.sampler import sample
 from llmaas.engine.scheduler import ScheduledChunk
 from llmaas.engine.sequence import Sequence, TokenLogprob
 from llmaas.errors import InvalidRequestError
-from llmaas.models.attention import SequenceChunk, build_forward_batch
+from llmaas.models.attention import SequenceChunk, build_forward_batch, is_decode
 
 
 def is_decode_chunk(chunk: ScheduledChunk) -> bool:
-    return chunk.num_new_tokens == 1 and chunk.seq.num_computed_tokens > 0
+    return is_decode(chunk.num_new_tokens, chunk.seq.num_computed_tokens)
 
 
 class ModelRunner:

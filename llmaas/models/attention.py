@@ -57,6 +57,11 @@ class SequenceChunk:
     block_table: list[int]
 
 
+def is_decode(num_new_tokens: int, num_cached_tokens: int) -> bool:
+    """One new token after cached ones: batched with the other decodes, after every prefill."""
+    return num_new_tokens == 1 and num_cached_tokens > 0
+
+
 def _slots(block_table: list[int], block_size: int, begin: int, end: int) -> list[int]:
     return [block_table[p // block_size] * block_size + p % block_size for p in range(begin, end)]
 
@@ -82,8 +87,7 @@ def build_forward_batch(
     decode_start = None
     for chunk in chunks:
         begin, end = chunk.num_cached_tokens, chunk.num_cached_tokens + chunk.num_new_tokens
-        is_decode = chunk.num_new_tokens == 1 and chunk.num_cached_tokens > 0
-        if is_decode:
+        if is_decode(chunk.num_new_tokens, chunk.num_cached_tokens):
             decode_start = len(positions) if decode_start is None else decode_start
             decode_chunks.append(chunk)
         elif decode_start is not None:

@@ -51,16 +51,26 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed_weight, self.bias)
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear whose weight packs; returns how many were replaced."""
+def replace_linears(model: nn.Module, make) -> int:
+    """Swap each nn.Linear for make(linear) unless that returns None; returns how many were swapped."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                packed = pack_weight(child.weight)
-                if packed is not None:
-                    setattr(
-                        module, name, PackedLinear(packed, child.bias, child.in_features, child.out_features)
-                    )
+                new = make(child)
+                if new is not None:
+                    setattr(module, name, new)
                     replaced += 1
     return replaced
+
+
+def _packed(linear: nn.Linear) -> PackedLinear | None:
+    packed = pack_weight(linear.weight)
+    if packed is None:
+        return None
+    return PackedLinear(packed, linear.bias, linear.in_features, linear.out_features)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear whose weight packs; returns how many were replaced."""
+    return replace_linears(model, _packed)

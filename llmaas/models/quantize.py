@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmaas.errors import InvalidRequestError
-from llmaas.models.packed_linear import pack_weight, packed_linear
+from llmaas.models.packed_linear import pack_weight, packed_linear, replace_linears
 
 SMALL_BATCH = 4  # rows at or below this use the int8 kernel
 SUPPORTED = ("int8",)
@@ -29,9 +29,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(dtype))
         dequantized = (qweight.float() * scales[:, None]).to(dtype)
-        self.register_buffer("dequantized", dequantized)
         packed = pack_weight(dequantized)
+        # Larger batches read one copy: the packed one where oneDNN takes it, else the plain one.
         self.register_buffer("packed", packed if packed is not None else torch.empty(0))
+        self.register_buffer("dequantized", dequantized if packed is None else torch.empty(0))
         self.bias = linear.bias
         self.use_int8_kernel = qweight.device.type == "cpu"
 
@@ -48,9 +49,5 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
     """Replace every nn.Linear (lm_head included) in place."""
     if method not in SUPPORTED:
         raise InvalidRequestError(f"quantization '{method}' is not one of {SUPPORTED}", param="quantization")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
-        del name
+    replace_linears(model, Int8Linear)
     return model
