@@ -1,0 +1,125 @@
+"""Sparse Mixture-of-Experts: softmax top-k routing and a grouped expert executor.
+
+`Experts` keeps every expert's weights stacked ([E, 2*I, H] gate+up, [E, H, I] down) and runs a
+step's tokens grouped by expert: the (token, expert) pairs are sorted by expert id, each *active*
+expert does one matmul over its rows, and the weighted results are added back per token. Experts
+that no token chose cost nothing; there is no loop over tokens. It also counts the tokens each
+expert received (load balance), on the device, without a host sync of its own.
+
+`SparseMoeBlock` is the mixtral / qwen2_moe / qwen3_moe MLP: a linear router, softmax top-k (with or
+without renormalising the k weights), the routed experts, and qwen2_moe's optional shared expert
+scaled by its own sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def softmax_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] router logits -> (weights [T, k] fp32, expert ids [T, k]).
+
+    Softmax over all experts in fp32 (as the reference implementations), keep the k largest; with
+    `renormalize` the k weights are rescaled to sum to 1 (mixtral, norm_topk_prob=true).
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Experts(nn.Module):
+    """E SiLU-gated MLPs with stacked weights, run only for the tokens routed to them."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Tokens routed to each expert since the last reset; a plain tensor (not a buffer) so it stays
+        # out of the state dict and follows the device of the activations.
+        self.token_counts: torch.Tensor | None = None
+
+    def reset_token_counts(self) -> None:
+        self.token_counts = None
+
+    def _count(self, counts: torch.Tensor) -> None:
+        if self.token_counts is None or self.token_counts.device != counts.device:
+            self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=counts.device)
+        self.token_counts += counts
+
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, H], topk_ids [T, k], topk_weights [T, k] -> sum_j weight_j * expert_{id_j}(x), [T, H]."""
+        k = topk_ids.shape[-1]
+        flat_ids = topk_ids.reshape(-1)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        self._count(counts)
+        order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
+        token_of_row = order // k
+        rows = x.index_select(0, token_of_row)
+        outputs = []
+        start = 0
+        for expert, n in enumerate(counts.tolist()):  # one host sync per layer; idle experts skipped
+            if n == 0:
+                continue
+            gate, up = F.linear(rows[start : start + n], self.gate_up[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, self.down[expert]))
+            start += n
+        if not outputs:
+            return torch.zeros_like(x)
+        weights = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)
+        weighted = torch.cat(outputs) * weights.unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of_row, weighted)
+
+    def params_per_token(self, top_k: int) -> int:
+        """Expert parameters one token touches: k of the E experts."""
+        return top_k * (self.gate_up[0].numel() + self.down[0].numel())
+
+
+class SparseMoeBlock(nn.Module):
+    """Router -> top-k experts (+ an always-on shared expert with a sigmoid gate, qwen2_moe)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        expert_intermediate_size: int,
+        renormalize: bool,
+        shared_intermediate_size: int = 0,
+    ):
+        super().__init__()
+        from llmaas.models.dense import MLP  # dense imports this module to build its layers
+
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, expert_intermediate_size)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if shared_intermediate_size:
+            self.shared_expert = MLP(hidden_size, shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        out = self.experts(x, ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def active_params_per_token(self) -> int:
+        """Parameters one token uses here: the router, k experts and the shared expert with its gate."""
+        total = self.gate.weight.numel() + self.experts.params_per_token(self.top_k)
+        if self.shared_expert is not None:
+            total += sum(p.numel() for p in self.shared_expert.parameters())
+            total += self.shared_expert_gate.weight.numel()
+        return total

@@ -1,0 +1,80 @@
+"""The grouped expert executor and softmax top-k routing against a per-token reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmaas.models.moe import Experts, SparseMoeBlock, softmax_topk
+
+
+def _experts(num_experts=6, hidden=8, inter=5, seed=0) -> Experts:
+    gen = torch.Generator().manual_seed(seed)
+    experts = Experts(num_experts, hidden, inter)
+    with torch.no_grad():
+        experts.gate_up.copy_(torch.randn(experts.gate_up.shape, generator=gen))
+        experts.down.copy_(torch.randn(experts.down.shape, generator=gen))
+    return experts
+
+
+def _reference(experts: Experts, x, ids, weights):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate, up = (experts.gate_up[e] @ x[t]).chunk(2)
+            out[t] += weights[t, j] * (experts.down[e] @ (F.silu(gate) * up))
+    return out
+
+
+def test_experts_match_per_token_reference_and_count_tokens():
+    experts = _experts()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 8, generator=gen)
+    ids = torch.tensor([[0, 3], [3, 0], [5, 3], [3, 1], [0, 5], [1, 3], [3, 5], [0, 1], [5, 0]])
+    weights = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        out = experts(x, ids, weights)
+    torch.testing.assert_close(out, _reference(experts, x, ids, weights), rtol=1e-5, atol=1e-5)
+    assert experts.token_counts.tolist() == [5, 3, 0, 6, 0, 4]
+    with torch.no_grad():
+        experts(x[:2], ids[:2], weights[:2])
+    assert experts.token_counts.tolist() == [7, 3, 0, 8, 0, 4]
+    experts.reset_token_counts()
+    assert experts.token_counts is None
+
+
+def test_experts_no_token_chose_are_never_computed():
+    experts = _experts()
+    with torch.no_grad():
+        experts.gate_up[[2, 4]] = float("nan")  # any use of experts 2 or 4 would poison the output
+        experts.down[[2, 4]] = float("nan")
+        x = torch.randn(4, 8)
+        out = experts(x, torch.tensor([[0, 1], [1, 5], [3, 0], [5, 3]]), torch.rand(4, 2))
+    assert torch.isfinite(out).all()
+
+
+def test_softmax_topk_with_and_without_renormalisation():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = softmax_topk(logits, 2, renormalize=False)
+    assert ids.tolist() == [[1, 2], [2, 3]]
+    torch.testing.assert_close(weights, probs.gather(1, ids))
+    weights, ids = softmax_topk(logits, 2, renormalize=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    torch.testing.assert_close(weights, probs.gather(1, ids) / probs.gather(1, ids).sum(-1, keepdim=True))
+
+
+def test_sparse_block_with_shared_expert_counts_active_parameters():
+    block = SparseMoeBlock(8, num_experts=6, top_k=2, expert_intermediate_size=5, renormalize=False,
+                           shared_intermediate_size=7)  # fmt: skip
+    for p in block.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        weights, ids = softmax_topk(block.gate(x), 2, False)
+        shared = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        expected = _reference(block.experts, x, ids, weights) + shared
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    # router 8*6 + two experts 2*(10*8 + 8*5) + shared 14*8 + 8*7 + its gate 8
+    assert block.active_params_per_token() == 48 + 2 * 120 + 112 + 56 + 8
