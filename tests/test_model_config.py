@@ -41,7 +41,7 @@ def without(cfg: dict, key: str) -> dict:
 
 REFUSED = {
     "unknown model_type": ({**VALID, "model_type": "gpt2"}, ["model_type", "gpt2"]),
-    "moe model_type": ({**VALID, "model_type": "mixtral"}, ["model_type", "mixtral"]),
+    "unsupported model_type": ({**VALID, "model_type": "dbrx"}, ["model_type", "dbrx"]),
     "no model_type": (without(VALID, "model_type"), ["model_type"]),
     "rope dynamic (legacy rope_scaling)": (
         {**VALID, "rope_scaling": {"type": "dynamic", "factor": 2.0}},

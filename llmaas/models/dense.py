@@ -1,4 +1,5 @@
-"""Dense decoder-only transformer: llama, mistral, qwen2 (qkv bias), qwen3 (q/k norm).
+"""Decoder-only transformer: llama, mistral, qwen2 (qkv bias), qwen3 (q/k norm), and their sparse
+MoE variants mixtral, qwen2_moe and qwen3_moe (a layer's MLP is then a `SparseMoeBlock`).
 
 One readable file in the spirit of gpt-fast. q/k/v and gate/up projections are fused at load time
 (fewer, larger matmuls per step); the weight loader splits HF's separate tensors into them.
@@ -12,6 +13,7 @@ from torch import nn
 
 from llmaas.models.attention import ForwardBatch, allocate_kv_cache, paged_attention
 from llmaas.models.config import ModelConfig
+from llmaas.models.moe import SparseMoeBlock
 from llmaas.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -73,13 +75,27 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def build_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    moe = cfg.moe
+    if not cfg.is_moe_layer(layer):
+        return MLP(cfg.hidden_size, cfg.intermediate_size)
+    return SparseMoeBlock(
+        cfg.hidden_size,
+        moe.num_experts,
+        moe.top_k,
+        moe.expert_intermediate_size,
+        moe.renormalize,
+        moe.shared_expert_intermediate_size,
+    )
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = build_mlp(cfg, layer)
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
@@ -98,7 +114,7 @@ class DenseDecoder(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -1,7 +1,10 @@
 """HF-format directory (config.json + *.safetensors) -> our torch module, weights in place.
 
 HF keeps q/k/v and gate/up as separate tensors; our modules fuse them, so the loader concatenates.
-Unknown or missing tensors are an error: a checkpoint that does not match its config must not load.
+MoE experts are stacked ([E, 2*I, H] gate+up, [E, H, I] down): transformers 5 keeps them fused in
+memory but `save_pretrained` writes per-expert keys for mixtral (w1/w3/w2) and the qwen MoE families
+(gate_proj/up_proj/down_proj); both forms load. Unknown or missing tensors are an error: a checkpoint
+that does not match its config must not load.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import torch
 from safetensors import safe_open
 
 from llmaas.errors import ModelLoadError
-from llmaas.models.config import ModelConfig, load_config
+from llmaas.models.config import DENSE_FAMILIES, MOE_FAMILIES, ModelConfig, load_config
 from llmaas.models.dense import DenseDecoder
+
+# model_type -> the module class built from its ModelConfig.
+MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {f: DenseDecoder for f in DENSE_FAMILIES + MOE_FAMILIES}
 
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
@@ -22,9 +28,25 @@ _FUSED = {
     "self_attn.v_proj": ("self_attn.qkv_proj", 2),
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "mlp.shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
+    "mlp.shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
 }
+_FUSED_SIZES = {"qkv_proj": 3, "gate_up_proj": 2}
+# One expert's projection -> (our stacked tensor, part within the expert's slice).
+_EXPERT_PARTS = {
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", 0),
+    "w1": ("gate_up", 0),  # mixtral's names
+    "w3": ("gate_up", 1),
+    "w2": ("down", 0),
+}
+_EXPERT_PARTS_PER_TENSOR = {"gate_up": 2, "down": 1}
+_STACKED_EXPERTS = {"gate_up_proj": "gate_up", "down_proj": "down"}  # already fused, [E, ...]
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+_STACKED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -42,8 +64,23 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _our_name(hf_name: str) -> tuple[str, int | None]:
-    """HF tensor name -> (our parameter name, index of the part in a fused tensor or None)."""
+def _our_name(hf_name: str) -> tuple[str, int | tuple[int, int] | None]:
+    """HF tensor name -> (our parameter name, where the tensor goes in it).
+
+    The place is None for a whole tensor, the index of the part in a fused projection, or
+    (expert, part) for one expert's slice of a stacked expert tensor.
+    """
+    hf_name = hf_name.replace(".block_sparse_moe.", ".mlp.")  # mixtral's name for the MoE block
+    m = _EXPERT.match(hf_name)
+    if m:
+        layer, expert, proj = m.groups()
+        if proj in _EXPERT_PARTS:
+            stacked, part = _EXPERT_PARTS[proj]
+            return f"layers.{layer}.mlp.experts.{stacked}", (int(expert), part)
+    m = _STACKED.match(hf_name)
+    if m:
+        layer, proj = m.groups()
+        return f"layers.{layer}.mlp.experts.{_STACKED_EXPERTS[proj]}", None
     m = _LAYER.match(hf_name)
     if m:
         layer, module, kind = m.groups()
@@ -56,8 +93,22 @@ def _our_name(hf_name: str) -> tuple[str, int | None]:
     return hf_name, None
 
 
+def _stack_experts(name: str, pieces: dict, num_experts: int, origin: Path) -> torch.Tensor:
+    """{(expert, part): [rows, cols]} -> [E, parts * rows, cols], every expert and part present."""
+    per_expert = _EXPERT_PARTS_PER_TENSOR[name.rsplit(".", 1)[1]]
+    missing = [(e, p) for e in range(num_experts) for p in range(per_expert) if (e, p) not in pieces]
+    extra = [key for key in pieces if key[0] >= num_experts]
+    if missing or extra:
+        raise ModelLoadError(
+            f"{origin}: expert tensors for {name} do not match {num_experts} experts "
+            f"(missing expert/part: {missing[:5]}, beyond the config: {extra[:5]})"
+        )
+    experts = [torch.cat([pieces[(e, p)] for p in range(per_expert)]) for e in range(num_experts)]
+    return torch.stack(experts)
+
+
 def build_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], origin: Path) -> dict:
-    parts: dict[str, dict[int, torch.Tensor]] = {}
+    parts: dict[str, dict] = {}
     state: dict[str, torch.Tensor] = {}
     for hf_name, tensor in tensors.items():
         if _IGNORED.match(hf_name):
@@ -68,7 +119,11 @@ def build_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], origin:
         else:
             parts.setdefault(name, {})[part] = tensor
     for name, pieces in parts.items():
-        expected = 3 if "qkv" in name else 2
+        if ".experts." in name:
+            num_experts = cfg.moe.num_experts if cfg.moe is not None else 0
+            state[name] = _stack_experts(name, pieces, num_experts, origin)
+            continue
+        expected = _FUSED_SIZES[name.split(".")[-2]]
         if len(pieces) != expected:
             raise ModelLoadError(f"{origin}: incomplete projection tensors for {name}")
         state[name] = torch.cat([pieces[i] for i in range(expected)], dim=0)
@@ -79,12 +134,12 @@ def build_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], origin:
 
 def load_model(
     model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
-) -> DenseDecoder:
+) -> torch.nn.Module:
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     state = build_state_dict(cfg, read_safetensors(model_dir), model_dir)
     with torch.device("meta"):
-        model = DenseDecoder(cfg)
+        model = MODEL_CLASSES[cfg.family](cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:

@@ -36,9 +36,10 @@ def softmax_topk(
 class Experts(nn.Module):
     """E SiLU-gated MLPs with stacked weights, run only for the tokens routed to them."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int | None = None):
         super().__init__()
         self.num_experts = num_experts
+        self.top_k = top_k  # experts per token, for the active-parameter count (None: unknown)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -55,9 +56,7 @@ class Experts(nn.Module):
             self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=counts.device)
         self.token_counts += counts
 
-    def forward(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, k], topk_weights [T, k] -> sum_j weight_j * expert_{id_j}(x), [T, H]."""
         k = topk_ids.shape[-1]
         flat_ids = topk_ids.reshape(-1)
@@ -80,9 +79,14 @@ class Experts(nn.Module):
         weighted = torch.cat(outputs) * weights.unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_row, weighted)
 
-    def params_per_token(self, top_k: int) -> int:
-        """Expert parameters one token touches: k of the E experts."""
-        return top_k * (self.gate_up[0].numel() + self.down[0].numel())
+    def params_per_expert(self) -> int:
+        return self.gate_up[0].numel() + self.down[0].numel()
+
+    def inactive_params_per_token(self) -> int:
+        """Parameters of the E - k experts a token does not use (0 when top_k is unknown)."""
+        if self.top_k is None:
+            return 0
+        return (self.num_experts - self.top_k) * self.params_per_expert()
 
 
 class SparseMoeBlock(nn.Module):
@@ -102,7 +106,7 @@ class SparseMoeBlock(nn.Module):
 
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, expert_intermediate_size)
+        self.experts = Experts(num_experts, hidden_size, expert_intermediate_size, top_k)
         self.shared_expert = None
         self.shared_expert_gate = None
         if shared_intermediate_size:
@@ -116,10 +120,24 @@ class SparseMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def active_params_per_token(self) -> int:
-        """Parameters one token uses here: the router, k experts and the shared expert with its gate."""
-        total = self.gate.weight.numel() + self.experts.params_per_token(self.top_k)
-        if self.shared_expert is not None:
-            total += sum(p.numel() for p in self.shared_expert.parameters())
-            total += self.shared_expert_gate.weight.numel()
-        return total
+
+def expert_layers(model: nn.Module) -> list[tuple[int, Experts]]:
+    """(layer index, Experts) for each MoE layer of a model whose layers live in `model.layers`."""
+    found = []
+    for i, layer in enumerate(getattr(model, "layers", [])):
+        found.extend((i, m) for m in layer.modules() if isinstance(m, Experts))
+    return found
+
+
+def expert_token_counts(model: nn.Module) -> dict[int, list[int]]:
+    """Tokens routed to each expert of each MoE layer since the last reset: {layer: [count per expert]}."""
+    counts = {}
+    for layer, experts in expert_layers(model):
+        c = experts.token_counts
+        counts[layer] = c.tolist() if c is not None else [0] * experts.num_experts
+    return counts
+
+
+def reset_expert_token_counts(model: nn.Module) -> None:
+    for _, experts in expert_layers(model):
+        experts.reset_token_counts()
