@@ -28,16 +28,21 @@ from sqlalchemy.orm import Session
 
 from llmaas.billing.accounts import find_account
 from llmaas.billing.db import Database
-from llmaas.billing.errors import HoldStateError, InsufficientQuotaError, NotFoundError
+from llmaas.billing.errors import (
+    AuthenticationError,
+    HoldStateError,
+    InsufficientQuotaError,
+    NotFoundError,
+    PriceNotSetError,
+)
 from llmaas.billing.money import format_usd
 from llmaas.billing.prices import (
     PriceVersion,
     cost_micros,
-    get_price_version,
-    price_in_force,
     worst_case_cost_micros,
 )
 from llmaas.billing.schema import Account, Hold, LedgerEntry, UsageRecord, utcnow
+from llmaas.billing.sql import Transaction, read_time, transaction
 from llmaas.errors import InvalidRequestError
 
 CREDIT_KINDS = ("grant", "top_up")
@@ -175,6 +180,107 @@ def top_up(db: Database, account: int | str, amount_micros: int, note: str | Non
     return _add_credit(db, account, "top_up", amount_micros, None, note)
 
 
+_HOLD_FACTS = """
+SELECT a.overdraft_micros,
+       (SELECT COALESCE(SUM(c.remaining_micros), 0) FROM ledger_entries c
+         WHERE c.account_id = a.id AND c.kind IN ('grant', 'top_up') AND c.remaining_micros > 0
+           AND (c.expires_at IS NULL OR c.expires_at > :now)),
+       (SELECT COALESCE(SUM(h.amount_micros), 0) FROM holds h
+         WHERE h.account_id = a.id AND h.status = 'open'),
+       (SELECT COUNT(*) FROM holds d WHERE d.request_id = :request_id),
+       k.display_prefix, k.revoked_at, k.expires_at{price_columns}
+  FROM accounts a
+  LEFT JOIN api_keys k ON k.id = :key_id{price_join}
+ WHERE a.id = :account_id
+"""
+_PRICE_COLUMNS = """,
+       p.id, p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m, p.effective_from"""
+_PRICE_JOIN = """
+  LEFT JOIN (SELECT id, input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from
+               FROM prices WHERE model = :model AND effective_from <= :now
+              ORDER BY effective_from DESC LIMIT 1) p ON 1 = 1"""
+_FACTS_AT_PRICE = _HOLD_FACTS.format(price_columns="", price_join="")
+_FACTS_PRICE_IN_FORCE = _HOLD_FACTS.format(price_columns=_PRICE_COLUMNS, price_join=_PRICE_JOIN)
+_INSERT_HOLD = """
+INSERT INTO holds (request_id, account_id, key_id, model, price_id, amount_micros, status, owner, created_at)
+VALUES (:request_id, :account_id, :key_id, :model, :price_id, :amount, 'open', :owner, :now)
+RETURNING id
+"""
+
+
+def _hold(
+    db: Database,
+    request_id: str,
+    account_id: int,
+    model: str,
+    *,
+    price: PriceVersion | None,
+    amount_micros: int | None,
+    tokens: tuple[int, int] = (0, 0),
+    key_id: str | None,
+    owner: str | None,
+    now: datetime,
+) -> HoldInfo:
+    """One transaction: lock the account, read balance + price + key, insert the hold.
+
+    With `price` None the version in force at `now` is read in the same transaction and the amount is
+    the worst case for `tokens` = (prompt, max completion). `key_id` is re-checked here (revoked or
+    expired -> 401), so a revocation stops the next admission on every replica, whatever an auth cache
+    still holds. On PostgreSQL the account row is locked first (FOR UPDATE), and the balance is read by
+    the next statement, whose snapshot then includes every hold and charge committed before the lock.
+    """
+    with transaction(db, write=True) as tx:
+        if tx.postgres:
+            if tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id) is None:
+                raise NotFoundError(f"No account {account_id!r}", param="account")
+        facts = tx.one(
+            _FACTS_PRICE_IN_FORCE if price is None else _FACTS_AT_PRICE,
+            account_id=account_id,
+            key_id=key_id,
+            request_id=request_id,
+            model=model,
+            now=tx.time(now),
+        )
+        if facts is None:
+            raise NotFoundError(f"No account {account_id!r}", param="account")
+        overdraft, credit, held, duplicates, key_prefix, key_revoked, key_expires = facts[:7]
+        if key_id is not None:
+            if key_prefix is None:
+                raise AuthenticationError("Incorrect API key provided.")
+            if key_revoked is not None:
+                raise AuthenticationError(f"API key {key_prefix}... has been revoked.")
+            expires = read_time(key_expires)
+            if expires is not None and expires <= now:
+                raise AuthenticationError(f"API key {key_prefix}... has expired.")
+        if price is None:
+            if facts[7] is None:
+                raise PriceNotSetError(f"No price is set for model {model!r}", param="model")
+            price_id, input_price, cached_price, output_price, since = facts[7:12]
+            price = PriceVersion(price_id, model, input_price, cached_price, output_price, read_time(since))
+            amount_micros = worst_case_cost_micros(price, *tokens)
+        available = int(credit) - int(held) - int(overdraft)
+        if amount_micros > available:
+            raise InsufficientQuotaError(
+                "You exceeded your current quota: this request may cost up to "
+                f"${format_usd(amount_micros)} and the account has "
+                f"${format_usd(max(available, 0))} available."
+            )
+        if duplicates:
+            raise HoldStateError(f"Request {request_id!r} already has a hold", param="request_id")
+        (hold_id,) = tx.one(
+            _INSERT_HOLD,
+            request_id=request_id,
+            account_id=account_id,
+            key_id=key_id,
+            model=price.model,
+            price_id=price.id,
+            amount=amount_micros,
+            owner=owner,
+            now=tx.time(now),
+        )
+    return HoldInfo(hold_id, request_id, account_id, key_id, price.model, price.id, amount_micros, "open")
+
+
 def place_hold(
     db: Database,
     request_id: str,
@@ -189,32 +295,17 @@ def place_hold(
     """Reserve `amount_micros` for request `request_id`, or raise InsufficientQuotaError (429)."""
     if not isinstance(amount_micros, int) or isinstance(amount_micros, bool) or amount_micros < 0:
         raise InvalidRequestError("hold amount must be a non-negative integer of micro-USD", param="amount")
-    now = now or utcnow()
-    with db.write() as session:
-        account = find_account(session, account_id, lock=True)
-        available = _balance(session, account, now).available_micros
-        if amount_micros > available:
-            raise InsufficientQuotaError(
-                "You exceeded your current quota: this request may cost up to "
-                f"${format_usd(amount_micros)} and the account has "
-                f"${format_usd(max(available, 0))} available."
-            )
-        if session.scalar(select(Hold.id).where(Hold.request_id == request_id)) is not None:
-            raise HoldStateError(f"Request {request_id!r} already has a hold", param="request_id")
-        hold = Hold(
-            request_id=request_id,
-            account_id=account.id,
-            key_id=key_id,
-            model=price.model,
-            price_id=price.id,
-            amount_micros=amount_micros,
-            status="open",
-            owner=owner,
-            created_at=now,
-        )
-        session.add(hold)
-        session.flush()
-        return _hold_info(hold)
+    return _hold(
+        db,
+        request_id,
+        account_id,
+        price.model,
+        price=price,
+        amount_micros=amount_micros,
+        key_id=key_id,
+        owner=owner,
+        now=now or utcnow(),
+    )
 
 
 def hold_for_request(
@@ -229,28 +320,71 @@ def hold_for_request(
     owner: str | None = None,
     now: datetime | None = None,
 ) -> HoldInfo:
-    """Admission in one call: the price in force now, the worst-case cost, the hold."""
-    now = now or utcnow()
-    with db.read() as session:
-        price = price_in_force(session, model, now)
-    amount = worst_case_cost_micros(price, prompt_tokens, max_completion_tokens)
-    return place_hold(db, request_id, account_id, price, amount, key_id=key_id, owner=owner, now=now)
+    """Admission in one transaction: the price in force now, the worst-case cost, the hold.
 
-
-def _draw(session: Session, account: Account, amount: int, now: datetime) -> None:
-    """Take `amount` from the credits expiring soonest; what none can cover becomes overdraft."""
-    lots = session.scalars(
-        select(LedgerEntry)
-        .where(*_unexpired_credit(account.id, now))
-        .order_by(LedgerEntry.expires_at.is_(None), LedgerEntry.expires_at, LedgerEntry.id)
+    With `key_id`, the key is checked again in the same transaction (revoked or expired -> 401).
+    """
+    for value, param in ((prompt_tokens, "prompt_tokens"), (max_completion_tokens, "max_completion_tokens")):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequestError(f"'{param}' must be a non-negative integer", param=param)
+    return _hold(
+        db,
+        request_id,
+        account_id,
+        model,
+        price=None,
+        amount_micros=None,
+        tokens=(prompt_tokens, max_completion_tokens),
+        key_id=key_id,
+        owner=owner,
+        now=now or utcnow(),
     )
-    for lot in lots:
+
+
+_SETTLE_HOLD = """
+SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at,
+       p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m, p.effective_from
+  FROM holds h JOIN prices p ON p.id = h.price_id
+ WHERE h.request_id = :request_id
+"""
+_INSERT_USAGE = """
+INSERT INTO usage_records (request_id, account_id, key_id, model, endpoint, price_id, prompt_tokens,
+                           cached_tokens, completion_tokens, cost_micros, status, admitted_at,
+                           finished_at, epoch_minute)
+VALUES (:request_id, :account_id, :key_id, :model, :endpoint, :price_id, :prompt, :cached, :completion,
+        :cost, :status, :admitted_at, :now, :epoch_minute)
+ON CONFLICT (request_id) DO NOTHING
+"""
+_CREDIT_LOTS = """
+SELECT id, remaining_micros FROM ledger_entries
+ WHERE account_id = :account_id AND kind IN ('grant', 'top_up') AND remaining_micros > 0
+   AND (expires_at IS NULL OR expires_at > :now)
+ ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, id
+"""
+_INSERT_CHARGE = """
+INSERT INTO ledger_entries (account_id, kind, amount_micros, request_id, note, created_at)
+VALUES (:account_id, 'charge', :amount, :request_id, :note, :now)
+"""
+
+
+def _draw(tx: Transaction, account_id: int, amount: int, now: datetime) -> None:
+    """Take `amount` from the credits expiring soonest; what none can cover becomes overdraft."""
+    for lot_id, remaining in tx.all(_CREDIT_LOTS, account_id=account_id, now=tx.time(now)):
         if amount == 0:
             return
-        take = min(amount, lot.remaining_micros)
-        lot.remaining_micros -= take
+        take = min(amount, remaining)
+        tx.run(
+            "UPDATE ledger_entries SET remaining_micros = :left WHERE id = :id",
+            left=remaining - take,
+            id=lot_id,
+        )
         amount -= take
-    account.overdraft_micros += amount
+    if amount:
+        tx.run(
+            "UPDATE accounts SET overdraft_micros = overdraft_micros + :amount WHERE id = :id",
+            amount=amount,
+            id=account_id,
+        )
 
 
 def settle(
@@ -269,56 +403,74 @@ def settle(
     `status`: completed, cancelled (the client went away: billed for what it was sent) or failed
     (our fault: recorded at cost 0). Settling a request that already has a usage record returns that
     record unchanged. A hold that was released as stale is still settled: the tokens were served.
+
+    One transaction, committed durably before this returns: the usage record (unique by request id:
+    a second settle inserts nothing and returns the first record), the hold closed, the credits drawn
+    and the ledger charge. On PostgreSQL the account row is locked first, as for a hold.
     """
     if status not in USAGE_STATUSES:
         raise InvalidRequestError(f"'status' must be one of {', '.join(USAGE_STATUSES)}", param="status")
     now = now or utcnow()
-    with db.write() as session:
-        hold = session.scalars(select(Hold).where(Hold.request_id == request_id)).one_or_none()
-        if hold is None:
+    with transaction(db, write=True) as tx:
+        row = tx.one(_SETTLE_HOLD, request_id=request_id)
+        if row is None:
             raise NotFoundError(f"No hold for request {request_id!r}", param="request_id")
-        account = find_account(session, hold.account_id, lock=True)
-        session.refresh(hold)  # re-read after the lock: a concurrent settle may have closed it
-        done = session.scalars(select(UsageRecord).where(UsageRecord.request_id == request_id)).one_or_none()
-        if done is not None:
-            return _usage_info(done)
-        price = get_price_version(session, hold.price_id)
+        account_id, key_id, model, price_id, admitted_at = row[:5]
+        price = PriceVersion(price_id, model, *row[5:8], read_time(row[8]))
         cost = cost_micros(price, prompt_tokens, cached_tokens, completion_tokens)
         if status == "failed":
             cost = 0
-        hold.status = "settled"
-        hold.closed_at = now
-        if cost:
-            _draw(session, account, cost, now)
-        session.add(
-            LedgerEntry(
-                account_id=account.id,
-                kind="charge",
-                amount_micros=-cost,
-                request_id=request_id,
-                note=f"{hold.model} {status}",
-                created_at=now,
-            )
-        )
-        record = UsageRecord(
+        if tx.postgres:
+            tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id)
+        inserted = tx.run(
+            _INSERT_USAGE,
             request_id=request_id,
-            account_id=account.id,
-            key_id=hold.key_id,
-            model=hold.model,
+            account_id=account_id,
+            key_id=key_id,
+            model=model,
             endpoint=endpoint,
-            price_id=hold.price_id,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=cached_tokens,
-            completion_tokens=completion_tokens,
-            cost_micros=cost,
+            price_id=price_id,
+            prompt=prompt_tokens,
+            cached=cached_tokens,
+            completion=completion_tokens,
+            cost=cost,
             status=status,
-            admitted_at=hold.created_at,
-            finished_at=now,
+            admitted_at=admitted_at,
+            now=tx.time(now),
             epoch_minute=int(now.timestamp()) // 60,
         )
-        session.add(record)
-        session.flush()
-        return _usage_info(record)
+        if inserted == 1:
+            tx.run(
+                "UPDATE holds SET status = 'settled', closed_at = :now WHERE request_id = :request_id",
+                now=tx.time(now),
+                request_id=request_id,
+            )
+            if cost:
+                _draw(tx, account_id, cost, now)
+            tx.run(
+                _INSERT_CHARGE,
+                account_id=account_id,
+                amount=-cost,
+                request_id=request_id,
+                note=f"{model} {status}",
+                now=tx.time(now),
+            )
+            return UsageInfo(
+                request_id,
+                account_id,
+                key_id,
+                model,
+                price_id,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+                cost,
+                status,
+                now,
+            )
+    existing = get_usage(db, request_id)  # settled before: that record stands
+    assert existing is not None
+    return existing
 
 
 def release(db: Database, request_id: str, now: datetime | None = None) -> HoldInfo:

@@ -9,6 +9,7 @@ repr, a log line or an error message: only the key id and the short display pref
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +20,8 @@ from llmaas.billing.accounts import find_account
 from llmaas.billing.db import Database
 from llmaas.billing.errors import AuthenticationError, ModelNotAllowedError, NotFoundError
 from llmaas.billing.plans import get_plan
-from llmaas.billing.schema import Account, ApiKey, utcnow
+from llmaas.billing.schema import ApiKey, utcnow
+from llmaas.billing.sql import read_time, transaction
 from llmaas.errors import InvalidRequestError
 
 KEY_PREFIX = "sk-"
@@ -125,39 +127,62 @@ def create_key(
         return NewKey(_info(row), secret)
 
 
+_KEY_BY_HASH = """
+SELECT k.id, k.account_id, k.display_prefix, k.allowed_models, k.requests_per_minute,
+       k.tokens_per_minute, k.expires_at, k.revoked_at, a.name, a.plan
+  FROM api_keys k JOIN accounts a ON a.id = k.account_id
+ WHERE k.key_hash = :key_hash
+"""
+
+
+@dataclass(frozen=True)
+class VerifiedKey:
+    """A key that passed `verify_key`, and until when that answer holds without a revocation."""
+
+    principal: Principal
+    expires_at: datetime | None
+
+
 def verify_key(
     db: Database, secret: str | None, model: str | None = None, now: datetime | None = None
 ) -> Principal:
     """The principal for a bearer secret, or AuthenticationError (401) / ModelNotAllowedError (403)."""
+    return check_key(db, secret, model, now).principal
+
+
+def check_key(
+    db: Database, secret: str | None, model: str | None = None, now: datetime | None = None
+) -> VerifiedKey:
+    """`verify_key`, also returning the key's expiry (for callers that cache the answer)."""
     if not secret or not isinstance(secret, str) or not secret.startswith(KEY_PREFIX):
         raise AuthenticationError("Missing or malformed API key. Pass it as 'Authorization: Bearer sk-...'.")
     now = now or utcnow()
-    with db.read() as session:
-        found = session.execute(
-            select(ApiKey, Account)
-            .join(Account, Account.id == ApiKey.account_id)
-            .where(ApiKey.key_hash == hash_key(secret))
-        ).one_or_none()
+    with transaction(db, write=False) as tx:  # one indexed read, on the driver (sql.py)
+        found = tx.one(_KEY_BY_HASH, key_hash=hash_key(secret))
     if found is None:
         raise AuthenticationError("Incorrect API key provided.")
-    key, account = found
-    if key.revoked_at is not None:
-        raise AuthenticationError(f"API key {key.display_prefix}... has been revoked.")
-    if key.expires_at is not None and key.expires_at <= now:
-        raise AuthenticationError(f"API key {key.display_prefix}... has expired.")
-    if model is not None and key.allowed_models is not None and model not in key.allowed_models:
+    key_id, account_id, prefix, allowed, rpm, tpm, expires_at, revoked_at, account_name, plan_name = found
+    if revoked_at is not None:
+        raise AuthenticationError(f"API key {prefix}... has been revoked.")
+    expires_at = read_time(expires_at)
+    if expires_at is not None and expires_at <= now:
+        raise AuthenticationError(f"API key {prefix}... has expired.")
+    if isinstance(allowed, str):  # a JSON column: text on SQLite, decoded by psycopg
+        allowed = json.loads(allowed)
+    if model is not None and allowed is not None and model not in allowed:
         raise ModelNotAllowedError(f"This API key may not use model {model!r}.", param="model")
-    plan = get_plan(account.plan)
-    return Principal(
-        key_id=key.id,
-        account_id=account.id,
-        account_name=account.name,
+    plan = get_plan(plan_name)
+    principal = Principal(
+        key_id=key_id,
+        account_id=account_id,
+        account_name=account_name,
         plan=plan.name,
-        requests_per_minute=key.requests_per_minute or plan.requests_per_minute,
-        tokens_per_minute=key.tokens_per_minute or plan.tokens_per_minute,
+        requests_per_minute=rpm or plan.requests_per_minute,
+        tokens_per_minute=tpm or plan.tokens_per_minute,
         priority=plan.priority,
-        allowed_models=tuple(key.allowed_models) if key.allowed_models is not None else None,
+        allowed_models=tuple(allowed) if allowed is not None else None,
     )
+    return VerifiedKey(principal, expires_at)
 
 
 def revoke_key(db: Database, key_id: str, now: datetime | None = None) -> KeyInfo:
