@@ -10,6 +10,7 @@ from tqdm import tqdm
 from llmaas.engine.llm_engine import EngineConfig, LLMEngine
 from llmaas.engine.outputs import RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
+from llmaas.models.report import ModelReport
 
 Prompt = str | list[int]
 
@@ -21,6 +22,11 @@ class LLM:
         self.engine = LLMEngine(config or EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    @property
+    def model_report(self) -> ModelReport:
+        """Total and active parameters and KV-cache bytes per token, computed from the loaded model."""
+        return self.engine.model_report
 
     def generate(
         self,

@@ -20,7 +20,9 @@ from llmaas.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 from llmaas.errors import ContextLengthExceededError, InvalidRequestError
 from llmaas.models.catalog import resolve_model_dir
 from llmaas.models.loader import load_model
+from llmaas.models.moe import expert_token_counts
 from llmaas.models.packed_linear import pack_linears
+from llmaas.models.report import describe_model
 from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("llmaas.engine")
@@ -78,6 +80,8 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.model = load_model(self.model_dir, dtype=dtype, device=device)
+        # Before quantization and packing, which turn parameters into buffers.
+        self.model_report = describe_model(self.model, dtype)
         if config.quantization:
             from llmaas.models.quantize import quantize_model
 
@@ -101,11 +105,12 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         log.info(
-            "loaded %s (%s, %s) in %.2fs; KV cache %d blocks x %d tokens = %.0f MiB",
+            "loaded %s (%s, %s) in %.2fs: %s; KV cache %d blocks x %d tokens = %.0f MiB",
             config.model,
             self.model_config.family,
             config.dtype,
             self.load_seconds,
+            self.model_report.summary(),
             self.runner.num_blocks,
             config.block_size,
             self.runner.kv_cache_bytes / 2**20,
@@ -298,9 +303,9 @@ class LLMEngine:
             prompt_logprobs=seqs[0].prompt_logprobs if seqs[0].params.prompt_logprobs is not None else None,
         )
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | dict[int, list[int]]]:
         bm = self.block_manager
-        return {
+        stats = {
             "running": self.num_running,
             "waiting": self.num_waiting,
             "kv_blocks_used": bm.num_used_blocks,
@@ -308,3 +313,11 @@ class LLMEngine:
             "prefix_cache_hit_rate": bm.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions,
         }
+        expert_tokens = self.expert_token_counts()
+        if expert_tokens:  # MoE models only
+            stats["expert_tokens"] = expert_tokens
+        return stats
+
+    def expert_token_counts(self) -> dict[int, list[int]]:
+        """MoE load balance: tokens routed to each expert of each MoE layer since start ({} if dense)."""
+        return expert_token_counts(self.model)

@@ -108,7 +108,11 @@ def create_app(
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
 
     def card(model: ServedModel) -> dict:
-        return {"id": model.name, "object": "model", "created": model.created, "owned_by": "llmaas"}
+        body = {"id": model.name, "object": "model", "created": model.created, "owned_by": "llmaas"}
+        if model.engine is not None:  # what the model costs to run (extra fields; OpenAI clients keep them)
+            engine = model.engine.engine
+            body["metadata"] = {"family": engine.model_config.family, **engine.model_report.as_dict()}
+        return body
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> JSONResponse:

@@ -113,7 +113,20 @@ class Metrics:
             for model, stats in sorted(engine_stats.items()):
                 if key in stats:
                     lines.append(f"{name}{_fmt_labels((('model', model),))} {float(stats[key]):g}")
+        lines += _expert_token_lines(engine_stats)
         return "\n".join(lines) + "\n"
+
+
+def _expert_token_lines(engine_stats: Mapping[str, Mapping]) -> list[str]:
+    """MoE load balance: tokens routed to each (layer, expert), from the engines' "expert_tokens"."""
+    name = "llmaas_moe_expert_tokens_total"
+    lines = [f"# HELP {name} tokens routed to each expert of each MoE layer", f"# TYPE {name} counter"]
+    for model, stats in sorted(engine_stats.items()):
+        for layer, counts in sorted(stats.get("expert_tokens", {}).items()):
+            for expert, count in enumerate(counts):
+                labels = (("expert", str(expert)), ("layer", str(layer)), ("model", model))
+                lines.append(f"{name}{_fmt_labels(labels)} {count}")
+    return lines
 
 
 class HttpMetricsMiddleware:

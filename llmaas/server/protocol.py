@@ -190,6 +190,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llmaas"
+    metadata: dict[str, int | str] | None = None  # family, parameters, KV bytes per token (when loaded)
 
 
 class ModelList(BaseModel):
