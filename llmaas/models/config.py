@@ -237,6 +237,15 @@ CONFIG_PARSERS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
 }
 
 
+def _deepseek_config(cfg: dict[str, Any], path: Path) -> ModelConfig:
+    from llmaas.models.deepseek_config import deepseek_config_from_dict  # it builds on this module
+
+    return deepseek_config_from_dict(cfg, path)
+
+
+CONFIG_PARSERS.update(deepseek_v2=_deepseek_config, deepseek_v3=_deepseek_config)
+
+
 def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> ModelConfig:
     family = cfg.get("model_type")
     parse = CONFIG_PARSERS.get(family)

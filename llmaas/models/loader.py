@@ -17,10 +17,15 @@ from safetensors import safe_open
 
 from llmaas.errors import ModelLoadError
 from llmaas.models.config import DENSE_FAMILIES, MOE_FAMILIES, ModelConfig, load_config
+from llmaas.models.deepseek import DeepseekDecoder, adapt_checkpoint
+from llmaas.models.deepseek_config import DEEPSEEK_FAMILIES
 from llmaas.models.dense import DenseDecoder
 
 # model_type -> the module class built from its ModelConfig.
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {f: DenseDecoder for f in DENSE_FAMILIES + MOE_FAMILIES}
+MODEL_CLASSES.update({f: DeepseekDecoder for f in DEEPSEEK_FAMILIES})
+# model_type -> a rewrite of the checkpoint's tensors (names, layouts) before the generic mapping.
+CHECKPOINT_ADAPTERS = {f: adapt_checkpoint for f in DEEPSEEK_FAMILIES}
 
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
@@ -137,7 +142,10 @@ def load_model(
 ) -> torch.nn.Module:
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
-    state = build_state_dict(cfg, read_safetensors(model_dir), model_dir)
+    tensors = read_safetensors(model_dir)
+    if cfg.family in CHECKPOINT_ADAPTERS:
+        tensors = CHECKPOINT_ADAPTERS[cfg.family](cfg, tensors, model_dir)
+    state = build_state_dict(cfg, tensors, model_dir)
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.family](cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
@@ -153,7 +161,10 @@ def load_model(
             raise ModelLoadError(
                 f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
             )
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    fp32 = getattr(model, "fp32_parameter_suffixes", ())  # e.g. MoE routers: selection is discontinuous
+    state = {
+        k: v.to(device=device, dtype=torch.float32 if k.endswith(fp32) else dtype) for k, v in state.items()
+    }
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
