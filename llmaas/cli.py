@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     from llmaas.billing.cli_commands import add_billing_parsers
 
     add_billing_parsers(sub)
+
+    from llmaas.distill.cli import add_distill_parsers
+
+    add_distill_parsers(sub)
+
+    from llmaas.bench.cli import add_bench_parsers
+
+    add_bench_parsers(sub)
     return parser
 
 

@@ -380,6 +380,9 @@ def _price_record(p) -> dict[str, object]:
 
 @_verb
 def cmd_prices_set(args: argparse.Namespace) -> int:
+    from llmaas.bench.cost import resolve_price_args  # --from-cost: prices from a bench result
+
+    resolve_price_args(args)
     # Check all three before opening the database (set_price checks them too, before writing).
     for value, param in ((args.input, "input"), (args.cached_input, "cached_input"), (args.output, "output")):
         usd_to_micros(value, param)
@@ -603,10 +606,13 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> None:
     pp = prices.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = _leaf(pp, "set", "add a price version for a model, in USD per 1M tokens", cmd_prices_set, common)
     p.add_argument("model")
-    p.add_argument("--input", required=True, help="USD per 1M uncached prompt tokens, e.g. 0.05")
-    p.add_argument("--cached-input", required=True, help="USD per 1M cached prompt tokens")
-    p.add_argument("--output", required=True, help="USD per 1M completion tokens")
+    p.add_argument("--input", help="USD per 1M uncached prompt tokens, e.g. 0.05")
+    p.add_argument("--cached-input", help="USD per 1M cached prompt tokens")
+    p.add_argument("--output", help="USD per 1M completion tokens")
     p.add_argument("--effective-from", default=None, help="ISO datetime, UTC unless zoned (default: now)")
+    from llmaas.bench.cost import add_from_cost_args
+
+    add_from_cost_args(p)
     p = _leaf(pp, "list", "list every price version, oldest first", cmd_prices_list, common)
     p.add_argument("--model", default=None, help="only this model's history")
 
