@@ -126,3 +126,14 @@ def test_two_redis_limiters_share_buckets(redis_prefix):
     two.acquire("k", 2, 100, 1)
     with pytest.raises(RateLimitExceededError):
         one.acquire("k", 2, 100, 1)
+
+
+def test_peek_reads_the_buckets_and_takes_nothing(limiter):
+    lim, _ = limiter
+    full = lim.peek("k-peek", 5, 1000)
+    assert full.allowed and full.remaining_requests == 5 and full.remaining_tokens == 1000
+    lim.acquire("k-peek", 5, 1000, 300)
+    for _ in range(3):
+        seen = lim.peek("k-peek", 5, 1000)
+    assert seen.remaining_requests == 4 and seen.remaining_tokens in (700, 701)
+    assert seen.headers["x-ratelimit-limit-requests"] == "5" and "retry-after" not in seen.headers

@@ -67,6 +67,7 @@ class HoldInfo:
     price_id: int
     amount_micros: int
     status: str
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,15 @@ class UsageInfo:
 
 def _hold_info(h: Hold) -> HoldInfo:
     return HoldInfo(
-        h.id, h.request_id, h.account_id, h.key_id, h.model, h.price_id, h.amount_micros, h.status
+        h.id,
+        h.request_id,
+        h.account_id,
+        h.key_id,
+        h.model,
+        h.price_id,
+        h.amount_micros,
+        h.status,
+        h.created_at,
     )
 
 
@@ -229,7 +238,7 @@ def _hold(
     still holds. On PostgreSQL the account row is locked first (FOR UPDATE), and the balance is read by
     the next statement, whose snapshot then includes every hold and charge committed before the lock.
     """
-    with transaction(db, write=True) as tx:
+    with transaction(db, write=True, synchronous=db.durable_holds) as tx:
         if tx.postgres:
             if tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id) is None:
                 raise NotFoundError(f"No account {account_id!r}", param="account")
@@ -278,7 +287,9 @@ def _hold(
             owner=owner,
             now=tx.time(now),
         )
-    return HoldInfo(hold_id, request_id, account_id, key_id, price.model, price.id, amount_micros, "open")
+    return HoldInfo(
+        hold_id, request_id, account_id, key_id, price.model, price.id, amount_micros, "open", now
+    )
 
 
 def place_hold(
@@ -347,6 +358,10 @@ SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at,
   FROM holds h JOIN prices p ON p.id = h.price_id
  WHERE h.request_id = :request_id
 """
+_PRICE_BY_ID = """
+SELECT input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from
+  FROM prices WHERE id = :id
+"""
 _INSERT_USAGE = """
 INSERT INTO usage_records (request_id, account_id, key_id, model, endpoint, price_id, prompt_tokens,
                            cached_tokens, completion_tokens, cost_micros, status, admitted_at,
@@ -397,6 +412,7 @@ def settle(
     status: str = "completed",
     endpoint: str | None = None,
     now: datetime | None = None,
+    hold: HoldInfo | None = None,
 ) -> UsageInfo:
     """Charge the exact cost of a held request and write its usage record, exactly once.
 
@@ -407,12 +423,21 @@ def settle(
     One transaction, committed durably before this returns: the usage record (unique by request id:
     a second settle inserts nothing and returns the first record), the hold closed, the credits drawn
     and the ledger charge. On PostgreSQL the account row is locked first, as for a hold.
+
+    `hold`: what `hold_for_request` returned at admission. Given it, a request whose hold row is gone
+    (a PostgreSQL crash lost an unflushed hold: db.py `hold_commit`) is still billed, at that hold's
+    price version.
     """
     if status not in USAGE_STATUSES:
         raise InvalidRequestError(f"'status' must be one of {', '.join(USAGE_STATUSES)}", param="status")
     now = now or utcnow()
     with transaction(db, write=True) as tx:
         row = tx.one(_SETTLE_HOLD, request_id=request_id)
+        if row is None and hold is not None and hold.request_id == request_id:
+            price_row = tx.one(_PRICE_BY_ID, id=hold.price_id)
+            if price_row is not None:
+                admitted = hold.created_at or now
+                row = (hold.account_id, hold.key_id, hold.model, hold.price_id, tx.time(admitted), *price_row)
         if row is None:
             raise NotFoundError(f"No hold for request {request_id!r}", param="request_id")
         account_id, key_id, model, price_id, admitted_at = row[:5]

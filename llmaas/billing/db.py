@@ -3,9 +3,19 @@
 SQLite (the default, a file under LLMAAS_HOME) runs in WAL mode with foreign keys on, and every
 write transaction starts with BEGIN IMMEDIATE: writers are serialized by SQLite's write lock from
 their first statement, so a read-check-write (a hold against a balance) cannot interleave with
-another. synchronous=NORMAL in WAL mode: a committed transaction survives a killed process; use
-PostgreSQL where it must also survive a power cut. On PostgreSQL, writers lock the account row
-(SELECT ... FOR UPDATE) instead; see credits.py.
+another. On PostgreSQL, writers lock the account row (SELECT ... FOR UPDATE) instead; see credits.py.
+
+Durability, chosen in the URL (the option is taken out before the driver sees the URL):
+
+- SQLite `?synchronous=normal` (default): in WAL mode a commit is written to the WAL file before it
+  returns but not fsynced, so a committed transaction survives `kill -9` of the server (the OS has the
+  bytes) but not a power cut or kernel crash, which may lose the last commits. `?synchronous=full`
+  fsyncs every commit (survives a power cut; each commit then costs a disk flush).
+- PostgreSQL `?hold_commit=async` (default): a hold's transaction commits without waiting for its
+  WAL flush (`synchronous_commit = off` for that transaction only). It is visible to every replica at
+  once, like any commit; only a crash of the PostgreSQL server itself can lose the last holds, and
+  settling then still bills the request from what admission returned (credits.settle). Settles, the
+  ledger, always wait for the flush. `?hold_commit=sync` waits for holds too.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmaas.paths import llmaas_home
@@ -31,11 +41,16 @@ def default_database_url() -> str:
     return f"sqlite:///{llmaas_home() / 'billing.sqlite3'}"
 
 
+SQLITE_SYNCHRONOUS = ("normal", "full")
+HOLD_COMMITS = ("async", "sync")
+
+
 @dataclass
 class Database:
     engine: Engine
     _write_sessions: sessionmaker[Session]
     _read_sessions: sessionmaker[Session]
+    durable_holds: bool = False  # PostgreSQL: wait for the WAL flush of hold transactions too
 
     @property
     def dialect(self) -> str:
@@ -57,7 +72,7 @@ class Database:
         self.engine.dispose()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
         # Leave transaction control to us (pysqlite would otherwise BEGIN lazily, and deferred).
@@ -65,7 +80,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
@@ -86,15 +101,23 @@ def _migrate(engine: Engine) -> None:
 
 
 def open_database(url: str | None = None, *, migrate: bool = True, echo: bool = False) -> Database:
-    """Connect to `url` (default: SQLite under LLMAAS_HOME) and upgrade the schema to head."""
-    url = url or default_database_url()
-    if url.startswith("sqlite"):
-        if url.rstrip("/").endswith(":memory:") or url in ("sqlite://", "sqlite:///"):
+    """Connect to `url` (default: SQLite under LLMAAS_HOME) and upgrade the schema to head.
+
+    Durability options in the URL's query (see the module docstring): SQLite `synchronous=normal|full`,
+    PostgreSQL `hold_commit=async|sync`.
+    """
+    parsed = make_url(url or default_database_url())
+    options = dict(parsed.query)
+    synchronous = _option(options, "synchronous", SQLITE_SYNCHRONOUS, parsed.drivername, "sqlite")
+    hold_commit = _option(options, "hold_commit", HOLD_COMMITS, parsed.drivername, "postgresql")
+    parsed = parsed.set(query={k: v for k, v in options.items() if k not in ("synchronous", "hold_commit")})
+    if parsed.drivername.startswith("sqlite"):
+        if parsed.database in (None, "", ":memory:"):
             raise ValueError("billing needs a SQLite file, not an in-memory database (one per connection)")
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
-        _configure_sqlite(engine)
+        engine = create_engine(parsed, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
+        _configure_sqlite(engine, synchronous or "normal")
     else:
-        engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        engine = create_engine(parsed, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
     if migrate:
         _migrate(engine)
     read_engine = engine.execution_options(**{_READ_ONLY: True})
@@ -102,4 +125,16 @@ def open_database(url: str | None = None, *, migrate: bool = True, echo: bool = 
         engine=engine,
         _write_sessions=sessionmaker(engine, expire_on_commit=False),
         _read_sessions=sessionmaker(read_engine, expire_on_commit=False),
+        durable_holds=hold_commit == "sync",
     )
+
+
+def _option(options: dict, name: str, allowed: tuple[str, ...], driver: str, dialect: str) -> str | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if not driver.startswith(dialect):
+        raise ValueError(f"the database URL option {name!r} is for {dialect} only")
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"the database URL option {name!r} must be one of {', '.join(allowed)}")
+    return value.lower()

@@ -131,6 +131,10 @@ class RateLimiter(Protocol):
         """Correct the token bucket by actual - estimated tokens (positive: more were used)."""
         ...
 
+    def peek(self, key_id: str, requests_per_minute: int, tokens_per_minute: int) -> RateLimitDecision:
+        """The buckets' state, taking nothing (the headers of a /v1 response that uses no quota)."""
+        ...
+
 
 @dataclass
 class _Buckets:
@@ -175,3 +179,9 @@ class InProcessRateLimiter:
         with self._lock:
             b = self._refilled(key_id, requests_per_minute, tokens_per_minute)
             b.tokens = min(float(tokens_per_minute), b.tokens - token_delta)
+
+    def peek(self, key_id: str, requests_per_minute: int, tokens_per_minute: int) -> RateLimitDecision:
+        check_limits(requests_per_minute, tokens_per_minute, 0)
+        with self._lock:
+            b = self._refilled(key_id, requests_per_minute, tokens_per_minute)
+            return decide(True, b.requests, b.tokens, requests_per_minute, tokens_per_minute, 0)

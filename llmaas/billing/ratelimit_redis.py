@@ -10,9 +10,9 @@ import redis
 
 from llmaas.billing.ratelimit import RateLimitDecision, check_limits, decide, raise_if_refused
 
-# KEYS[1]: the key's bucket hash. ARGV: rpm, tpm, tokens, mode ("take" or "adjust"; adjust: tokens is
-# the delta to subtract). Returns {allowed, request_level, token_level} as strings (Lua numbers are
-# doubles; a number reply would be truncated to an integer).
+# KEYS[1]: the key's bucket hash. ARGV: rpm, tpm, tokens, mode ("take", "adjust": tokens is the delta
+# to subtract, or "peek": read only). Returns {allowed, request_level, token_level} as strings (Lua
+# numbers are doubles; a number reply would be truncated to an integer).
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -34,8 +34,10 @@ if ARGV[4] == 'take' then
   else
     allowed = 0
   end
-else
+elseif ARGV[4] == 'adjust' then
   tk = math.min(tpm, tk - tokens)
+else
+  return {tostring(allowed), tostring(r), tostring(tk)}
 end
 redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(tk), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], 120)
@@ -66,3 +68,8 @@ class RedisRateLimiter:
 
     def adjust(self, key_id: str, requests_per_minute: int, tokens_per_minute: int, token_delta: int) -> None:
         self._run(key_id, requests_per_minute, tokens_per_minute, token_delta, "adjust")
+
+    def peek(self, key_id: str, requests_per_minute: int, tokens_per_minute: int) -> RateLimitDecision:
+        check_limits(requests_per_minute, tokens_per_minute, 0)
+        _, r, tk = self._run(key_id, requests_per_minute, tokens_per_minute, 0, "peek")
+        return decide(True, r, tk, requests_per_minute, tokens_per_minute, 0)

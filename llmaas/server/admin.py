@@ -163,7 +163,9 @@ async def admin_create_account(body: AccountCreate, billing: Admin):
 
 @admin.post("/accounts/{name}/plan")
 async def admin_set_plan(name: str, body: PlanChange, billing: Admin):
-    return JSONResponse(_json(await asyncio.to_thread(set_plan, billing.db, name, body.plan)))
+    info = await asyncio.to_thread(set_plan, billing.db, name, body.plan)
+    billing.keys.forget(account_id=info.id)  # this process applies the new plan at once
+    return JSONResponse(_json(info))
 
 
 @admin.get("/keys")
@@ -193,7 +195,9 @@ async def admin_create_key(body: KeyCreate, billing: Admin):
 
 @admin.post("/keys/{key_id}/revoke")
 async def admin_revoke_key(key_id: str, billing: Admin):
-    return JSONResponse(_json(await asyncio.to_thread(revoke_key, billing.db, key_id)))
+    info = await asyncio.to_thread(revoke_key, billing.db, key_id)
+    billing.keys.forget(key_id=key_id)  # other replicas: their next hold re-checks the key
+    return JSONResponse(_json(info))
 
 
 @admin.get("/credits/{account}")

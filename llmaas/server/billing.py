@@ -9,17 +9,33 @@ The walk (design.md): bearer -> `verify_key` (BillingMiddleware, every /v1 path)
 no rate limit (a local operator does not rate-limit themself). A model with no price in force is
 refused (400 price_not_set); `llmaas serve` sets a default price for each served model that has none
 at start (bootstrap.py), so a served model is always priced.
+
+Key lookups are cached in this process (KeyCache) for `key_cache_ttl_s` seconds, so the usual request
+authenticates without a database read or a thread hop. What that leaves stale, and for how long:
+
+- revocation and expiry: never for inference. Every hold re-reads the key in its own transaction
+  (credits._hold), so a key revoked anywhere (this replica, another one, `llmaas keys revoke`) gets 401
+  on its next completion request on every replica. A revoke or plan change through this process's
+  /admin API also drops the key (or the account's keys) from this cache at once.
+- other replicas, for requests that take no hold (`GET /v1/models`): up to the TTL. The organization
+  usage and cost endpoints always verify the key afresh.
+- plan and per-key limit changes made elsewhere: the plan's rpm/tpm and priority apply from the next
+  lookup, within the TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from llmaas.billing import (
     Database,
+    HoldInfo,
     InProcessRateLimiter,
     ModelNotAllowedError,
     NotFoundError,
@@ -31,8 +47,10 @@ from llmaas.billing import (
     release,
     release_stale_holds,
     settle,
-    verify_key,
 )
+from llmaas.billing.keys import VerifiedKey, check_key, hash_key
+from llmaas.billing.schema import utcnow
+from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
 from llmaas.server.errors import error_response
 from llmaas.server.usage import RequestUsage
@@ -55,6 +73,48 @@ class Admission:
     estimated_tokens: int
     priority: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    hold: HoldInfo | None = None
+    prompt_token_ids: list[list[int]] = field(default_factory=list)  # what was priced: the engine's input
+
+
+class KeyCache:
+    """Verified keys by the sha256 of their secret (the secret itself is never kept), for `ttl_s`."""
+
+    def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000, clock=time.monotonic):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[VerifiedKey, float]] = {}
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        verified, fresh_until = entry
+        if self._clock() >= fresh_until or (
+            verified.expires_at is not None and verified.expires_at <= utcnow()
+        ):
+            with self._lock:
+                self._entries.pop(key_hash, None)
+            return None
+        return verified.principal
+
+    def put(self, key_hash: str, verified: VerifiedKey) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()  # rare (that many live keys): start over rather than track ages
+            self._entries[key_hash] = (verified, self._clock() + self.ttl_s)
+
+    def forget(self, *, key_id: str | None = None, account_id: int | None = None) -> None:
+        """Drop a revoked key, or every key of an account whose plan changed."""
+        with self._lock:
+            for key_hash, (verified, _) in list(self._entries.items()):
+                p = verified.principal
+                if p.key_id == key_id or p.account_id == account_id:
+                    del self._entries[key_hash]
 
 
 class ServerBilling:
@@ -66,8 +126,10 @@ class ServerBilling:
         auth: bool = True,
         owner: str | None = None,
         default_account: str = DEFAULT_ACCOUNT,
+        key_cache_ttl_s: float = 5.0,
     ):
         self.db = db
+        self.keys = KeyCache(key_cache_ttl_s)
         self.limiter = limiter or InProcessRateLimiter()
         self.auth = auth
         self.owner = owner or f"llmaas-{uuid.uuid4().hex[:12]}"  # the holds' owner: this instance
@@ -82,11 +144,23 @@ class ServerBilling:
         return released
 
     # ------------------------------------------------------------ sync (thread)
-    def authenticate(self, secret: str | None) -> Principal | None:
-        """The key's principal, or None in --no-auth mode. Raises AuthenticationError (401)."""
+    def cached_principal(self, secret: str | None) -> Principal | None:
+        """The key's principal if this process verified it within the TTL (no I/O: call it anywhere)."""
+        if not self.auth or not secret:
+            return None
+        return self.keys.get(hash_key(secret))
+
+    def authenticate(self, secret: str | None, *, fresh: bool = False) -> Principal | None:
+        """The key's principal, or None in --no-auth mode. Raises AuthenticationError (401).
+
+        From the cache unless `fresh`; otherwise one database read, whose answer is cached."""
         if not self.auth:
             return None
-        return verify_key(self.db, secret)
+        if not fresh and (principal := self.cached_principal(secret)) is not None:
+            return principal
+        verified = check_key(self.db, secret)
+        self.keys.put(hash_key(secret), verified)
+        return verified.principal
 
     def _account_id(self, principal: Principal | None) -> int:
         if principal is not None:
@@ -94,6 +168,31 @@ class ServerBilling:
         if self._default_account_id is None:
             self._default_account_id = get_account(self.db, self.default_account).id
         return self._default_account_id
+
+    def admit_prompts(
+        self,
+        principal: Principal | None,
+        engine,
+        model: str,
+        request_id: str,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams,
+    ) -> Admission:
+        """Tokenize the prompts (once: the engine then gets these ids), then `admit` their worst case:
+        every prompt token, and per prompt n x (max_tokens, or the rest of the context window).
+
+        `engine` is the LLMEngine (its tokenizer and window); raises 400 for an empty or invalid prompt.
+        """
+        room = min(engine.max_model_len, engine.block_manager.num_blocks * engine.config.block_size)
+        token_ids = [engine.tokenize_prompt(prompt) for prompt in prompts]
+        prompt_tokens = completion_tokens = 0
+        for ids in token_ids:
+            prompt_tokens += len(ids)
+            max_tokens = params.max_tokens if params.max_tokens is not None else max(room - len(ids), 0)
+            completion_tokens += params.n * max_tokens
+        admission = self.admit(principal, model, request_id, prompt_tokens, completion_tokens)
+        admission.prompt_token_ids = token_ids
+        return admission
 
     def admit(
         self,
@@ -119,7 +218,7 @@ class ServerBilling:
             admission.headers = decision.headers
             admission.priority = principal.priority
         try:
-            hold_for_request(
+            admission.hold = hold_for_request(
                 self.db,
                 request_id,
                 admission.account_id,
@@ -129,8 +228,10 @@ class ServerBilling:
                 key_id=principal.key_id if principal else None,
                 owner=self.owner,
             )
-        except LlmaasError:
+        except LlmaasError as exc:
             self._adjust(admission, -estimated)  # never admitted: give the tokens back
+            if exc.status_code == 401 and principal is not None:
+                self.keys.forget(key_id=principal.key_id)  # revoked or expired since it was cached
             raise
         return admission
 
@@ -151,6 +252,7 @@ class ServerBilling:
             usage.completion_tokens,
             status=SETTLE_STATUS.get(usage.status, "failed"),
             endpoint=usage.endpoint,
+            hold=admission.hold,
         )
         self._adjust(admission, usage.prompt_tokens + usage.completion_tokens - admission.estimated_tokens)
         return settled
@@ -176,9 +278,10 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
 class BillingMiddleware:
     """Pure ASGI (the handlers' `receive` stays untouched, so disconnects are still seen).
 
-    On /v1/*: verifies the bearer key in a thread (401 in OpenAI's shape before the body is read),
-    keeps the principal in the scope for admission, and adds the x-ratelimit-* headers that admission
-    stored in the scope to the response.
+    On /v1/*: verifies the bearer key (from the KeyCache, else in a thread; 401 in OpenAI's shape
+    before the body is read), keeps the principal in the scope for admission, and adds x-ratelimit-*
+    headers to every response: those admission stored in the scope, or else (a response that took no
+    quota: /v1/models, reports, a 400 before admission) the key's current bucket state.
     """
 
     def __init__(self, app, billing: ServerBilling):
@@ -189,8 +292,12 @@ class BillingMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        secret = bearer(scope["headers"])
+        fresh = scope["path"].startswith("/v1/organization/")  # reports: never from the cache
         try:
-            principal = await asyncio.to_thread(self.billing.authenticate, bearer(scope["headers"]))
+            principal = None if fresh else self.billing.cached_principal(secret)
+            if principal is None and self.billing.auth:
+                principal = await asyncio.to_thread(self.billing.authenticate, secret, fresh=fresh)
         except LlmaasError as exc:
             await error_response(exc)(scope, receive, send)
             return
@@ -199,6 +306,8 @@ class BillingMiddleware:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 extra = scope.get(RATE_HEADERS)
+                if extra is None and principal is not None:  # took no quota: the current state
+                    extra = await self._peek(principal)
                 if extra:
                     present = {k.lower() for k, _ in message.get("headers", [])}
                     message["headers"] = list(message.get("headers", [])) + [
@@ -209,3 +318,14 @@ class BillingMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _peek(self, principal: Principal) -> dict[str, str] | None:
+        limiter = self.billing.limiter
+        args = (principal.key_id, principal.requests_per_minute, principal.tokens_per_minute)
+        try:
+            if isinstance(limiter, InProcessRateLimiter):
+                return limiter.peek(*args).headers
+            return (await asyncio.to_thread(limiter.peek, *args)).headers
+        except Exception:  # headers are informative: a limiter hiccup must not fail the response
+            log.exception("rate limit peek failed")
+            return None

@@ -86,6 +86,8 @@ class ServerState:
                 log.exception("billing hook failed for %s", request_id)
 
         priority = admission.priority if admission is not None else 0
+        if admission is not None:
+            prompts = admission.prompt_token_ids  # tokenized once, for the hold; the engine reuses them
         run = EngineRun(model.engine, prompts, params, request_id, on_end, priority=priority)
         watcher = spawn(watch_disconnect(request.receive, run))
         try:
@@ -103,21 +105,18 @@ class ServerState:
         params: SamplingParams,
         request_id: str,
     ) -> Admission | None:
-        """Rate limit and hold the worst-case cost: every prompt token at the input price, and per
-        prompt n x (max_tokens, or the rest of the context window) at the output price."""
+        """Rate limit and hold the worst-case cost (ServerBilling.admit_prompts, in a thread). The
+        prompts are tokenized there once; the engine then gets `admission.prompt_token_ids`."""
         if self.billing is None:
             return None
-        llm = model.engine.engine
-        room = min(llm.max_model_len, llm.block_manager.num_blocks * llm.config.block_size)
-        prompt_tokens = completion_tokens = 0
-        for prompt in prompts:
-            count = len(llm.tokenize_prompt(prompt))  # raises 400 for an empty or invalid prompt
-            prompt_tokens += count
-            max_tokens = params.max_tokens if params.max_tokens is not None else max(room - count, 0)
-            completion_tokens += params.n * max_tokens
-        principal = request.scope.get(PRINCIPAL)
         admission = await asyncio.to_thread(
-            self.billing.admit, principal, model.name, request_id, prompt_tokens, completion_tokens
+            self.billing.admit_prompts,
+            request.scope.get(PRINCIPAL),
+            model.engine.engine,
+            model.name,
+            request_id,
+            prompts,
+            params,
         )
         request.scope[RATE_HEADERS] = admission.headers
         return admission

@@ -1,0 +1,243 @@
+"""Billing in a real server, end to end: prompts tokenized once, x-ratelimit-* headers on every /v1
+response, the key cache, a plus request admitted before free ones queued earlier, and kill -9 of
+`llmaas serve` on PostgreSQL."""
+# ruff: noqa: F811  (fixtures are imported and requested by name)
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import func, select
+
+from llmaas.billing import (
+    FreeGrant,
+    balance,
+    create_account,
+    create_key,
+    get_usage,
+    list_keys,
+    open_database,
+    open_holds,
+    revoke_key,
+    set_price,
+)
+from llmaas.billing.schema import LedgerEntry, UsageRecord
+from llmaas.server import create_app
+from llmaas.server.billing import ServerBilling
+from tests.model_factory import make_tiny_checkpoint
+from tests.test_server_api import MODEL, make_engine, serve
+from tests.test_server_billing import HELLO, base_url, db, engine, new_account, sdk  # noqa: F401
+from tests.test_server_cli import free_port
+from tests.test_server_crash import start
+
+pytest_plugins = ["tests.billing_services"]
+
+
+def test_prompts_are_tokenized_once(engine, base_url, db):
+    tokenizer = engine.engine.tokenizer
+    calls = []
+    encode = tokenizer.encode
+
+    def counting(text, *args, **kwargs):
+        calls.append(text)
+        return encode(text, *args, **kwargs)
+
+    tokenizer.encode = counting
+    try:
+        secret = new_account(db, "once")
+        client = sdk(base_url, secret)
+        chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        assert len(calls) == 1 and chat.usage.prompt_tokens == len(encode(calls[0]))
+        calls.clear()
+        done = client.completions.create(model=MODEL, prompt=["One prompt", "and another"], max_tokens=2)
+        assert sorted(calls) == ["One prompt", "and another"] and done.usage.prompt_tokens > 0
+    finally:
+        del tokenizer.encode  # back to the class's method
+
+
+def test_rate_limit_headers_on_every_v1_response(base_url, db):
+    secret = new_account(db, "headers", requests_per_minute=50)
+    client = sdk(base_url, secret)
+    models = client.models.with_raw_response.list()
+    assert models.headers["x-ratelimit-limit-requests"] == "50"
+    assert models.headers["x-ratelimit-remaining-requests"] == "50"  # listing takes nothing
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    usage = httpx.get(
+        base_url + "/v1/organization/usage/completions",
+        params={"start_time": int(time.time()) - 3600},
+        headers={"authorization": f"Bearer {secret}"},
+    )
+    assert usage.status_code == 200 and usage.headers["x-ratelimit-remaining-requests"] == "49"
+    bad = httpx.post(
+        base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO, "max_tokens": -1},
+        headers={"authorization": f"Bearer {secret}"},
+    )
+    assert bad.status_code == 400 and bad.headers["x-ratelimit-limit-tokens"]
+
+
+def test_a_cached_key_revoked_elsewhere_gets_401_on_its_next_completion(base_url, db):
+    secret = new_account(db, "cached")
+    client = sdk(base_url, secret)
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)  # the key is now cached
+    revoke_key(db, list_keys(db, "cached")[0].id)  # as `llmaas keys revoke` or another replica would
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):  # dropped from the cache by that refusal
+        client.models.list()
+    assert open_holds(db, "cached") == []
+
+
+def test_revoking_through_the_admin_api_drops_the_cached_key_at_once(base_url, db):
+    secret = new_account(db, "admin-revoked")
+    client = sdk(base_url, secret)
+    assert client.models.list().data  # cached
+    key_id = list_keys(db, "admin-revoked")[0].id
+    admin = {"authorization": "Bearer sk-admin-test"}
+    assert httpx.post(f"{base_url}/admin/keys/{key_id}/revoke", headers=admin).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_a_plus_request_is_admitted_before_free_ones_queued_earlier(tmp_path_factory):
+    """One sequence at a time: a free request runs, three free ones queue, then a plus one arrives.
+    When the running one ends, the plus request goes first."""
+    model_dir = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("prio"), max_position_embeddings=1024)
+    aeng = make_engine(model_dir, max_num_seqs=1, kv_cache_memory=4 * 2**20)
+    database = open_database(f"sqlite:///{tmp_path_factory.mktemp('prio-ledger') / 'billing.sqlite3'}")
+    set_price(database, MODEL, input_usd="0.05", cached_input_usd="0.025", output_usd="0.20")
+    keys = {}
+    for name, plan in (("free-co", "free"), ("plus-co", "plus")):
+        create_account(database, name, plan=plan, free_grant=FreeGrant(10**9, valid_for=None))
+        keys[name] = create_key(database, name).secret
+
+    def waiting() -> int:
+        return aeng.call(lambda e: e.num_waiting).result(10)
+
+    finished: list[str] = []
+    lock = threading.Lock()
+    try:
+        with serve(create_app({MODEL: aeng}, billing=ServerBilling(database))) as url:
+
+            def post(label: str, key: str) -> None:
+                body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "ignore_eos": True}
+                r = httpx.post(
+                    url + "/v1/chat/completions",
+                    json=body,
+                    headers={"authorization": f"Bearer {key}"},
+                    timeout=120,
+                )
+                assert r.status_code == 200, r.text
+                with lock:
+                    finished.append(label)
+
+            long_body = {
+                "model": MODEL,
+                "messages": HELLO,
+                "max_tokens": 900,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            with (
+                httpx.Client(base_url=url, timeout=120) as c,
+                c.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=long_body,
+                    headers={"authorization": f"Bearer {keys['free-co']}"},
+                ) as occupant,
+            ):
+                lines = occupant.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                occupant_id = first.split('"id":"', 1)[1].split('"', 1)[0]
+                threads = []
+                for label, key in (("free-1", "free-co"), ("free-2", "free-co"), ("free-3", "free-co")):
+                    threads.append(threading.Thread(target=post, args=(label, keys[key])))
+                    threads[-1].start()
+                    while waiting() < len(threads):  # queued in this order
+                        time.sleep(0.01)
+                threads.append(threading.Thread(target=post, args=("plus", keys["plus-co"])))
+                threads[-1].start()
+                while waiting() < 4:
+                    time.sleep(0.01)
+            # Leaving the stream aborts the occupant; the slot goes to the highest priority waiting.
+            for t in threads:
+                t.join(120)
+        occupant = get_usage(database, occupant_id)
+        assert occupant is not None and occupant.status == "cancelled", "the occupant ended before the test"
+        assert finished == ["plus", "free-1", "free-2", "free-3"]
+    finally:
+        aeng.shutdown()
+        database.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")
+def test_kill_9_under_load_then_restart_on_postgres(tmp_path, postgres_url):
+    from tests.billing_services import TABLES
+
+    database = open_database(postgres_url, migrate=False)
+    with database.engine.begin() as connection:  # other modules leave rows behind in the run's database
+        connection.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    model_dir = make_tiny_checkpoint("llama", tmp_path, max_position_embeddings=1024)
+    port = free_port()
+    proc = start(model_dir, postgres_url, port)
+    completed: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 64,
+        }
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/v1/chat/completions", json=body)
+                except httpx.TransportError:
+                    return  # the server died under us
+                if r.status_code == 200:
+                    completed.append(r.json()["id"])
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    while len(completed) < 10 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert len(completed) >= 10
+
+    for request_id in completed:
+        record = get_usage(database, request_id)
+        assert record is not None and record.status == "completed" and record.cost_micros > 0
+    proc = start(model_dir, postgres_url, port)  # same --instance-id: releases the dead requests' holds
+    try:
+        assert open_holds(database, "default") == []
+        with database.read() as session:
+            spent = session.scalar(select(func.sum(UsageRecord.cost_micros)))
+            granted = session.scalar(
+                select(func.sum(LedgerEntry.amount_micros)).where(LedgerEntry.kind == "grant")
+            )
+            per_request = session.execute(
+                select(UsageRecord.request_id, func.count()).group_by(UsageRecord.request_id)
+            ).all()
+            charges = session.scalar(
+                select(func.count()).select_from(LedgerEntry).where(LedgerEntry.kind == "charge")
+            )
+        assert all(count == 1 for _, count in per_request) and charges == len(per_request)
+        b = balance(database, "default")
+        assert b.held_micros == 0 and b.available_micros == granted - spent
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        database.close()
