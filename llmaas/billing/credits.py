@@ -68,6 +68,7 @@ class HoldInfo:
     amount_micros: int
     status: str
     created_at: datetime | None = None
+    price: PriceVersion | None = None  # the version the hold was priced at (from hold_for_request)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def _hold(
             now=tx.time(now),
         )
     return HoldInfo(
-        hold_id, request_id, account_id, key_id, price.model, price.id, amount_micros, "open", now
+        hold_id, request_id, account_id, key_id, price.model, price.id, amount_micros, "open", now, price
     )
 
 
@@ -432,7 +433,18 @@ def settle(
         raise InvalidRequestError(f"'status' must be one of {', '.join(USAGE_STATUSES)}", param="status")
     now = now or utcnow()
     with transaction(db, write=True) as tx:
-        row = tx.one(_SETTLE_HOLD, request_id=request_id)
+        if hold is not None and hold.request_id == request_id and hold.price is not None:
+            # What admission returned: the hold row's own values (never edited), no need to read them.
+            p = hold.price
+            row = (hold.account_id, hold.key_id, hold.model, hold.price_id, tx.time(hold.created_at or now))
+            row += (
+                p.input_micros_per_m,
+                p.cached_input_micros_per_m,
+                p.output_micros_per_m,
+                p.effective_from,
+            )
+        else:
+            row = tx.one(_SETTLE_HOLD, request_id=request_id)
         if row is None and hold is not None and hold.request_id == request_id:
             price_row = tx.one(_PRICE_BY_ID, id=hold.price_id)
             if price_row is not None:

@@ -53,7 +53,7 @@ class Transaction:
     def time(self, value: datetime) -> Any:
         """A parameter for a UtcDateTime column."""
         naive = value.astimezone(timezone.utc).replace(tzinfo=None)
-        return naive if self.postgres else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return naive if self.postgres else naive.isoformat(" ", "microseconds")
 
 
 def read_time(value: Any) -> datetime | None:
