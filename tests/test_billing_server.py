@@ -241,3 +241,38 @@ def test_kill_9_under_load_then_restart_on_postgres(tmp_path, postgres_url):
         proc.terminate()
         proc.wait(30)
         database.close()
+
+
+def test_a_response_whose_settlement_fails_is_not_completed(engine, tmp_path, monkeypatch):
+    database = open_database(f"sqlite:///{tmp_path / 'billing.sqlite3'}")
+    set_price(database, MODEL, input_usd="1", cached_input_usd="0.5", output_usd="2")
+    create_account(database, "default", free_grant=FreeGrant(10**9, valid_for=None))
+    billing = ServerBilling(database, auth=False)
+
+    def unreachable(*_args, **_kwargs):
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(billing, "finish", unreachable)
+    with serve(create_app({MODEL: engine}, billing=billing)) as url:
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 3}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "billing_unavailable"
+        stream = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+        assert "billing_unavailable" in stream.text and "[DONE]" not in stream.text
+    database.close()
+
+
+def test_keys_never_reach_the_logs(base_url, db, caplog):
+    secret = new_account(db, "logged")
+    with caplog.at_level("DEBUG"):
+        client = sdk(base_url, secret)
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            sdk(base_url, secret + "x").chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        revoke_key(db, list_keys(db, "logged")[0].id)
+        with pytest.raises(openai.AuthenticationError) as err:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    assert secret not in err.value.response.text
+    assert caplog.records and not any(
+        secret in r.getMessage() or secret in (r.exc_text or "") for r in caplog.records
+    )

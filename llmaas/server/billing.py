@@ -63,6 +63,21 @@ RATE_HEADERS = "llmaas.ratelimit_headers"
 SETTLE_STATUS = {"finished": "completed", "aborted": "cancelled", "failed": "failed"}
 
 
+class SettlementError(LlmaasError):
+    """Settling a finished request failed (the database is unreachable): its usage record could not
+    be written, so the response is not completed (no last byte / [DONE] without a ledger record)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "billing_unavailable"
+    headers = {"retry-after": "1"}
+
+    def __init__(
+        self, message: str = "Billing is unavailable; the request was not completed. Retry shortly."
+    ):
+        super().__init__(message)
+
+
 @dataclass
 class Admission:
     """What admission decided for one request; `finish` needs it to settle and correct the limits."""

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from fastapi import Request
 
 from llmaas.engine.sampling_params import SamplingParams
-from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBilling
+from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBilling, SettlementError
 from llmaas.server.generation import EngineRun, spawn, watch_disconnect
 from llmaas.server.metrics import Metrics
 from llmaas.server.registry import ModelRegistry, ServedModel
@@ -74,8 +74,10 @@ class ServerState:
                 try:
                     settled = await asyncio.to_thread(self.billing.finish, admission, record)
                     run.cost_micros = settled.cost_micros if settled is not None else None
-                except Exception:
+                except Exception as exc:
                     log.exception("settling %s failed", request_id)
+                    if status == "finished":  # no ledger record: the response must not complete
+                        raise SettlementError() from exc
             if self.billing_hook is None:
                 return
             try:

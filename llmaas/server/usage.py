@@ -8,7 +8,7 @@ knows nothing of prices.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class RequestUsage:
     status: str  # "finished", "aborted" (client gone), "rejected" (400/503 before any work) or "failed"
     finish_reasons: tuple[str | None, ...]  # per choice: "stop", "length", "abort", ...
     user: str | None = None
-    api_key: str | None = None  # the bearer token the request carried, for billing to resolve
+    # The bearer token the request carried, for a billing hook to resolve; kept out of the repr so that
+    # logging a RequestUsage never writes a key to a log.
+    api_key: str | None = field(default=None, repr=False)
 
 
 # A plain function or a coroutine function; awaited before the response completes when possible.
