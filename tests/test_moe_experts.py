@@ -78,3 +78,16 @@ def test_sparse_block_with_shared_expert_counts_active_parameters():
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
     # the four experts no token uses: 4 * (10*8 + 8*5)
     assert block.experts.inactive_params_per_token() == 4 * 120
+
+
+def test_packed_experts_give_the_same_result():
+    experts = _experts()
+    x = torch.randn(5, 8)
+    ids = torch.tensor([[0, 1], [1, 5], [3, 0], [5, 3], [0, 5]])
+    weights = torch.rand(5, 2)
+    with torch.no_grad():
+        expected = experts(x, ids, weights)
+        if not experts.pack():
+            return  # no oneDNN packing for this build / CPU: nothing to compare
+        assert experts.gate_up is None and len(experts.packed) == 6  # one copy of the weights
+        torch.testing.assert_close(experts(x, ids, weights), expected, rtol=1e-5, atol=1e-5)

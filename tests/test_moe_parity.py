@@ -202,10 +202,17 @@ def test_engine_reports_and_exports_expert_counts(moe_models):
     from llmaas.engine.llm_engine import EngineConfig
     from llmaas.llm import LLM
 
-    model_dir, _, _ = moe_models("qwen2_moe")
+    model_dir, ref, _ = moe_models("qwen2_moe")
     llm = LLM(config=EngineConfig(model=str(model_dir), dtype="float32", block_size=4, kv_cache_memory=2**20))
     assert llm.model_report.total_params > llm.model_report.active_params_per_token > 0
     out = llm.generate([[5, 6, 7, 8], [9, 10]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    # The engine (experts packed for oneDNN where it applies) decodes as transformers does.
+    for o in out:
+        tokens = list(o.prompt_token_ids)
+        for _ in range(3):
+            with torch.no_grad():
+                tokens.append(int(ref(torch.tensor([tokens])).logits[0, -1].argmax()))
+        assert o.outputs[0].token_ids == tokens[len(o.prompt_token_ids) :]
     fed = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in out)
     stats = llm.engine.stats()
     assert {layer: sum(c) for layer, c in stats["expert_tokens"].items()} == {0: fed * TOP_K, 1: fed * TOP_K}

@@ -20,7 +20,7 @@ from llmaas.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 from llmaas.errors import ContextLengthExceededError, InvalidRequestError
 from llmaas.models.catalog import resolve_model_dir
 from llmaas.models.loader import load_model
-from llmaas.models.moe import expert_token_counts
+from llmaas.models.moe import expert_token_counts, pack_experts
 from llmaas.models.packed_linear import pack_linears
 from llmaas.models.report import describe_model
 from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -88,6 +88,7 @@ class LLMEngine:
             quantize_model(self.model, config.quantization)
         if config.pack_weights:
             pack_linears(self.model)
+            pack_experts(self.model)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
         self.max_model_len = min(

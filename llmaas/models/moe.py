@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmaas.models.packed_linear import pack_weight, packed_linear
+
 
 def softmax_topk(
     router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -47,6 +49,29 @@ class Experts(nn.Module):
         # Tokens routed to each expert since the last reset; a plain tensor (not a buffer) so it stays
         # out of the state dict and follows the device of the activations.
         self.token_counts: torch.Tensor | None = None
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack()
+
+    def pack(self) -> bool:
+        """Each expert's weights in oneDNN's blocked layout (CPU), as `pack_linears` does for nn.Linear.
+
+        torch's plain bf16 matmul of a few rows is many times slower than the packed kernel, so
+        unpacked experts would make decode far slower than a dense model of the same active size. The
+        stacked parameters are dropped (one copy of the weights). False where packing does not apply.
+        """
+        packed = [(pack_weight(self.gate_up[e]), pack_weight(self.down[e])) for e in range(self.num_experts)]
+        if any(gate_up is None or down is None for gate_up, down in packed):
+            return False
+        self.packed = packed
+        self.gate_up = self.down = None
+        return True
+
+    def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            gate_up, down = self.packed[expert]
+            gate, up = packed_linear(rows, gate_up, None).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, down, None)
+        gate, up = F.linear(rows, self.gate_up[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[expert])
 
     def reset_token_counts(self) -> None:
         self.token_counts = None
@@ -54,7 +79,7 @@ class Experts(nn.Module):
     def _count(self, counts: torch.Tensor) -> None:
         if self.token_counts is None or self.token_counts.device != counts.device:
             self.token_counts = torch.zeros(self.num_experts, dtype=torch.long, device=counts.device)
-        self.token_counts += counts
+        self.token_counts = self.token_counts + counts  # out of place: safe across inference mode
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, k], topk_weights [T, k] -> sum_j weight_j * expert_{id_j}(x), [T, H]."""
@@ -70,8 +95,7 @@ class Experts(nn.Module):
         for expert, n in enumerate(counts.tolist()):  # one host sync per layer; idle experts skipped
             if n == 0:
                 continue
-            gate, up = F.linear(rows[start : start + n], self.gate_up[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down[expert]))
+            outputs.append(self._expert(expert, rows[start : start + n]))
             start += n
         if not outputs:
             return torch.zeros_like(x)
@@ -80,7 +104,7 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of_row, weighted)
 
     def params_per_expert(self) -> int:
-        return self.gate_up[0].numel() + self.down[0].numel()
+        return 3 * self.hidden_size * self.intermediate_size
 
     def inactive_params_per_token(self) -> int:
         """Parameters of the E - k experts a token does not use (0 when top_k is unknown)."""
@@ -136,6 +160,11 @@ def expert_token_counts(model: nn.Module) -> dict[int, list[int]]:
         c = experts.token_counts
         counts[layer] = c.tolist() if c is not None else [0] * experts.num_experts
     return counts
+
+
+def pack_experts(model: nn.Module) -> int:
+    """Pack every Experts module's weights for oneDNN (CPU); returns how many were packed."""
+    return sum(m.pack() for m in model.modules() if isinstance(m, Experts))
 
 
 def reset_expert_token_counts(model: nn.Module) -> None:
