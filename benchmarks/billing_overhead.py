@@ -3,16 +3,17 @@
 Runs the server's own billing path (llmaas.server.billing.ServerBilling) the way the server calls it:
 on an asyncio event loop, the key from the in-process cache (a database read on a miss), admission
 (limiter + hold) and settlement (usage record + ledger charge, committed) each in a worker thread. No
-model and no HTTP, so what is timed is billing alone. Paced at --rate requests/s per configuration.
+model and no HTTP, so what is timed is billing alone. Open loop at --rate requests/s per configuration.
 
-Configurations, interleaved request by request so that all of them see the same machine load:
+Configurations, taking turns in rounds so that all of them see the same machine load:
 
     sqlite --no-auth            hold + settle only (no key, no limiter): the local-use baseline
     sqlite                      auth + limits + hold + settle: the figure the aim is about (< 1 ms p50)
     sqlite synchronous=full     the same, fsyncing every commit (survives a power cut)
     postgres --no-auth / postgres / postgres hold_commit=sync   (when PostgreSQL is reachable)
 
-    .venv/bin/python benchmarks/billing_overhead.py [--requests 1000] [--rate 100] [--postgres URL]
+    .venv/bin/python benchmarks/billing_overhead.py [--requests 1000] [--rate 100] [--rounds 5]
+                                                    [--postgres URL | --no-postgres]
 
 Prints the load average before and after (a loaded machine spoils the figures: rerun on a quiet one)
 and whether the aim is met.
@@ -76,17 +77,23 @@ async def one_request(s: Setup) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-async def run_all(setups: list[Setup], requests: int, rate: float) -> None:
+async def run_all(setups: list[Setup], requests: int, rate: float, rounds: int) -> None:
+    """Open loop: each request starts at its time (i / rate) whether or not the previous one ended, so
+    a slow configuration still sees `rate` requests/s. The configurations take turns, `rounds` times,
+    so that a change in the machine's load falls on all of them."""
     for s in setups:  # warm up: connections, statement caches, the key cache
         for _ in range(20):
             await one_request(s)
-    start = time.perf_counter()
-    for i in range(requests):
-        target = start + i / rate
-        if (delay := target - time.perf_counter()) > 0:
-            await asyncio.sleep(delay)
+    per_round = -(-requests // rounds)
+    for _ in range(rounds):
         for s in setups:
-            s.times.append(await one_request(s))
+            start = time.perf_counter()
+            tasks = []
+            for i in range(min(per_round, requests - len(s.times) - len(tasks))):
+                if (delay := start + i / rate - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one_request(s)))
+            s.times.extend(await asyncio.gather(*tasks))
 
 
 def p(times: list[float], q: int) -> float:
@@ -112,13 +119,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100.0, help="requests/s per configuration")
     parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each configuration takes")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     machine = platform.processor() or platform.machine()
     print(
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; "
-        f"{args.requests} requests at {args.rate:g}/s per configuration, interleaved"
+        f"{args.requests} requests at {args.rate:g}/s (open loop) per configuration, in {args.rounds} rounds"
     )
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +149,7 @@ def main() -> None:
                 prepare("postgres hold_commit=sync, auth+...", url + "?hold_commit=sync", True),
             ]
         try:
-            asyncio.run(run_all(setups, args.requests, args.rate))
+            asyncio.run(run_all(setups, args.requests, args.rate, args.rounds))
         finally:
             for s in setups:
                 s.billing.db.close()
