@@ -4,7 +4,7 @@
 step's tokens grouped by expert: the (token, expert) pairs are sorted by expert id, each *active*
 expert does one matmul over its rows, and the weighted results are added back per token. Experts
 that no token chose cost nothing; there is no loop over tokens. It also counts the tokens each
-expert received (load balance), on the device, without a host sync of its own.
+expert received (load balance), on the device, with no host sync beyond the grouping's one.
 
 `SparseMoeBlock` is the mixtral / qwen2_moe / qwen3_moe MLP: a linear router, softmax top-k (with or
 without renormalising the k weights), the routed experts, and qwen2_moe's optional shared expert
@@ -54,10 +54,12 @@ class Experts(nn.Module):
     def pack(self) -> bool:
         """Each expert's weights in oneDNN's blocked layout (CPU), as `pack_linears` does for nn.Linear.
 
-        torch's plain bf16 matmul of a few rows is many times slower than the packed kernel, so
-        unpacked experts would make decode far slower than a dense model of the same active size. The
+        The packed kernel streams weights about twice as fast for few-row decode (packed_linear.py);
+        without it the experts would lose that against a dense model of the same active size. The
         stacked parameters are dropped (one copy of the weights). False where packing does not apply.
         """
+        if self.packed is not None:
+            return True
         packed = [(pack_weight(self.gate_up[e]), pack_weight(self.down[e])) for e in range(self.num_experts)]
         if any(gate_up is None or down is None for gate_up, down in packed):
             return False
