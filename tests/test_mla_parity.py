@@ -21,6 +21,7 @@ from llmaas.errors import ModelLoadError
 from llmaas.llm import LLM
 from llmaas.models.config import config_from_dict
 from llmaas.models.deepseek_routing import v2_route, v3_route
+from llmaas.models.loader import load_model
 from llmaas.models.mla import MLAttention
 from llmaas.models.report import describe_model
 from tests.model_factory import make_tiny_checkpoint
@@ -48,9 +49,12 @@ YARN = dict(
 )  # fmt: skip
 VARIANTS = {
     "v2-q_lora-greedy": ("deepseek_v2", dict(q_lora_rank=48, topk_method="greedy")),
-    "v2-no_q_lora-group_limited": (
+    # attention_bias: biases on kv_a_proj_with_mqa and o_proj (q_proj has none)
+    "v2-no_q_lora-group_limited-bias": (
         "deepseek_v2",
-        dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2),
+        dict(
+            q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2, attention_bias=True
+        ),
     ),
     "v3-noaux_tc": ("deepseek_v3", dict(q_lora_rank=48, n_group=4, topk_group=2)),
     # rotate-half rotary and yarn with mscale_all_dim (the softmax scale grows by mscale squared)
@@ -189,6 +193,33 @@ def test_cache_bytes_per_token_is_latent_plus_rope(variant_models):
         assert describe_model(ours, dtype).kv_bytes_per_token == expected == 2 * 40 * dtype.itemsize
     # A dense attention of the same heads would cache 2 x heads x head dims per token and layer.
     assert cfg.kv_lora_rank + cfg.qk_rope_head_dim < 2 * cfg.num_heads * cfg.v_head_dim
+
+
+def test_report_counts_routed_experts_as_inactive(variant_models):
+    _, ours = variant_models("v3-noaux_tc")
+    cfg = ours.config
+    report = describe_model(ours, torch.float32)
+    total = sum(p.numel() for p in ours.parameters())
+    expert = 3 * cfg.hidden_size * cfg.moe.expert_intermediate_size
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    assert moe_layers == 1
+    assert report.total_params == total
+    assert report.active_params_per_token == total - moe_layers * (8 - 2) * expert
+
+
+def test_multi_token_prediction_layers_are_skipped(tmp_path):
+    """V3 checkpoints carry num_nextn_predict_layers extra layers after the last one; we do not serve them."""
+    family, overrides = VARIANTS["v3-noaux_tc"]
+    model_dir = make_deepseek(tmp_path, family, **overrides)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    assert len(load_model(model_dir, dtype=torch.float32).layers) == 2
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ModelLoadError, match="eh_proj"):
+        load_model(model_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
