@@ -299,12 +299,12 @@ def in_thread(fn: Callable[..., T], *args) -> T:
 
 def run_engine_phase(prompts: Prompts, args: argparse.Namespace) -> dict:
     progress("engine phase: loading the model in-process")
-    engine = in_thread(LLMEngine, EngineConfig(model=MODEL, dtype=DTYPE))
-    aeng = AsyncEngine(engine)
+    aeng = AsyncEngine.from_config(EngineConfig(model=MODEL, dtype=DTYPE))  # built on its loop thread
     try:
         result = asyncio.run(engine_measure(aeng, prompts, args))
     finally:
         aeng.shutdown()
+    engine = aeng.engine
     # The loop thread is gone: the bare engine is ours now. Reference figures without the thread hop.
     progress(f"  engine (sync step loop): {len(prompts.one_token)} x max_tokens=1")
     result["sync_one_token_s"] = in_thread(sync_one_token, engine, prompts.one_token)
@@ -350,7 +350,7 @@ def serve_app(port: int) -> None:
     from llmaas.server.app import create_app
 
     def load(name: str) -> AsyncEngine:
-        return AsyncEngine(LLMEngine(EngineConfig(model=MODEL, dtype=DTYPE)))
+        return AsyncEngine.from_config(EngineConfig(model=MODEL, dtype=DTYPE))
 
     app = create_app(load=load, model_names=[MODEL])
     # As `llmaas serve` does: uvicorn drains on SIGTERM, then re-raises it to these no-ops (exit 0).

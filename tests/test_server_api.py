@@ -234,7 +234,8 @@ def test_chat_logprobs(client):
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely
-        assert entry.bytes == list(entry.token.encode())
+        # The token's own bytes: its text when they are whole UTF-8, else the text reads U+FFFD.
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
     streamed = client.chat.completions.create(
         model=MODEL,
         messages=HELLO,
@@ -251,6 +252,17 @@ def test_chat_logprobs(client):
         for e in c.choices[0].logprobs.content
     ]
     assert tokens == [e.token for e in content]
+
+
+def test_logprob_bytes_are_the_tokens_own_bytes(engine):
+    tokenizer = engine.engine.tokenizer
+    text = "naïve 日本 🙂"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(b"\xef\xbf\xbd" in tokenizer.decode([i]).encode() for i in ids)  # some split a character
+    special = next(iter(tokenizer.eos_token_ids))
+    assert tokenizer.token_bytes(special) == tokenizer.decode([special], skip_special_tokens=False).encode()
 
 
 def test_content_parts_and_roles(client):
@@ -316,6 +328,34 @@ def test_completions_echo_logprobs_and_best_of(client):
     )
     assert len(best.choices) == 1 and best.choices[0].logprobs is None
     assert best.usage.completion_tokens == 12  # every candidate is generated (and billed)
+
+
+def test_completions_max_tokens_0_with_echo_scores_the_prompt(client, hook):
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
+    (choice,) = r.choices
+    assert choice.text == "Hello world" and choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert len(lp.tokens) == r.usage.prompt_tokens and lp.token_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert r.usage.completion_tokens == 0 and r.usage.total_tokens == r.usage.prompt_tokens
+    assert hook.wait_for(r.id).completion_tokens == 0  # nothing generated is billed
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Hello world",
+            max_tokens=0,
+            echo=True,
+            logprobs=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello world"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Hello world", max_tokens=0)
+    assert info.value.param == "max_tokens" and "echo" in info.value.message
 
 
 def test_completions_stream(client):

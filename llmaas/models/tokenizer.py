@@ -246,6 +246,47 @@ class Tokenizer:
         """Id of a vocabulary entry such as "<|im_end|>", or None (for stop strings, special ids)."""
         return self.backend.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, even when they are not a whole UTF-8 character (the first
+        half of an emoji decodes to U+FFFD; its bytes are still exact). For logprobs' `bytes`."""
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token_id in self._added_token_ids:
+            return token.encode("utf-8")
+        byte_of = self._byte_level_chars
+        if byte_of is not None:
+            if all(ch in byte_of for ch in token):
+                return bytes(byte_of[ch] for ch in token)
+        elif token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # sentencepiece byte
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        else:
+            return token.replace("\u2581", " ").encode("utf-8")  # sentencepiece's word-start marker
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @cached_property
+    def _added_token_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_level_chars(self) -> dict[str, int] | None:
+        """Byte-level BPE (GPT-2 style) writes each byte as one printable character: that map,
+        reversed; None for other tokenizers."""
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        if not any(part.get("type") == "ByteLevel" for part in parts):
+            return None
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+        chars = {b: chr(b) for b in printable}
+        shifted = 256
+        for b in range(256):
+            if b not in chars:
+                chars[b], shifted = chr(shifted), shifted + 1
+        return {ch: b for b, ch in chars.items()}
+
     @cached_property
     def _compiled_template(self) -> Any:
         import jinja2

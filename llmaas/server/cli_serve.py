@@ -79,7 +79,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from llmaas.cli import engine_config_from_args
     from llmaas.engine.async_engine import AsyncEngine
-    from llmaas.engine.llm_engine import LLMEngine
     from llmaas.errors import InvalidRequestError
     from llmaas.server.app import create_app
 
@@ -95,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configs = {name: dataclasses.replace(base, model=model) for name, model in zip(names, models)}
 
     def load(name: str) -> AsyncEngine:
-        return AsyncEngine(LLMEngine(configs[name]), max_waiting=args.max_waiting)
+        return AsyncEngine.from_config(configs[name], max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
     app = create_app(load=load, model_names=names, billing=_billing(args, names))

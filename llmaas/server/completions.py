@@ -5,18 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from llmaas.engine.outputs import CompletionOutput
-from llmaas.errors import InvalidRequestError, LlmaasError
+from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
-from llmaas.server.errors import rename_param
-from llmaas.server.generation import ClientDisconnected, EngineRun
+from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, Completion, CompletionRequest
 from llmaas.server.registry import ServedModel
+from llmaas.server.respond import params_named, respond, run_usage
 from llmaas.server.sampling import sampling_params
-from llmaas.server.state import ServerState
-from llmaas.server.streaming import event, guarded, sse_response
+from llmaas.server.streaming import event
 
 router = APIRouter()
 
@@ -40,8 +38,7 @@ def prompt_list(prompt: str | list) -> list[str | list[int]]:
     responses={200: {"model": Completion, "content": _STREAM_DOC}, **ERROR_RESPONSES},
 )
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    state: ServerState = request.app.state.llmaas
-    model = state.registry.get(body.model)
+    model = request.app.state.llmaas.registry.get(body.model)
     prompts = prompt_list(body.prompt)
     n = body.n or 1
     best_of = body.best_of if body.best_of is not None else n
@@ -51,55 +48,73 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise InvalidRequestError(f"'best_of' ({best_of}) must be >= 'n' ({n})", param="best_of")
     if body.stream and best_of > n:
         raise InvalidRequestError("'best_of' cannot be used with 'stream'", param="best_of")
+    # max_tokens=0 with echo scores the prompt: its logprobs, no completion. The engine always samples
+    # at least one token (at no extra forward pass: it comes from the prefill's last logits); that token
+    # is dropped here and neither returned nor counted.
+    scoring = body.max_tokens == 0
+    if scoring and not body.echo:
+        raise InvalidRequestError(
+            "'max_tokens' must be at least 1; 0 is accepted only with 'echo' (to score the prompt)",
+            param="max_tokens",
+        )
+    if scoring and best_of > n:
+        raise InvalidRequestError("'best_of' has nothing to rank when 'max_tokens' is 0", param="best_of")
     # Ranking best_of candidates needs their log-probabilities even when the caller wants none.
     engine_logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
     names = {"n": "best_of"} if best_of != n else {}
-    try:
-        params = sampling_params(body, max_tokens=body.max_tokens, n=best_of, logprobs=engine_logprobs)
-        if body.echo and body.logprobs is not None:
-            params.prompt_logprobs = body.logprobs  # the echoed prompt gets real logprobs too
-        request_id = R.new_id("cmpl")
-        run, watcher = await state.start_run(
-            request, model, prompts, params, request_id, "completions", body.user
-        )
-    except LlmaasError as exc:
-        raise rename_param(exc, names) from None
-    except ClientDisconnected:
-        return Response(status_code=499)
-    created = R.now()
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_events(run, request_id, created, model, prompts, n, body, include_usage)
+    with params_named(names):
+        max_tokens = 1 if scoring else body.max_tokens
+        params = sampling_params(body, max_tokens=max_tokens, n=best_of, logprobs=engine_logprobs)
+    if body.echo and body.logprobs is not None:
+        params.prompt_logprobs = body.logprobs  # the echoed prompt gets real logprobs too
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
-        def final() -> str | None:
-            if not include_usage:
-                return None
-            usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
-            return event(R.completion(request_id, created, model.name, [], usage))
+    def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
+        return _completion_events(run, id_, created, model, prompts, n, body, include_usage)
 
-        return sse_response(guarded(run, watcher, events, final))
-    try:
-        async for _ in run.outputs():
-            pass
-        await run.finish()
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        watcher.cancel()
-        run.abort()
-    choices = []
-    for p, out in enumerate(run.latest):
-        prompt_text = _prompt_text(model, prompts[p]) if body.echo else ""
-        for c in _best(out.outputs, n):
-            logprobs = None
-            if body.logprobs is not None:
-                echoed = out.prompt_token_ids if body.echo else ()
-                logprobs = R.CompletionLogprobs(model.token_text).build(
-                    c.logprobs or [], echoed, out.prompt_logprobs
-                )
-            choices.append(R.completion_choice(len(choices), prompt_text + c.text, c.finish_reason, logprobs))
-    usage = R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
-    return JSONResponse(R.completion(request_id, created, model.name, choices, usage))
+    def usage_chunk(id_: str, created: int, usage: dict) -> dict:
+        return R.completion(id_, created, model.name, [], usage)
+
+    def whole(run: EngineRun, id_: str, created: int) -> dict:
+        choices = []
+        for p, out in enumerate(run.latest):
+            prompt_text = _prompt_text(model, prompts[p]) if body.echo else ""
+            for c in _best(out.outputs, n):
+                generated = _generated(c, run.scoring_only)
+                logprobs = None
+                if body.logprobs is not None:
+                    echoed = out.prompt_token_ids if body.echo else ()
+                    logprobs = R.CompletionLogprobs(model.token_text).build(
+                        generated.logprobs or [], echoed, out.prompt_logprobs
+                    )
+                text = prompt_text + generated.text
+                choices.append(R.completion_choice(len(choices), text, generated.finish_reason, logprobs))
+        return R.completion(id_, created, model.name, choices, run_usage(run))
+
+    return await respond(
+        request,
+        model,
+        prompts,
+        params,
+        endpoint="completions",
+        id_prefix="cmpl",
+        user=body.user,
+        param_names=names,
+        stream=bool(body.stream),
+        include_usage=include_usage,
+        events=events,
+        usage_chunk=usage_chunk,
+        body=whole,
+        scoring_only=scoring,
+    )
+
+
+def _generated(c: CompletionOutput, scoring_only: bool) -> CompletionOutput:
+    """What the caller gets of a sample: all of it, or nothing but finish_reason "length" when scoring."""
+    if not scoring_only:
+        return c
+    done = "length" if c.finish_reason is not None else None
+    return CompletionOutput(index=c.index, text="", token_ids=[], finish_reason=done, logprobs=[])
 
 
 def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
@@ -153,13 +168,17 @@ async def _completion_events(
                 echoed[index] = True
                 prefix = _prompt_text(model, prompts[p])
                 prompt_ids = out.prompt_token_ids
-            has_logprobs = body.logprobs is not None and c.delta_logprobs
-            if not (prefix or c.delta_text or has_logprobs or c.finish_reason):
+            if run.scoring_only:
+                text, delta_logprobs, reason = "", [], "length" if c.finish_reason is not None else None
+            else:
+                text, delta_logprobs, reason = c.delta_text, c.delta_logprobs, c.finish_reason
+            has_logprobs = body.logprobs is not None and (delta_logprobs or prompt_ids)
+            if not (prefix or text or has_logprobs or reason):
                 continue
             logprobs = None
             if body.logprobs is not None:
-                logprobs = logprob_builders[index].build(c.delta_logprobs, prompt_ids, out.prompt_logprobs)
-            finished[index] = c.finish_reason is not None
-            parts.append(chunk(index, prefix + c.delta_text, c.finish_reason, logprobs))
+                logprobs = logprob_builders[index].build(delta_logprobs, prompt_ids, out.prompt_logprobs)
+            finished[index] = reason is not None
+            parts.append(chunk(index, prefix + text, reason, logprobs))
         if parts:
             yield "".join(parts)

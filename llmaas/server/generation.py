@@ -1,9 +1,9 @@
 """The engine requests behind one HTTP request, read as one stream, with abort-on-disconnect.
 
 One engine request per prompt (completions may carry several). Each is pumped by its own task into
-one queue, so the HTTP side never cancels `AsyncEngine.generate` itself: when the client goes we
-submit the abort first and get back the request's final output, i.e. the tokens produced so far,
-which usage reporting (billing) needs. Only then are the pumps cancelled.
+one queue, so a cancelled HTTP handler never cancels `AsyncEngine.generate` itself. Aborting submits
+the engine aborts; each engine stream then ends with the request's final output (the tokens produced
+so far), which the pumps record, and only when all pumps are done is usage reported (billing).
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ class EngineRun:
         request_id: str,
         on_end: Callable[[EngineRun, str], Awaitable[None]],
         priority: int = 0,
+        scoring_only: bool = False,
     ):
         self.engine = engine
+        # Scoring a prompt (completions' max_tokens=0 + echo): the one token the engine samples is
+        # neither returned nor counted.
+        self.scoring_only = scoring_only
         self.priority = priority
         self.cost_micros: int | None = None  # set by billing when the request is settled
         self.params = params
@@ -75,16 +79,18 @@ class EngineRun:
             ):
                 if not started.done():
                     started.set_result(None)
+                self.latest[index] = out
                 self._queue.put_nowait((index, out))
-        except asyncio.CancelledError:  # abort(): the client went away or the request is over
+        except asyncio.CancelledError:  # the event loop is closing
             if not started.done():
                 started.set_exception(ClientDisconnected())
-                started.exception()  # mark retrieved: start() may have stopped waiting already
+                started.exception()
+            self._queue.put_nowait((None, _ABORTED))
             raise
         except Exception as exc:
             if not started.done():
                 started.set_exception(exc)
-                started.exception()
+                started.exception()  # mark retrieved: start() may have stopped waiting already
             self._queue.put_nowait((index, exc))
 
     async def start(self) -> None:
@@ -99,9 +105,10 @@ class EngineRun:
             self.abort("rejected")  # stops the prompts that were accepted; usage is still reported
             raise
         except BaseException:
-            err = self._started_error()
-            self.abort("failed" if err is not None and not isinstance(err, ClientDisconnected) else "aborted")
+            self.abort("failed" if self._started_error() is not None else "aborted")
             raise
+        if self.status is not None:  # the client left while we waited
+            raise ClientDisconnected()
 
     def _started_error(self) -> BaseException | None:
         for started in self._started:
@@ -120,7 +127,6 @@ class EngineRun:
                 raise item
             if self.first_token_time is None and item.completion_tokens:
                 self.first_token_time = time.monotonic()
-            self.latest[index] = item
             if item.finished:
                 self.done[index] = True
             yield index, item
@@ -133,7 +139,8 @@ class EngineRun:
             await self._on_end(self, self.status)
 
     def abort(self, status: str = "aborted") -> None:
-        """Stop the engine requests now; usage (tokens so far) is reported in the background.
+        """Stop the engine requests now; usage (tokens so far) is reported in the background once
+        their final outputs are in.
 
         Synchronous on purpose: it is called from `finally` blocks inside cancelled scopes.
         """
@@ -141,20 +148,14 @@ class EngineRun:
             return
         self.status = status
         self.end_time = time.monotonic()
-        futures = [(i, self.engine.abort(rid)) for i, rid in enumerate(self.request_ids) if not self.done[i]]
-        for pump in self._pumps:  # after the aborts were queued, so those get the final outputs
-            pump.cancel()
+        for i, request_id in enumerate(self.request_ids):
+            if not self.done[i]:
+                self.engine.abort(request_id)
         self._queue.put_nowait((None, _ABORTED))
-        spawn(self._report_abort(futures, status))
+        spawn(self._report_abort(status))
 
-    async def _report_abort(self, futures: list, status: str) -> None:
-        for index, future in futures:
-            try:
-                final = await asyncio.wrap_future(future)
-            except Exception:  # engine already gone (shutdown): report what we saw
-                final = None
-            if final is not None:
-                self.latest[index] = final
+    async def _report_abort(self, status: str) -> None:
+        await asyncio.gather(*self._pumps, return_exceptions=True)  # each ends with its final output
         try:
             await self._on_end(self, status)
         except Exception:
@@ -171,11 +172,16 @@ class EngineRun:
 
     @property
     def completion_tokens(self) -> int:
+        if self.scoring_only:
+            return 0
         return sum(o.completion_tokens for o in self.latest if o is not None)
 
     @property
     def finish_reasons(self) -> tuple[str | None, ...]:
-        return tuple(c.finish_reason for o in self.latest if o is not None for c in o.outputs)
+        reasons = tuple(c.finish_reason for o in self.latest if o is not None for c in o.outputs)
+        if self.scoring_only:
+            return tuple(None if r is None else "length" for r in reasons)
+        return reasons
 
 
 async def watch_disconnect(receive: Callable[[], Awaitable[dict]], run: EngineRun) -> None:

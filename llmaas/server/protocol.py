@@ -71,7 +71,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-    max_tokens: StrictInt | None = Field(16, ge=1)
+    max_tokens: StrictInt | None = Field(16, ge=0, description="0 only with echo: score the prompt")
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool | None = False
     best_of: StrictInt | None = Field(None, ge=1, le=128)

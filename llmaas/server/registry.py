@@ -21,10 +21,11 @@ class ServedModel:
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
         tokenizer = engine.engine.tokenizer
-        # Token strings for logprobs, decoded once per id.
+        # Token strings and bytes for logprobs, computed once per id.
         self.token_text = lru_cache(maxsize=65536)(
             lambda tid: tokenizer.decode([tid], skip_special_tokens=False)
         )
+        self.token_bytes = lru_cache(maxsize=65536)(lambda tid: list(tokenizer.token_bytes(tid)))
 
 
 class ModelRegistry:

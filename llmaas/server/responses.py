@@ -19,6 +19,7 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop"}  # OpenAI
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a probability that underflowed (and JSON has no -inf)
 
 TokenText = Callable[[int], str]
+TokenBytes = Callable[[int], list[int]]
 
 
 def new_id(prefix: str) -> str:
@@ -64,17 +65,20 @@ def _lp(value: float) -> float:
 
 
 # -------------------------------------------------------------------- chat
-def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+def chat_logprobs(
+    entries: Sequence[TokenLogprob], token_text: TokenText, token_bytes: TokenBytes
+) -> dict[str, Any]:
+    """`bytes` are the token's own bytes: exact even for a token that holds part of a UTF-8 character
+    (whose `token` text then reads U+FFFD)."""
     content = []
     for entry in entries:
-        text = token_text(entry.token_id)
         content.append(
             {
-                "token": text,
+                "token": token_text(entry.token_id),
                 "logprob": _lp(entry.logprob),
-                "bytes": list(text.encode()),
+                "bytes": token_bytes(entry.token_id),
                 "top_logprobs": [
-                    {"token": (t := token_text(tid)), "logprob": _lp(lp), "bytes": list(t.encode())}
+                    {"token": token_text(tid), "logprob": _lp(lp), "bytes": token_bytes(tid)}
                     for tid, lp in entry.top
                 ],
             }

@@ -48,6 +48,7 @@ class ServerState:
         request_id: str,
         endpoint: str,
         user: str | None,
+        scoring_only: bool = False,
     ) -> tuple[EngineRun, asyncio.Task]:
         """Submit the engine requests and watch for the client leaving; returns once every prompt has
         its first output (validation errors raise before that). Returns (run, watcher task)."""
@@ -90,7 +91,9 @@ class ServerState:
         priority = admission.priority if admission is not None else 0
         if admission is not None:
             prompts = admission.prompt_token_ids  # tokenized once, for the hold; the engine reuses them
-        run = EngineRun(model.engine, prompts, params, request_id, on_end, priority=priority)
+        run = EngineRun(
+            model.engine, prompts, params, request_id, on_end, priority=priority, scoring_only=scoring_only
+        )
         watcher = spawn(watch_disconnect(request.receive, run))
         try:
             await run.start()

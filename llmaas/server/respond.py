@@ -1,0 +1,87 @@
+"""The walk every generation request shares (chat and completions): submit the engine requests, then
+answer either as server-sent events or as one JSON body; a client that leaves gets nothing (499).
+
+The endpoint supplies only what differs: how outputs become SSE events, the usage chunk, the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from llmaas.engine.sampling_params import SamplingParams
+from llmaas.errors import LlmaasError
+from llmaas.server import responses as R
+from llmaas.server.errors import rename_param
+from llmaas.server.generation import ClientDisconnected, EngineRun
+from llmaas.server.registry import ServedModel
+from llmaas.server.state import ServerState
+from llmaas.server.streaming import event, guarded, sse_response
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+
+Events = Callable[[EngineRun, str, int], AsyncIterator[str]]  # (run, id, created) -> SSE text
+UsageChunk = Callable[[str, int, dict[str, Any]], dict[str, Any]]  # (id, created, usage) -> chunk
+Body = Callable[[EngineRun, str, int], dict[str, Any]]  # (run, id, created) -> the JSON body
+
+
+@contextmanager
+def params_named(names: dict[str, str]) -> Iterator[None]:
+    """Engine errors name the endpoint's parameter (e.g. prompt -> messages for chat)."""
+    try:
+        yield
+    except LlmaasError as exc:
+        raise rename_param(exc, names) from None
+
+
+def run_usage(run: EngineRun) -> dict[str, Any]:
+    return R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
+
+
+async def respond(
+    request: Request,
+    model: ServedModel,
+    prompts: Sequence[str | list[int]],
+    params: SamplingParams,
+    *,
+    endpoint: str,
+    id_prefix: str,
+    user: str | None,
+    param_names: dict[str, str],
+    stream: bool,
+    include_usage: bool,
+    events: Events,
+    usage_chunk: UsageChunk,
+    body: Body,
+    scoring_only: bool = False,
+) -> Response:
+    state: ServerState = request.app.state.llmaas
+    request_id = R.new_id(id_prefix)
+    try:
+        with params_named(param_names):
+            run, watcher = await state.start_run(
+                request, model, prompts, params, request_id, endpoint, user, scoring_only=scoring_only
+            )
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    created = R.now()
+    if stream:
+
+        def final() -> str | None:
+            return event(usage_chunk(request_id, created, run_usage(run))) if include_usage else None
+
+        return sse_response(guarded(run, watcher, events(run, request_id, created), final))
+    try:
+        async for _ in run.outputs():
+            pass
+        await run.finish()
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        watcher.cancel()
+        run.abort()  # a no-op once finished
+    return JSONResponse(body(run, request_id, created))
