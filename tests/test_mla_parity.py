@@ -34,7 +34,7 @@ MLA_SIZES = dict(
     qk_nope_head_dim=16,
     qk_rope_head_dim=8,
     head_dim=8,  # transformers' DeepSeek sizes its rotary table by head_dim: keep it = qk_rope_head_dim
-    v_head_dim=24,  # differs from nope + rope, so a mixed-up head size cannot pass
+    v_head_dim=20,  # differs from nope + rope, so a mixed-up head size cannot pass
 )
 MOE_SIZES = dict(
     n_routed_experts=8,
@@ -60,7 +60,14 @@ VARIANTS = {
     # rotate-half rotary and yarn with mscale_all_dim (the softmax scale grows by mscale squared)
     "v3-yarn-no_interleave": (
         "deepseek_v3",
-        dict(q_lora_rank=48, n_group=2, topk_group=1, rope_interleave=False, rope_parameters=YARN),
+        dict(
+            q_lora_rank=48,
+            n_group=2,
+            topk_group=1,
+            rope_interleave=False,
+            rope_parameters=YARN,
+            v_head_dim=32,  # wider than qk_head_dim (24)
+        ),
     ),
 }
 
