@@ -413,6 +413,57 @@ def test_chat_bad_params_are_400_naming_the_param(client, kw, param):
     assert info.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"verbosity": "low"}, "verbosity"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"service_tier": "flex"}, "service_tier"),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused_by_name(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, extra_body=kw)
+    assert info.value.param == param and info.value.code == "unsupported_parameter"
+    assert param in info.value.message and "not" in info.value.message
+
+
+def test_harmless_openai_fields_are_accepted_and_unknown_ones_refused(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=2,
+        metadata={"team": "a"},
+        store=False,
+        parallel_tool_calls=True,
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        modalities=["text"],
+        service_tier="auto",
+        user="alice",
+        stream_options=None,
+        extra_body={"prompt_cache_key": "k", "safety_identifier": "u1", "prediction": None},
+    )
+    assert r.usage.completion_tokens <= 2
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={"temprature": 0})
+    assert info.value.param == "temprature" and "Unrecognized request argument" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"tools": []})
+    assert info.value.param == "tools"
+
+
 def test_context_length_exceeded(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)

@@ -30,6 +30,8 @@ json_values = st.recursive(
 
 def from_schema(schema: dict, defs: dict, depth: int = 0, edge: int = 0) -> st.SearchStrategy:
     """Values the schema documents; `edge` > 0 also draws just past numeric bounds."""
+    if not isinstance(schema, dict):  # `true`: any value
+        return json_values
     if "$ref" in schema:
         return from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, depth, edge)
     if "anyOf" in schema:

@@ -76,6 +76,15 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
         )
         return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
     param = param_path(tuple(first["loc"]))
+    if first["type"] == "unsupported_parameter":
+        return JSONResponse(
+            error_body(first["msg"], "invalid_request_error", param, "unsupported_parameter"), status_code=400
+        )
+    if first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param, "unknown_parameter"), status_code=400
+        )
     if first["type"] == "missing":
         message = f"Missing required parameter: '{param}'." if param else "The request body is missing."
     elif param is None:

@@ -1,8 +1,11 @@
 """Request bodies of the OpenAI API as pydantic models, and response models for /openapi.json.
 
 Requests are validated strictly (a string is not a number, NaN is not a number) so that every wrong
-type becomes a 400 naming the parameter. Unknown fields are ignored, as many clients send extras.
-Ranges are OpenAI's documented ones; the engine re-checks what it relies on.
+type becomes a 400 naming the parameter. Ranges are OpenAI's documented ones; the engine re-checks
+what it relies on. OpenAI parameters this server cannot honour (function calling, JSON output,
+audio, reasoning effort, ...) are refused by name when set to anything but their do-nothing value;
+harmless ones (metadata, store, parallel_tool_calls, ...) are accepted and have no effect; a name
+OpenAI does not know either is refused as OpenAI refuses it ("Unrecognized request argument").
 Responses are built as plain dicts (see responses.py) for speed; the models below only document them.
 """
 
@@ -10,7 +13,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 Float = Annotated[float, Strict()]  # accepts JSON integers, rejects strings, booleans and NaN
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
@@ -20,11 +34,17 @@ MAX_STOP = 4
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
     include_usage: StrictBool | None = False
+    include_obfuscation: StrictBool | None = Field(None, description="accepted; no effect")
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    """A 400 naming the parameter, with OpenAI's code for a parameter this server cannot honour."""
+    return PydanticCustomError("unsupported_parameter", message)
 
 
 class ContentPart(BaseModel):
@@ -61,12 +81,94 @@ class _SamplingFields(_Body):
     ignore_eos: StrictBool | None = Field(None, description="extension: keep going past end-of-sequence")
 
 
+_NO_EFFECT = "accepted; no effect here"
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    # Harmless: accepted, no effect (this server keeps no stored completions; prefix caching is automatic).
+    metadata: dict[StrictStr, StrictStr] | None = Field(None, description=_NO_EFFECT)
+    store: StrictBool | None = Field(None, description=_NO_EFFECT)
+    parallel_tool_calls: StrictBool | None = Field(None, description=_NO_EFFECT + " (no tools)")
+    safety_identifier: StrictStr | None = Field(None, description=_NO_EFFECT)
+    prompt_cache_key: StrictStr | None = Field(None, description=_NO_EFFECT + " (prefix caching: automatic)")
+    prediction: dict[StrictStr, Any] | None = Field(None, description=_NO_EFFECT + " (no speculation)")
+    # Not supported: refused unless absent or set to the value that asks for nothing.
+    tools: list[Any] | None = Field(None, description="not supported (no function calling): null or []")
+    functions: list[Any] | None = Field(None, description="not supported (no function calling): null or []")
+    tool_choice: Any = Field(None, description='not supported: null, "none" or "auto" (there are no tools)')
+    function_call: Any = Field(None, description='not supported: null, "none" or "auto"')
+    response_format: dict[StrictStr, Any] | None = Field(
+        None, description='only {"type": "text"}: output cannot be constrained to JSON'
+    )
+    audio: Any = Field(None, description="not supported: null")
+    modalities: list[StrictStr] | None = Field(None, description='only ["text"]')
+    reasoning_effort: Any = Field(None, description="not supported: null (the models do not reason)")
+    verbosity: Any = Field(None, description="not supported: null")
+    web_search_options: Any = Field(None, description="not supported: null")
+    service_tier: StrictStr | None = Field(None, description='"auto" or "default" (one tier here)')
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_functions(cls, value: list | None, info: ValidationInfo) -> list | None:
+        if value:
+            raise unsupported(
+                f"'{info.field_name}' is not supported: this server does not do function calling "
+                "(send no tools)"
+            )
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none", "auto"):
+            raise unsupported(
+                f"'{info.field_name}' must be null, 'none' or 'auto': function calling is not supported "
+                "by this server"
+            )
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type") != "text":
+            kind = value.get("type")
+            raise unsupported(
+                f"'response_format' of type {kind!r} is not supported: this server cannot constrain the "
+                "output to JSON; use type 'text' or leave it out"
+            )
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and set(value) - {"text"}:
+            raise unsupported("'modalities' other than ['text'] are not supported: this server has no audio")
+        return value
+
+    @field_validator("audio", "reasoning_effort", "verbosity", "web_search_options")
+    @classmethod
+    def _absent(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            why = {
+                "audio": "this server has no audio output",
+                "reasoning_effort": "the models served here are not reasoning models",
+                "verbosity": "the models served here take no verbosity setting",
+                "web_search_options": "this server does not search the web",
+            }[info.field_name]
+            raise unsupported(f"'{info.field_name}' is not supported: {why}")
+        return value
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "default"):
+            raise unsupported(f"'service_tier' {value!r} is not offered: use 'auto' or 'default'")
+        return value
 
 
 class CompletionRequest(_SamplingFields):
