@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -33,6 +34,16 @@ def _concurrency_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of whole numbers: {text!r}") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _fail(exc: LlmaasError) -> int:
@@ -110,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Each level gets its own prompts: a later level must not find an earlier one's in a prefix cache.
     per_level = [prompt_set.prompts[warm + i * n : warm + (i + 1) * n] for i in range(len(levels))]
     per_level_lengths = [lengths[warm + i * n : warm + (i + 1) * n] for i in range(len(levels))]
-    target = Target(args.url, args.model, args.api_key, args.timeout, not args.no_ignore_eos)
+    target = Target(args.url, args.model, args.api_key, args.timeout, not args.no_ignore_eos, args.extra_body)
 
     def on_level(summary: dict) -> None:
         result["levels"].append(summary)
@@ -218,6 +229,12 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--no-ignore-eos",
         action="store_true",
         help="do not send ignore_eos (for servers that refuse it; outputs may then stop early)",
+    )
+    p.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default=None,
+        help="JSON object merged into every request body, e.g. '{\"top_k\": 1}'",
     )
     p.add_argument("--seed", type=int, default=0, help="prompt offsets and Poisson arrivals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

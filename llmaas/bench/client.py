@@ -59,7 +59,10 @@ class RequestRecord:
         return (self.end - self.first_token) / (n - 1)
 
 
-def completion_body(model: str, prompt: str, max_tokens: int, ignore_eos: bool = True) -> dict:
+def completion_body(
+    model: str, prompt: str, max_tokens: int, ignore_eos: bool = True, extra: dict | None = None
+) -> dict:
+    """The request body; `extra` adds server-specific fields (e.g. transformers' generation_config)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -70,7 +73,7 @@ def completion_body(model: str, prompt: str, max_tokens: int, ignore_eos: bool =
     }
     if ignore_eos:
         body["ignore_eos"] = True
-    return body
+    return {**body, **(extra or {})}
 
 
 def _error_text(status: int, raw: bytes) -> str:

@@ -43,6 +43,7 @@ class Target:
     api_key: str | None = None
     timeout_s: float = 600.0
     ignore_eos: bool = True
+    extra_body: dict | None = None  # server-specific request fields
     headers: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ async def run_requests(
             if delay > 0:
                 await asyncio.sleep(delay)
             async with gate:
-                body = completion_body(target.model, prompt, output_len, target.ignore_eos)
+                body = completion_body(target.model, prompt, output_len, target.ignore_eos, target.extra_body)
                 record = await stream_completion(client, url, body, RequestRecord(i), target.headers)
             if on_done is not None:
                 on_done(record)
