@@ -171,6 +171,16 @@ def test_v2_router_matches_transformers(method):
         assert not torch.equal(ours[1].sort().values, greedy[1].sort().values)
 
 
+def test_v2_norm_topk_prob_renormalizes_instead_of_scaling():
+    """DeepSeek's V2 gate: with norm_topk_prob and k > 1 the k weights sum to 1 and are not scaled."""
+    logits = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
+    weights, ids = v2_route(logits, 3, "greedy", 1, 1, True, 16.0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+    assert torch.equal(ids, v2_route(logits, 3, "greedy", 1, 1, False, 16.0)[1])
+    single, _ = v2_route(logits, 1, "greedy", 1, 1, True, 16.0)  # k = 1: scaled, as DeepSeek's code
+    torch.testing.assert_close(single[:, 0], 16.0 * torch.softmax(logits, -1).amax(-1))
+
+
 def test_v3_router_matches_transformers():
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -313,6 +323,7 @@ REFUSED = {
     "n_group not dividing experts": ({**V3, "n_group": 3}, "n_group"),
     "no kv_lora_rank": (_without(BASE, "kv_lora_rank"), "kv_lora_rank"),
     "gelu": ({**BASE, "hidden_act": "gelu"}, "hidden_act"),
+    "fp8 weights": ({**V3, "quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
 }
 
 

@@ -145,6 +145,11 @@ def deepseek_config_from_dict(cfg: dict[str, Any], path: Path = Path("config.jso
         raise ModelLoadError(f"{path}: hidden_act '{act}' is not supported (only silu)")
     if cfg.get("mlp_bias"):
         raise ModelLoadError(f"{path}: mlp_bias=true is not supported")
+    if cfg.get("quantization_config"):  # e.g. DeepSeek-V3's FP8 blocks with weight_scale_inv tensors
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ModelLoadError(
+            f"{path}: quantization_config ({method}) is not supported: load bf16/fp32 weights"
+        )
     num_layers = _int(cfg, "num_hidden_layers", path)
     heads = _int(cfg, "num_attention_heads", path)
     nope, rope_dim = _int(cfg, "qk_nope_head_dim", path), _int(cfg, "qk_rope_head_dim", path)
