@@ -6,8 +6,9 @@ Each layer: RMSNorm -> MLA (llmaas/models/mla.py) -> RMSNorm -> MLP. The MLP is 
 `moe.Experts`, and the always-on shared experts (one wide MLP) are added for every token.
 
 `adapt_checkpoint` turns what transformers' save_pretrained writes into what these modules hold:
-per-expert keys are stacked by the generic loader; here the shared experts' gate/up are fused, v3's
-multi-token-prediction layers are dropped, and the interleaved rotary rows are reordered (below).
+per-expert keys are stacked by the generic loader; here q_a_proj (or q_proj) and kv_a_proj_with_mqa
+become one projection, the shared experts' gate and up another, v3's multi-token-prediction layers
+are dropped, and the interleaved rotary rows are reordered (see `_deinterleave`).
 """
 
 from __future__ import annotations

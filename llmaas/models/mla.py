@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmaas.models.attention import ForwardBatch, allocate_kv_cache, gather_blocks
+from llmaas.models.attention import DecodeBatch, ForwardBatch, allocate_kv_cache, gather_blocks
 from llmaas.models.deepseek_config import DeepseekConfig
 from llmaas.models.dense import RMSNorm
 from llmaas.models.rope import apply_rotary
@@ -150,7 +150,7 @@ class MLAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o.squeeze(0).transpose(0, 1)[..., : self.v_dim]  # [L, H, dv]
 
-    def _latent_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, d) -> torch.Tensor:
+    def _latent_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
         """Decode: one query per sequence attends over cached latents without expanding them."""
         q = torch.cat([self.kv_b_proj.absorb_query(q_nope), q_pe], dim=-1)  # [B, H, R + rope]
         entries = gather_blocks(self.cache, d.block_tables)[0]  # [B, S, R + rope]
