@@ -75,8 +75,9 @@ def transaction(db: Database, *, write: bool, synchronous: bool = True) -> Itera
     """
     connection = db.engine.raw_connection()
     postgres = db.dialect == "postgresql"
+    driver = connection.driver_connection
     try:
-        tx = Transaction(connection.driver_connection, postgres)
+        tx = Transaction(driver, postgres)
         if not postgres:
             tx.cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         elif not synchronous:
@@ -85,17 +86,18 @@ def transaction(db: Database, *, write: bool, synchronous: bool = True) -> Itera
             yield tx
         except BaseException:
             if postgres:
-                connection.driver_connection.rollback()
-            else:
+                if not driver.closed:
+                    driver.rollback()
+            elif driver.in_transaction:  # SQLite may have rolled back itself (e.g. a failed COMMIT)
                 tx.cursor.execute("ROLLBACK")
             raise
         if postgres:
-            connection.driver_connection.commit()
+            driver.commit()
         else:
             tx.cursor.execute("COMMIT")
+    except BaseException:
+        if postgres and driver.closed or not postgres and driver.in_transaction:
+            connection.invalidate()  # a lost or wedged connection must not go back to the pool
+        raise
     finally:
-        connection.close()  # back to the pool
-
-
-def is_unique_violation(db: Database, exc: BaseException) -> bool:
-    return isinstance(exc, db.engine.dialect.loaded_dbapi.IntegrityError)
+        connection.close()  # back to the pool (a no-op after invalidate)
