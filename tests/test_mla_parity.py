@@ -23,6 +23,7 @@ from llmaas.models.config import config_from_dict
 from llmaas.models.deepseek_routing import v2_route, v3_route
 from llmaas.models.loader import load_model
 from llmaas.models.mla import MLAttention
+from llmaas.models.moe import expert_token_counts
 from llmaas.models.report import describe_model
 from tests.model_factory import make_tiny_checkpoint
 from tests.test_model_parity import TOL, PagedRun, load_pair, max_diff, prompt
@@ -273,6 +274,10 @@ def test_engine_sizes_the_latent_cache_and_reuses_prefixes(engine_model):
     assert first.cached_tokens == 0 and second.cached_tokens == 16
     assert first.outputs[0].token_ids == _reference_greedy(ref, shared + [5, 6, 7], 6)
     assert second.outputs[0].token_ids == _reference_greedy(ref, shared + [9, 10], 6)
+    # Layer 1 is the MoE layer, 2 experts per token; tokens run: each prompt less its cached prefix,
+    # plus the 5 sampled tokens fed back.
+    counts = expert_token_counts(llm.engine.model)
+    assert list(counts) == [1] and sum(counts[1]) == 2 * ((19 + 5) + (18 - 16 + 5))
 
 
 def test_engine_preempts_and_chunks_deepseek(engine_model):
