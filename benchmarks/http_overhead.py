@@ -613,7 +613,7 @@ def holds(row: Row, value: float) -> str:
     if row.target is None:
         return "(info)"
     ok = {"diff": value < row.target, "slower": value <= row.target, "faster": value >= row.target}[row.kind]
-    return "yes" if ok else "**no**"
+    return "met" if ok else "**NOT met**"
 
 
 def target_text(row: Row) -> str:
@@ -731,6 +731,21 @@ def report(results: dict, args: argparse.Namespace) -> str:
         lines.append(markdown(results["summary"][kind], "Engine", "HTTP"))
     lines += ["", "### Engine reference: bare `step()` loop vs `AsyncEngine` (in-process, no HTTP)", ""]
     lines.append(markdown(results["summary"]["engine"], "Step loop", "AsyncEngine"))
+    lines += ["", "### Targets", ""]
+    for kind in args.servers:
+        for s in results["summary"][kind]:
+            if s["target"]:
+                value = fmt_value(s["kind"], s["value"])
+                lines.append(
+                    f"- {kind}: {s['measure']}: {value} (target {s['target']}): {s['holds'].strip('*')}"
+                    f" (best rounds {fmt_value(s['kind'], s['best_rounds'])}: "
+                    f"{s['holds_best_rounds'].strip('*')})"
+                )
+    lines.append(
+        f"- load average (1 min) at start {m['load_avg_start'][0]:.2f}, during median {load['median']:.2f}"
+        f" / max {load['max']:.2f}, at end {m['load_avg_end'][0]:.2f}: figures from a machine busier than"
+        " this benchmark alone (~2) are not the layer's"
+    )
     return "\n".join(lines)
 
 

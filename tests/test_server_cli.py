@@ -1,4 +1,5 @@
-"""`llmaas serve` as a real process: serves a model directory, and SIGTERM drains in-flight requests."""
+"""`llmaas serve` as a real process: serves a model directory, and SIGTERM drains in-flight requests
+while /health says so."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def server(tmp_path):
             "--block-size",
             "4",
             "--shutdown-grace",
-            "20",
+            "300",
             "--log-level",
             "warning",
             "--no-auth",
@@ -86,13 +87,13 @@ def server(tmp_path):
     proc.wait(10)
 
 
-def test_serve_then_sigterm_finishes_in_flight_requests(server):
+def test_serve_then_sigterm_drains_in_flight_requests(server):
     proc, url = server
     assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 300,
+        "max_tokens": 400,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -111,10 +112,20 @@ def test_serve_then_sigterm_finishes_in_flight_requests(server):
     reader.start()
     assert first.wait(30)
     proc.send_signal(signal.SIGTERM)
-    reader.join(60)
+    # Draining: still listening, /health is 503 and new requests are turned away, the stream goes on.
+    deadline = time.monotonic() + 10
+    while (health := httpx.get(url + "/health", timeout=5)).status_code == 200:
+        assert time.monotonic() < deadline, "/health never reported the drain"
+        time.sleep(0.01)
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    refused = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+    assert refused.headers["retry-after"] == "1"
+    assert reader.is_alive()
+    reader.join(300)
     assert events[-1] == "data: [DONE]"
     usage = json.loads(events[-2].removeprefix("data: "))["usage"]
-    assert usage["completion_tokens"] == 300  # the in-flight request ran to the end
+    assert usage["completion_tokens"] == 400  # the in-flight request ran to the end
     assert proc.wait(30) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=1)

@@ -7,7 +7,8 @@ cores, and every op of the engine thread then pays a wake-up (measured: a batch-
 25 ms -> 31-41 ms). Callers talk to the loop through a command queue that it drains before every
 step, so an add or an abort takes effect within one step and never waits behind a starving lock.
 Outputs go back to each event loop once per step (one `call_soon_threadsafe` for all the requests of
-a step, not one per request).
+a step, not one per request), straight to each request's callback (`submit`), or through a queue
+(`generate`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from llmaas.errors import EngineOverloadedError, LlmaasError
 log = logging.getLogger("llmaas.engine")
 
 IDLE_WAIT_S = 0.5  # an idle loop re-checks for shutdown this often
-_ACCEPTED = object()  # first item of a stream: the engine took the request
+
+OnOutput = Callable[[RequestOutput | BaseException], None]
 
 
 class EngineDeadError(LlmaasError):
@@ -37,9 +39,28 @@ class EngineDeadError(LlmaasError):
     code = "engine_error"
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+def _call_all(calls: list[tuple[Callable[[object], None], object]]) -> None:
+    for fn, arg in calls:
+        try:
+            fn(arg)
+        except Exception:  # one caller's bug must not cost the others their outputs
+            log.exception("output callback failed")
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():  # the caller stopped waiting (cancelled)
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class _Stream:
+    __slots__ = ("loop", "on_output", "every_step", "sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_output: OnOutput, every_step: bool):
+        self.loop, self.on_output, self.every_step, self.sent = loop, on_output, every_step, False
 
 
 class AsyncEngine:
@@ -50,9 +71,9 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        # Deliveries of the current step, per event loop; sent in one hop by _flush.
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        self._streams: dict[str, _Stream] = {}
+        # Calls for the current step, per event loop; sent in one hop by _flush.
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[object], None], object]]] = {}
         self._ids = itertools.count()
         self._stopping = False
         self._closed = False  # set once the loop has ended: commands are refused from then on
@@ -120,21 +141,27 @@ class AsyncEngine:
                 return
             command()
 
-    def _deliver(self, item: RequestOutput | BaseException | object, request_id: str) -> None:
-        """Queue `item` for the request's stream; the stream ends with a finished output or an error."""
+    def _later(self, loop: asyncio.AbstractEventLoop, fn: Callable[[object], None], arg: object) -> None:
+        """fn(arg) on `loop`, with the rest of this step's calls."""
+        self._pending.setdefault(loop, []).append((fn, arg))
+
+    def _deliver(self, item: RequestOutput | BaseException, request_id: str) -> None:
+        """Hand `item` to the request's callback; the last one is a finished output or an error."""
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        if isinstance(item, BaseException) or (isinstance(item, RequestOutput) and item.finished):
+        if isinstance(item, BaseException) or item.finished:
             del self._streams[request_id]
-        loop, q = stream
-        self._pending.setdefault(loop, []).append((q, item))
+        elif stream.sent and not stream.every_step:
+            return  # only the first and the last output are wanted
+        stream.sent = True
+        self._later(stream.loop, stream.on_output, item)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
-        for loop, items in pending.items():
+        for loop, calls in pending.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_call_all, calls)
             except RuntimeError:  # that event loop is closed: nobody is listening any more
                 pass
 
@@ -168,6 +195,50 @@ class AsyncEngine:
         return future
 
     # ----------------------------------------------------------------- callers
+    async def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None,
+        request_id: str,
+        on_output: OnOutput,
+        *,
+        priority: int = 0,
+        every_step: bool = True,
+    ) -> None:
+        """Queue a request; returns once the engine accepted it (a validation or overload error raises
+        here). `on_output(item)` is then called on this event loop with the request's outputs, each step
+        (`every_step`) or only the first and the last, and exactly once with a terminal item: the
+        finished output, or an exception (also when the request was refused). `abort(request_id)` makes
+        the finished output (finish_reason "abort", the tokens so far) come at once."""
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+
+        def add() -> None:
+            try:
+                if self._stopping:
+                    raise EngineDeadError("the engine is shutting down; retry shortly")
+                if self.engine.num_waiting >= self.max_waiting:
+                    raise EngineOverloadedError(
+                        f"the waiting queue is full ({self.max_waiting} requests); retry shortly"
+                    )
+                self.engine.add_request(request_id, prompt, params, priority)
+            except BaseException as exc:
+                self._later(loop, on_output, exc)
+                self._later(loop, lambda error: _settle(accepted, error), exc)
+            else:
+                self._streams[request_id] = _Stream(loop, on_output, every_step)
+                self._later(loop, lambda _: _settle(accepted, None), None)
+
+        if not self._put(add):
+            error = EngineDeadError("the engine is shut down")
+            on_output(error)
+            raise error
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # it may have been added meanwhile
+            raise
+
     async def generate(
         self,
         prompt: str | list[int],
@@ -182,29 +253,8 @@ class AsyncEngine:
         early (client gone) aborts the request in the engine.
         """
         request_id = request_id or f"req-{next(self._ids)}"
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-
-        def add() -> None:
-            try:
-                if self._stopping:
-                    raise EngineDeadError("the engine is shutting down; retry shortly")
-                if self.engine.num_waiting >= self.max_waiting:
-                    raise EngineOverloadedError(
-                        f"the waiting queue is full ({self.max_waiting} requests); retry shortly"
-                    )
-                self.engine.add_request(request_id, prompt, params, priority)
-            except BaseException as exc:
-                self._pending.setdefault(loop, []).append((q, exc))
-            else:
-                self._streams[request_id] = (loop, q)
-                self._pending.setdefault(loop, []).append((q, _ACCEPTED))
-
-        if not self._put(add):
-            raise EngineDeadError("the engine is shut down")
-        accepted = await q.get()
-        if isinstance(accepted, BaseException):
-            raise accepted
+        await self.submit(prompt, params, request_id, q.put_nowait, priority=priority)
         finished = False
         try:
             while True:

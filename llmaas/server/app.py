@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from llmaas.engine.async_engine import AsyncEngine
 from llmaas.server import admin, chat, completions
 from llmaas.server.billing import BillingMiddleware, ServerBilling
+from llmaas.server.draining import DrainMiddleware
 from llmaas.server.errors import error_body, install_error_handlers
 from llmaas.server.metrics import HttpMetricsMiddleware
 from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
@@ -105,6 +106,7 @@ def create_app(
     app.include_router(admin.organization)
     if billing is not None:
         app.add_middleware(BillingMiddleware, billing=billing)
+    app.add_middleware(DrainMiddleware, drain=state.drain)  # outside billing: a refused request is not billed
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
 
     def card(model: ServedModel) -> dict:
@@ -127,6 +129,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if state.drain.draining:
+            body = error_body("shutting down", "server_error", None, "server_shutting_down")
+            return JSONResponse({**body, "status": "draining"}, status_code=503, headers={"Retry-After": "1"})
         if registry.ready:
             return JSONResponse({"status": "ok"})
         loading = {

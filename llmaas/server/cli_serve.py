@@ -1,8 +1,9 @@
 """`llmaas serve`: one process serving one or more models over the OpenAI API.
 
 The server listens at once and loads the models in the background (/health is 503 until they are
-ready). SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish within --shutdown-grace
-seconds (uvicorn's graceful shutdown; what is left is then cancelled and aborted in the engine), exit.
+ready). SIGTERM or Ctrl-C: drain (/health 503 "draining", new requests 503 + Retry-After) while
+in-flight requests finish within --shutdown-grace seconds (what is left is then cancelled and aborted
+in the engine), stop accepting, exit 0 (server/draining.py).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmaas.engine.async_engine import AsyncEngine
     from llmaas.errors import InvalidRequestError
     from llmaas.server.app import create_app
+    from llmaas.server.draining import DrainingServer
 
     models = args.model or ["smollm2-135m"]
     names = args.served_model_name or []
@@ -106,11 +108,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.shutdown_grace,
         access_log=False,
     )
-    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler it found; a no-op one
-    # here makes a drained shutdown exit 0 instead of dying by the signal.
+    # After a second signal uvicorn re-raises it to the handler it found; a no-op one here makes that
+    # shutdown exit 0 too instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.llmaas.drain, args.shutdown_grace).run()
     return 0
 
 

@@ -1,9 +1,10 @@
 """The engine requests behind one HTTP request, read as one stream, with abort-on-disconnect.
 
-One engine request per prompt (completions may carry several). Each is pumped by its own task into
-one queue, so a cancelled HTTP handler never cancels `AsyncEngine.generate` itself. Aborting submits
-the engine aborts; each engine stream then ends with the request's final output (the tokens produced
-so far), which the pumps record, and only when all pumps are done is usage reported (billing).
+One engine request per prompt (completions may carry several). The engine thread hands each
+request's outputs straight to `EngineRun._on_output` on the event loop, which queues them for the
+handler; nothing the handler does (it may be cancelled when the client leaves) can lose them.
+Aborting submits the engine aborts; each engine request then ends with its final output (the tokens
+produced so far), and once all have ended usage is reported (billing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 
 from llmaas.engine.async_engine import AsyncEngine
 from llmaas.engine.outputs import RequestOutput
@@ -45,76 +47,74 @@ class EngineRun:
         on_end: Callable[[EngineRun, str], Awaitable[None]],
         priority: int = 0,
         scoring_only: bool = False,
+        every_step: bool = True,
     ):
+        """`every_step=False` (a non-streaming response): only the first and the final output of each
+        prompt come back from the engine thread, not one per step."""
         self.engine = engine
+        self.prompts = list(prompts)
+        self.priority = priority
         # Scoring a prompt (completions' max_tokens=0 + echo): the one token the engine samples is
         # neither returned nor counted.
         self.scoring_only = scoring_only
-        self.priority = priority
+        self.every_step = every_step
         self.cost_micros: int | None = None  # set by billing when the request is settled
         self.params = params
         self.request_ids = (
             [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         )
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
-        self.done = [False] * len(prompts)
+        self.done = [False] * len(prompts)  # the handler has seen the finished output
         self.start_time = time.monotonic()
         self.first_token_time: float | None = None
         self.end_time: float | None = None
         self.status: str | None = None  # set once: finished, aborted, rejected (never ran) or failed
         self._on_end = on_end
         self._queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self._started = [loop.create_future() for _ in prompts]
-        self._pumps = [
-            loop.create_task(self._pump(i, prompt, rid))
-            for i, (prompt, rid) in enumerate(zip(prompts, self.request_ids))
-        ]
+        self._ended = [False] * len(prompts)  # the engine is done with it (finished, aborted or refused)
+        self._all_ended = asyncio.get_running_loop().create_future()
 
-    async def _pump(self, index: int, prompt: str | list[int], request_id: str) -> None:
-        started = self._started[index]
-        try:
-            async for out in self.engine.generate(
-                prompt, self.params, request_id=request_id, priority=self.priority
-            ):
-                if not started.done():
-                    started.set_result(None)
-                self.latest[index] = out
-                self._queue.put_nowait((index, out))
-        except asyncio.CancelledError:  # the event loop is closing
-            if not started.done():
-                started.set_exception(ClientDisconnected())
-                started.exception()
-            self._queue.put_nowait((None, _ABORTED))
-            raise
-        except Exception as exc:
-            if not started.done():
-                started.set_exception(exc)
-                started.exception()  # mark retrieved: start() may have stopped waiting already
-            self._queue.put_nowait((index, exc))
+    def _on_output(self, index: int, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput):
+            self.latest[index] = item
+            ended = item.finished
+        else:
+            ended = True
+        if ended:
+            self._ended[index] = True
+            if all(self._ended) and not self._all_ended.done():
+                self._all_ended.set_result(None)
+        self._queue.put_nowait((index, item))
 
     async def start(self) -> None:
-        """Wait until every engine request was accepted and produced its first output.
+        """Submit every prompt; returns once the engine accepted them all.
 
         Validation and overload errors raise here, before any response byte is sent.
         """
+        submits = [
+            self.engine.submit(
+                prompt,
+                self.params,
+                request_id,
+                partial(self._on_output, i),
+                priority=self.priority,
+                every_step=self.every_step,
+            )
+            for i, (prompt, request_id) in enumerate(zip(self.prompts, self.request_ids))
+        ]
         try:
-            for started in self._started:
-                await asyncio.shield(started)
+            if len(submits) == 1:
+                await submits[0]
+            else:
+                await asyncio.gather(*submits)
         except LlmaasError:
             self.abort("rejected")  # stops the prompts that were accepted; usage is still reported
             raise
-        except BaseException:
-            self.abort("failed" if self._started_error() is not None else "aborted")
+        except BaseException as exc:
+            self.abort("aborted" if isinstance(exc, asyncio.CancelledError) else "failed")
             raise
         if self.status is not None:  # the client left while we waited
             raise ClientDisconnected()
-
-    def _started_error(self) -> BaseException | None:
-        for started in self._started:
-            if started.done() and not started.cancelled() and started.exception() is not None:
-                return started.exception()
-        return None
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) per engine step, until all are finished."""
@@ -149,13 +149,13 @@ class EngineRun:
         self.status = status
         self.end_time = time.monotonic()
         for i, request_id in enumerate(self.request_ids):
-            if not self.done[i]:
+            if not self._ended[i]:
                 self.engine.abort(request_id)
         self._queue.put_nowait((None, _ABORTED))
         spawn(self._report_abort(status))
 
     async def _report_abort(self, status: str) -> None:
-        await asyncio.gather(*self._pumps, return_exceptions=True)  # each ends with its final output
+        await self._all_ended  # every engine request ends with its final output (or its error)
         try:
             await self._on_end(self, status)
         except Exception:

@@ -64,7 +64,15 @@ async def respond(
     try:
         with params_named(param_names):
             run, watcher = await state.start_run(
-                request, model, prompts, params, request_id, endpoint, user, scoring_only=scoring_only
+                request,
+                model,
+                prompts,
+                params,
+                request_id,
+                endpoint,
+                user,
+                scoring_only=scoring_only,
+                every_step=stream,  # a whole response needs only the final output
             )
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBilling, SettlementError
+from llmaas.server.draining import Drain
 from llmaas.server.generation import EngineRun, spawn, watch_disconnect
 from llmaas.server.metrics import Metrics
 from llmaas.server.registry import ModelRegistry, ServedModel
@@ -36,6 +37,7 @@ class ServerState:
     ):
         self.registry = registry
         self.metrics = Metrics()
+        self.drain = Drain()  # set to draining on SIGTERM (`llmaas serve`)
         self.billing_hook = billing_hook
         self.billing = billing
 
@@ -49,6 +51,7 @@ class ServerState:
         endpoint: str,
         user: str | None,
         scoring_only: bool = False,
+        every_step: bool = True,
     ) -> tuple[EngineRun, asyncio.Task]:
         """Submit the engine requests and watch for the client leaving; returns once every prompt has
         its first output (validation errors raise before that). Returns (run, watcher task)."""
@@ -92,7 +95,14 @@ class ServerState:
         if admission is not None:
             prompts = admission.prompt_token_ids  # tokenized once, for the hold; the engine reuses them
         run = EngineRun(
-            model.engine, prompts, params, request_id, on_end, priority=priority, scoring_only=scoring_only
+            model.engine,
+            prompts,
+            params,
+            request_id,
+            on_end,
+            priority=priority,
+            scoring_only=scoring_only,
+            every_step=every_step,
         )
         watcher = spawn(watch_disconnect(request.receive, run))
         try:
