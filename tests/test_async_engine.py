@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -98,3 +99,88 @@ def test_full_waiting_queue_is_refused(engine):
             run(main())
     finally:
         aeng.shutdown()
+
+
+def test_factory_builds_the_engine_on_the_loop_thread(engine):
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return engine
+
+    aeng = AsyncEngine(build)
+    aeng.shutdown()
+    assert built_on == ["llmaas-engine"]  # torch's OpenMP pool then lives on the one thread that steps
+
+    def broken():
+        raise InvalidRequestError("no such model", param="model")
+
+    with pytest.raises(InvalidRequestError):
+        AsyncEngine(broken)
+
+
+def test_abort_ends_the_stream_with_the_tokens_so_far(engine):
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        seen = []
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        async for out in aeng.generate([3, 4, 5], params, request_id="cut"):
+            seen.append(out)
+            if out.completion_tokens >= 3 and len(seen) == 3:
+                final = aeng.abort("cut")
+        return seen, await asyncio.wrap_future(final)
+
+    try:
+        seen, final = run(main())
+    finally:
+        aeng.shutdown()
+    last = seen[-1]
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert 3 <= last.completion_tokens < 200 and final.completion_tokens == last.completion_tokens
+    assert not engine.has_unfinished_requests()
+
+
+def test_submit_without_every_step_gets_the_first_and_the_last_output(engine):
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        got, done = [], asyncio.Event()
+
+        def on_output(item):
+            got.append(item)
+            if isinstance(item, BaseException) or item.finished:
+                done.set()
+
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        await aeng.submit([7, 8, 9], params, "quiet", on_output, every_step=False)
+        await done.wait()
+        refused = []
+        with pytest.raises(InvalidRequestError):
+            await aeng.submit([7], SamplingParams(temperature=-1), "bad", refused.append)
+        await asyncio.sleep(0)
+        return got, refused
+
+    try:
+        got, refused = run(main())
+    finally:
+        aeng.shutdown()
+    assert len(got) == 2 and not got[0].finished and got[1].finished
+    assert got[1].completion_tokens == 12 and len(got[1].outputs[0].token_ids) == 12
+    assert len(refused) == 1 and isinstance(refused[0], InvalidRequestError)  # the terminal item
+
+
+def test_shutdown_ends_running_requests_with_their_tokens(engine):
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        outs = []
+        async for out in aeng.generate([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)):
+            outs.append(out)
+            if len(outs) == 2:
+                threading.Thread(target=aeng.shutdown).start()
+        return outs
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished_requests()
