@@ -39,6 +39,14 @@ from tests.test_server_crash import start
 pytest_plugins = ["tests.billing_services"]
 
 
+def wait_until(condition, guard_s: float = 180.0) -> None:
+    """Poll `condition`; the guard only stops a broken run from hanging (it is not what is tested)."""
+    deadline = time.monotonic() + guard_s
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting (see the server's errors)"
+        time.sleep(0.01)
+
+
 def test_prompts_are_tokenized_once(engine, base_url, db):
     tokenizer = engine.engine.tokenizer
     calls = []
@@ -117,8 +125,8 @@ def test_a_plus_request_is_admitted_before_free_ones_queued_earlier(tmp_path_fac
         create_account(database, name, plan=plan, free_grant=FreeGrant(10**9, valid_for=None))
         keys[name] = create_key(database, name).secret
 
-    def waiting() -> int:
-        return aeng.call(lambda e: e.num_waiting).result(10)
+    def queued(n: int):
+        return lambda: aeng.call(lambda e: e.num_waiting).result(10) >= n
 
     finished: list[str] = []
     lock = threading.Lock()
@@ -160,12 +168,10 @@ def test_a_plus_request_is_admitted_before_free_ones_queued_earlier(tmp_path_fac
                 for label, key in (("free-1", "free-co"), ("free-2", "free-co"), ("free-3", "free-co")):
                     threads.append(threading.Thread(target=post, args=(label, keys[key])))
                     threads[-1].start()
-                    while waiting() < len(threads):  # queued in this order
-                        time.sleep(0.01)
+                    wait_until(queued(len(threads)))  # queued in this order
                 threads.append(threading.Thread(target=post, args=("plus", keys["plus-co"])))
                 threads[-1].start()
-                while waiting() < 4:
-                    time.sleep(0.01)
+                wait_until(queued(4))
             # Leaving the stream aborts the occupant; the slot goes to the highest priority waiting.
             for t in threads:
                 t.join(120)
@@ -208,8 +214,7 @@ def test_kill_9_under_load_then_restart_on_postgres(tmp_path, postgres_url):
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
-    while len(completed) < 10 and proc.poll() is None:
-        time.sleep(0.05)
+    wait_until(lambda: len(completed) >= 10 or proc.poll() is not None)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     stop.set()
