@@ -182,3 +182,27 @@ def test_synthetic_prompts_have_exact_lengths(tiny_dir):
     assert [len(tok.encode(p)) for p in prompts] == [65] * 6
     prefix = prompts[0][:20]
     assert all(p.startswith(prefix) for p in prompts) and len(set(prompts)) == 6
+
+
+def test_bench_prompts_file(served, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello there, how are you?"}\n\nThe quick brown fox\n"A JSON string"\n')
+    code = bench(served, tmp_path / "out", "--concurrency", "2", "--prompts-file", str(prompts),
+                 "--tokenizer", str(tiny_dir), "--num-prompts", "4")  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert result["prompts"]["source"] == str(prompts)
+    [lv] = result["levels"]
+    assert lv["completed"] == 4 and lv["output_tokens"] == 16
+    (tmp_path / "empty.txt").write_text("\n")
+    assert (
+        bench(
+            served,
+            tmp_path / "o2",
+            "--prompts-file",
+            str(tmp_path / "empty.txt"),
+            "--tokenizer",
+            str(tiny_dir),
+        )
+        == 2
+    )
