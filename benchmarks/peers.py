@@ -281,6 +281,14 @@ def run_peer(
 ) -> dict:
     """Every level against one peer; llama-server restarts per level (its -np is fixed at start)."""
     results: list[dict] = []
+
+    def level_done(lv: dict) -> None:
+        results.append(lv)
+        progress(
+            f"{peer} c={lv['concurrency']}: {lv['output_tok_per_s']:.1f} output tok/s, TTFT p99 "
+            f"{lv['ttft_s']['p99'] or 0:.2f}s, errors {lv['errors']}, load {lv['load_avg'][0]:.2f}"
+        )
+
     error = None
     restart_each_level = peer == "llama-server"
     groups = [[i] for i in range(len(levels))] if restart_each_level else [list(range(len(levels)))]
@@ -298,7 +306,7 @@ def run_peer(
                     [lengths[i] for i in group],
                     [LevelSpec(levels[i]) for i in group],
                     args.output_len,
-                    results.append,
+                    level_done,
                     warmup,
                     progress=not args.no_progress,
                 )
@@ -311,11 +319,6 @@ def run_peer(
                 stop(proc)
         if error:
             break
-    for lv in results:
-        progress(
-            f"{peer} c={lv['concurrency']}: {lv['output_tok_per_s']:.1f} output tok/s, TTFT p99 "
-            f"{lv['ttft_s']['p99'] or 0:.2f}s, errors {lv['errors']}, load {lv['load_avg'][0]:.2f}"
-        )
     return {
         "levels": results,
         "error": error,
