@@ -37,6 +37,9 @@ MODELS = {
     "qwen3_moe": ("qwen3_moe", dict(
         num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=32, norm_topk_prob=True,
     )),
+    "mixtral-sliding-window": ("mixtral", dict(
+        num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=32, sliding_window=4,
+    )),
     "qwen3_moe-no-renorm": ("qwen3_moe", dict(
         num_experts=EXPERTS, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
     )),
@@ -60,7 +63,7 @@ def moe_models(tmp_path_factory):
 
 def _run_mixed(ours, seed: int) -> list:
     """Prefills of mixed lengths, a chunked prefill beside decodes, then token-by-token decode."""
-    run = PagedRun(ours, seed=seed)
+    run = PagedRun(ours, seed=seed, sliding_window=ours.config.sliding_window)
     a, b, c, d = run.new_seq(28), run.new_seq(24), run.new_seq(16), run.new_seq(16)
     a_prompt = prompt(17, seed + 10)
     run.step([(a, a_prompt[:6]), (b, prompt(11, seed + 11)), (c, prompt(1, seed + 12))])
