@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,8 +231,11 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Train; returns the summary (also written to OUT/distill.json). `interrupted` says if stopped."""
+def run_distill(cfg: DistillConfig, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train; returns the summary (also written to OUT/distill.json). `interrupted` says if stopped.
+
+    `on_step(step)` runs after each finished step (progress reporting, tests).
+    """
     prep = prepare(cfg)
     device = _device(cfg)
     out = Path(cfg.out)
@@ -355,6 +359,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                 tok_s=f"{tokens_per_step / dt:.0f}",
                 lr=f"{scheduler.get_last_lr()[0]:.2e}",
             )
+            if on_step is not None:
+                on_step(step)
             if stop.requested:
                 save(step)
                 interrupted = True
