@@ -10,7 +10,7 @@ from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
 from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
-from llmaas.server.respond import params_named, respond, run_usage
+from llmaas.server.respond import params_named, respond, run_usage, wants_usage_chunk
 from llmaas.server.sampling import sampling_params
 from llmaas.server.streaming import event
 
@@ -45,7 +45,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
     want_logprobs = bool(body.logprobs)
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    include_usage = wants_usage_chunk(body)
 
     def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
         return _chat_events(run, id_, created, model, params.n, want_logprobs, include_usage)
@@ -70,15 +70,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         model,
         [prompt],
         params,
+        body,
         endpoint="chat.completions",
         id_prefix="chatcmpl",
-        user=body.user,
         param_names=names,
-        stream=bool(body.stream),
-        include_usage=include_usage,
         events=events,
         usage_chunk=usage_chunk,
-        body=whole,
+        whole=whole,
     )
 
 

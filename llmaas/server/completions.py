@@ -12,7 +12,7 @@ from llmaas.server import responses as R
 from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, Completion, CompletionRequest
 from llmaas.server.registry import ServedModel
-from llmaas.server.respond import params_named, respond, run_usage
+from llmaas.server.respond import params_named, respond, run_usage, wants_usage_chunk
 from llmaas.server.sampling import sampling_params
 from llmaas.server.streaming import event
 
@@ -67,7 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         params = sampling_params(body, max_tokens=max_tokens, n=best_of, logprobs=engine_logprobs)
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs  # the echoed prompt gets real logprobs too
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    include_usage = wants_usage_chunk(body)
 
     def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
         return _completion_events(run, id_, created, model, prompts, n, body, include_usage)
@@ -96,15 +96,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         model,
         prompts,
         params,
+        body,
         endpoint="completions",
         id_prefix="cmpl",
-        user=body.user,
         param_names=names,
-        stream=bool(body.stream),
-        include_usage=include_usage,
         events=events,
         usage_chunk=usage_chunk,
-        body=whole,
+        whole=whole,
         scoring_only=scoring,
     )
 

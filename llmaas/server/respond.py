@@ -18,6 +18,7 @@ from llmaas.errors import LlmaasError
 from llmaas.server import responses as R
 from llmaas.server.errors import rename_param
 from llmaas.server.generation import ClientDisconnected, EngineRun
+from llmaas.server.protocol import _SamplingFields
 from llmaas.server.registry import ServedModel
 from llmaas.server.state import ServerState
 from llmaas.server.streaming import event, guarded, sse_response
@@ -38,6 +39,11 @@ def params_named(names: dict[str, str]) -> Iterator[None]:
         raise rename_param(exc, names) from None
 
 
+def wants_usage_chunk(body: _SamplingFields) -> bool:
+    """stream_options.include_usage: a final chunk with the usage (and `"usage": null` in the others)."""
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+
 def run_usage(run: EngineRun) -> dict[str, Any]:
     return R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
 
@@ -47,19 +53,19 @@ async def respond(
     model: ServedModel,
     prompts: Sequence[str | list[int]],
     params: SamplingParams,
+    body: _SamplingFields,
     *,
     endpoint: str,
     id_prefix: str,
-    user: str | None,
     param_names: dict[str, str],
-    stream: bool,
-    include_usage: bool,
     events: Events,
     usage_chunk: UsageChunk,
-    body: Body,
+    whole: Body,
     scoring_only: bool = False,
 ) -> Response:
+    """`body`: the request (for stream, stream_options and user); `whole` builds a non-streamed body."""
     state: ServerState = request.app.state.llmaas
+    stream = bool(body.stream)
     request_id = R.new_id(id_prefix)
     try:
         with params_named(param_names):
@@ -70,7 +76,7 @@ async def respond(
                 params,
                 request_id,
                 endpoint,
-                user,
+                body.user,
                 scoring_only=scoring_only,
                 every_step=stream,  # a whole response needs only the final output
             )
@@ -80,7 +86,9 @@ async def respond(
     if stream:
 
         def final() -> str | None:
-            return event(usage_chunk(request_id, created, run_usage(run))) if include_usage else None
+            if not wants_usage_chunk(body):
+                return None
+            return event(usage_chunk(request_id, created, run_usage(run)))
 
         return sse_response(guarded(run, watcher, events(run, request_id, created), final))
     try:
@@ -92,4 +100,4 @@ async def respond(
     finally:
         watcher.cancel()
         run.abort()  # a no-op once finished
-    return JSONResponse(body(run, request_id, created))
+    return JSONResponse(whole(run, request_id, created))
