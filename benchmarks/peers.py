@@ -180,6 +180,8 @@ def server_command(
             f"sqlite:///{scratch / 'billing.sqlite3'}",
             "--log-level",
             "warning",
+            "--dtype",
+            args.dtype,
             *shlex.split(args.llmaas_args),
         ]
     if peer == "llama-server":
@@ -218,7 +220,7 @@ def server_command(
             "--device",
             "cpu",
             "--dtype",
-            "bfloat16",
+            args.dtype,
             "--continuous-batching",
             *shlex.split(args.transformers_args),
         ]
@@ -416,6 +418,12 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--shared-prefix-len", type=int, default=0)
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="llmaas's and transformers' weights (llama-server runs the GGUF's Q4_1)",
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     ap.add_argument("--llama-server", type=Path, default=None, help="use this llama-server binary")
     ap.add_argument(
