@@ -33,6 +33,7 @@ from llmaas.models.config import ModelConfig, MoEConfig
 from llmaas.models.dense import DenseDecoder
 from llmaas.models.moe import expert_token_counts, pack_experts
 from llmaas.models.packed_linear import pack_linears
+from llmaas.models.quantize import quantize_model
 from llmaas.models.report import describe_model
 
 BLOCK_SIZE = 16
@@ -118,6 +119,8 @@ def measure(args, batch: int, dtype: torch.dtype) -> dict[str, dict]:
     for seed, (name, cfg) in enumerate(configs.items()):
         models[name] = build(cfg, dtype, seed)
         report = describe_model(models[name], dtype)
+        if args.quantization:
+            quantize_model(models[name], args.quantization)  # experts included
         packed = 0
         if not args.no_pack:
             packed = pack_linears(models[name]) + pack_experts(models[name])
@@ -150,6 +153,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     p.add_argument("--no-pack", action="store_true", help="plain F.linear weights (no oneDNN packing)")
+    p.add_argument("--quantization", choices=["int8"], default=None, help="weight-only int8, as the engine")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -163,6 +167,7 @@ def main() -> None:
         f"model: {args.layers} layers, hidden {args.hidden}, "
         f"{args.experts} experts x {args.expert_intermediate} (top-{args.top_k}), vocab {args.vocab}; "
         f"{args.dtype}, context {args.context} tokens, weights {'plain' if args.no_pack else 'packed'}"
+        f"{', int8' if args.quantization else ''}"
     )
     print(f"torch threads: {torch.get_num_threads()}; load average before: {os.getloadavg()}")
     for batch in args.batch:

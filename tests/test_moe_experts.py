@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llmaas.models.moe import Experts, SparseMoeBlock, softmax_topk
+from llmaas.models.quantize import quantize_model
 
 
 def _experts(num_experts=6, hidden=8, inter=5, seed=0) -> Experts:
@@ -80,14 +81,41 @@ def test_sparse_block_with_shared_expert_counts_active_parameters():
     assert block.experts.inactive_params_per_token() == 4 * 120
 
 
+def _routed_batch():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=gen)
+    ids = torch.tensor([[0, 1], [1, 5], [3, 0], [5, 3], [0, 5]])
+    return x, ids, torch.rand(5, 2, generator=gen)
+
+
 def test_packed_experts_give_the_same_result():
     experts = _experts()
-    x = torch.randn(5, 8)
-    ids = torch.tensor([[0, 1], [1, 5], [3, 0], [5, 3], [0, 5]])
-    weights = torch.rand(5, 2)
+    x, ids, weights = _routed_batch()
     with torch.no_grad():
         expected = experts(x, ids, weights)
         if not experts.pack():
             return  # no oneDNN packing for this build / CPU: nothing to compare
-        assert experts.gate_up is None and len(experts.packed) == 6  # one copy of the weights
+        assert experts.gate_up is None and len(experts.converted) == 6  # one copy of the weights
+        assert not experts.pack()  # already converted
         torch.testing.assert_close(experts(x, ids, weights), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_experts_stay_close_and_quantize_model_reaches_them():
+    block = SparseMoeBlock(8, num_experts=6, top_k=2, expert_intermediate_size=5, renormalize=True)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    # Fixed routing (a quantized router may flip near-ties), 16 tokens over 6 experts.
+    x = torch.randn(16, 8, generator=gen)
+    ids = torch.stack([torch.arange(16) % 6, (torch.arange(16) + 1) % 6], dim=1)
+    weights = torch.rand(16, 2, generator=gen)
+    with torch.no_grad():
+        expected = block.experts(x, ids, weights)
+        quantize_model(block, "int8")
+        assert block.experts.gate_up is None and block.experts.converted is not None
+        # One token: the int8 kernel (a few rows per expert); 16 tokens: more rows, dequantized weights.
+        for n in (1, 16):
+            got = block.experts(x[:n], ids[:n], weights[:n])
+            assert (got - expected[:n]).abs().max() <= 0.02 * expected.abs().max()
+        assert block(x).shape == x.shape

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmaas.models.packed_linear import pack_weight, packed_linear
+from llmaas.models.packed_linear import packed_or_none
+
+
+def _as_linear(weight: torch.Tensor) -> nn.Linear:
+    """One expert's [out, in] weight as a bias-free nn.Linear (no copy), for the per-layer converters."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return linear
 
 
 def softmax_topk(
@@ -49,29 +57,43 @@ class Experts(nn.Module):
         # Tokens routed to each expert since the last reset; a plain tensor (not a buffer) so it stays
         # out of the state dict and follows the device of the activations.
         self.token_counts: torch.Tensor | None = None
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack()
+        # After pack() or quantize_int8(): per expert, [gate_up, down] as nn.Linear-like modules.
+        self.converted: nn.ModuleList | None = None
+
+    def _convert(self, make) -> bool:
+        """Replace the stacked weights by make(nn.Linear) per expert and projection; all or nothing."""
+        if self.converted is not None:
+            return False
+        modules = []
+        for e in range(self.num_experts):
+            pair = [make(_as_linear(self.gate_up[e])), make(_as_linear(self.down[e]))]
+            if any(m is None for m in pair):
+                return False
+            modules.append(nn.ModuleList(pair))
+        self.converted = nn.ModuleList(modules)
+        self.gate_up = self.down = None  # one copy of the weights
+        return True
 
     def pack(self) -> bool:
         """Each expert's weights in oneDNN's blocked layout (CPU), as `pack_linears` does for nn.Linear.
 
         The packed kernel streams weights about twice as fast for few-row decode (packed_linear.py);
-        without it the experts would lose that against a dense model of the same active size. The
-        stacked parameters are dropped (one copy of the weights). False where packing does not apply.
+        without it the experts would lose that against a dense model of the same active size. False
+        where packing does not apply or the experts were already converted (e.g. quantized).
         """
-        if self.packed is not None:
-            return True
-        packed = [(pack_weight(self.gate_up[e]), pack_weight(self.down[e])) for e in range(self.num_experts)]
-        if any(gate_up is None or down is None for gate_up, down in packed):
-            return False
-        self.packed = packed
-        self.gate_up = self.down = None
-        return True
+        return self._convert(packed_or_none)
+
+    def quantize_int8(self) -> bool:
+        """Weight-only int8 per output channel, each expert as quantize.Int8Linear."""
+        from llmaas.models.quantize import Int8Linear  # quantize calls this method
+
+        return self._convert(Int8Linear)
 
     def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            gate_up, down = self.packed[expert]
-            gate, up = packed_linear(rows, gate_up, None).chunk(2, dim=-1)
-            return packed_linear(F.silu(gate) * up, down, None)
+        if self.converted is not None:
+            gate_up, down = self.converted[expert]
+            gate, up = gate_up(rows).chunk(2, dim=-1)
+            return down(F.silu(gate) * up)
         gate, up = F.linear(rows, self.gate_up[expert]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down[expert])
 

@@ -64,7 +64,7 @@ def replace_linears(model: nn.Module, make) -> int:
     return replaced
 
 
-def _packed(linear: nn.Linear) -> PackedLinear | None:
+def packed_or_none(linear: nn.Linear) -> PackedLinear | None:
     packed = pack_weight(linear.weight)
     if packed is None:
         return None
@@ -73,4 +73,4 @@ def _packed(linear: nn.Linear) -> PackedLinear | None:
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear whose weight packs; returns how many were replaced."""
-    return replace_linears(model, _packed)
+    return replace_linears(model, packed_or_none)

@@ -46,8 +46,11 @@ class Int8Linear(nn.Module):
 
 
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) in place."""
+    """Replace every nn.Linear (lm_head included) in place, and quantize MoE experts."""
     if method not in SUPPORTED:
         raise InvalidRequestError(f"quantization '{method}' is not one of {SUPPORTED}", param="quantization")
     replace_linears(model, Int8Linear)
+    for module in model.modules():  # weights kept outside nn.Linear (MoE experts) quantize themselves
+        if hasattr(module, "quantize_int8"):
+            module.quantize_int8()
     return model
