@@ -20,9 +20,10 @@ Durability, chosen in the URL (the option is taken out before the driver sees th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alembic import command
@@ -41,6 +42,47 @@ def default_database_url() -> str:
     return f"sqlite:///{llmaas_home() / 'billing.sqlite3'}"
 
 
+class ThreadConnections:
+    """SQLite: one driver connection per thread for the per-request statements (sql.py), kept open.
+
+    Taking a connection from SQLAlchemy's pool and giving it back costs ~0.03-0.06 ms per transaction
+    here, a tenth of a request's billing. Each is taken from the pool once (so db.py's connect-time
+    PRAGMAs apply) and detached from it; `Database.close()` closes them all.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list = []
+
+    def get(self, engine: Engine):
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            pooled = engine.raw_connection()
+            connection = pooled.driver_connection
+            pooled.detach()
+            self._local.connection = connection
+            with self._lock:
+                self._open.append(connection)
+        return connection
+
+    def discard(self) -> None:
+        """Close this thread's connection (after a failure that may have left it mid-transaction)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            self._local.connection = None
+            with self._lock:
+                self._open.remove(connection)
+            connection.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            for connection in self._open:
+                connection.close()
+            self._open.clear()
+        self._local = threading.local()
+
+
 SQLITE_SYNCHRONOUS = ("normal", "full")
 HOLD_COMMITS = ("async", "sync")
 
@@ -51,6 +93,7 @@ class Database:
     _write_sessions: sessionmaker[Session]
     _read_sessions: sessionmaker[Session]
     durable_holds: bool = False  # PostgreSQL: wait for the WAL flush of hold transactions too
+    thread_connections: ThreadConnections = field(default_factory=ThreadConnections)  # SQLite
 
     @property
     def dialect(self) -> str:
@@ -69,6 +112,7 @@ class Database:
             yield session
 
     def close(self) -> None:
+        self.thread_connections.close_all()
         self.engine.dispose()
 
 

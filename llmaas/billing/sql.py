@@ -1,9 +1,10 @@
 """Plain SQL on the driver's own connection, for the statements every request runs.
 
-The per-request path (key lookup, hold, settle) is a handful of small statements; through the ORM each
-costs ~0.3-0.5 ms of Python on this machine, through the driver ~0.02 ms. So that path is written here
-as plain SQL against the same tables, on a connection taken from the same SQLAlchemy pool (the
-connect-time PRAGMAs of db.py apply), while everything else keeps the ORM.
+The per-request path (key lookup, hold, settle) is a handful of small statements; through the ORM they
+cost ~10 ms of Python per request on this machine, through the driver ~0.02 ms each. So that path is
+written here as plain SQL against the same tables, on connections of the same engine (the connect-time
+PRAGMAs of db.py apply: on SQLite one kept per thread, on PostgreSQL the pool's), while everything else
+keeps the ORM.
 
 SQL is written once with `:name` parameters (sqlite3's named style) and rewritten to psycopg's
 `%(name)s` for PostgreSQL. Datetimes are stored exactly as the ORM's UtcDateTime stores them: naive
@@ -73,9 +74,12 @@ def transaction(db: Database, *, write: bool, synchronous: bool = True) -> Itera
     db.py), a deferred `BEGIN` for a read. PostgreSQL: the driver begins implicitly; `synchronous=False`
     commits this one transaction without waiting for its WAL flush (`SET LOCAL synchronous_commit`).
     """
-    connection = db.engine.raw_connection()
     postgres = db.dialect == "postgresql"
-    driver = connection.driver_connection
+    if postgres:
+        pooled = db.engine.raw_connection()
+        driver = pooled.driver_connection
+    else:
+        pooled, driver = None, db.thread_connections.get(db.engine)
     try:
         tx = Transaction(driver, postgres)
         if not postgres:
@@ -96,8 +100,11 @@ def transaction(db: Database, *, write: bool, synchronous: bool = True) -> Itera
         else:
             tx.cursor.execute("COMMIT")
     except BaseException:
-        if postgres and driver.closed or not postgres and driver.in_transaction:
-            connection.invalidate()  # a lost or wedged connection must not go back to the pool
+        if postgres and driver.closed:
+            pooled.invalidate()  # a lost connection must not go back to the pool
+        elif not postgres and driver.in_transaction:
+            db.thread_connections.discard()  # wedged mid-transaction: start this thread afresh
         raise
     finally:
-        connection.close()  # back to the pool (a no-op after invalidate)
+        if pooled is not None:
+            pooled.close()  # back to the pool (a no-op after invalidate)
