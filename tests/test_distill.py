@@ -113,7 +113,9 @@ def test_student_cut_and_pruned_keeps_teacher_weights(teacher, tmp_path):
     t = load_file(str(teacher / "model.safetensors"))
     s = load_file(str(out / "model.safetensors"))
     # Student layer 1 is teacher layer 3; attention is untouched, the MLP keeps a subset of rows.
-    torch.testing.assert_close(s["model.layers.1.self_attn.q_proj.weight"], t["model.layers.3.self_attn.q_proj.weight"])
+    torch.testing.assert_close(
+        s["model.layers.1.self_attn.q_proj.weight"], t["model.layers.3.self_attn.q_proj.weight"]
+    )
     t_rows = {tuple(r.tolist()) for r in t["model.layers.3.mlp.up_proj.weight"]}
     assert all(tuple(r.tolist()) in t_rows for r in s["model.layers.1.mlp.up_proj.weight"])
     torch.testing.assert_close(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
@@ -132,7 +134,9 @@ def test_distill_loss_falls_and_student_loads_in_engine_and_transformers(teacher
     ids = torch.tensor([Tokenizer.from_dir(teacher).encode(text_file.read_text())[:256]])
     with torch.no_grad():
         t_logits = sequence_logits(load_frozen(teacher), ids)
-        before = divergence(sequence_logits(load_frozen(out / "checkpoint" / "student-init"), ids), t_logits, "fkl")
+        before = divergence(
+            sequence_logits(load_frozen(out / "checkpoint" / "student-init"), ids), t_logits, "fkl"
+        )
         after = divergence(sequence_logits(load_frozen(out), ids), t_logits, "fkl")
     assert after < 0.9 * before, (before, after)
 
@@ -155,20 +159,21 @@ def test_distill_loss_falls_and_student_loads_in_engine_and_transformers(teacher
 
 def test_interrupted_run_resumes_exactly_where_it_stopped(teacher, text_file, tmp_path):
     kw = dict(loss="jsd", beta=0.3, temperature=2.0, ce_weight=0.2, on_policy=0.5, save_every=100)
+    kw.update(steps=4, seq_len=16)
     whole = run_distill(_cfg(teacher, text_file, tmp_path / "whole", **kw))
-    assert whole["steps"] == 6
+    assert whole["steps"] == 4
 
     def interrupt(step: int) -> None:
-        if step == 3:
+        if step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: finish the step, checkpoint, stop
 
     first = run_distill(_cfg(teacher, text_file, tmp_path / "split", **kw), on_step=interrupt)
-    assert first["interrupted"] and first["steps"] == 3
+    assert first["interrupted"] and first["steps"] == 2
     assert not (tmp_path / "split" / "model.safetensors").exists()
     with pytest.raises(InvalidRequestError, match="--resume"):
         run_distill(_cfg(teacher, text_file, tmp_path / "split", **kw))
     second = run_distill(_cfg(teacher, text_file, tmp_path / "split", resume=True, **kw))
-    assert second["steps"] == 6 and not second["interrupted"]
+    assert second["steps"] == 4 and not second["interrupted"]
 
     a = torch.load(tmp_path / "whole" / "checkpoint" / "state.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint" / "state.pt", weights_only=False)
