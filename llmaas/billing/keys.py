@@ -2,8 +2,10 @@
 
 sha256 (not a slow password hash) is right here: the secret has 256 bits of entropy, so there is
 nothing to brute-force, and verification stays one indexed lookup per request. Every lookup reads
-the row, so revocation and expiry take effect on the next request. The secret never appears in a
-repr, a log line or an error message: only the key id and the short display prefix do.
+the row, so revocation and expiry take effect on the next request. (The server caches lookups for a
+few seconds; a hold re-reads the key in its own transaction, so inference still stops at once.)
+The secret never appears in a repr, a log line or an error message: only the key id and the short
+display prefix do.
 """
 
 from __future__ import annotations
