@@ -3,6 +3,7 @@ settling a request whose hold row was lost."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -84,3 +85,26 @@ def test_settle_bills_a_request_whose_hold_row_was_lost(db):
     assert settle(db, "lost", 100, 0, 99, hold=hold) == get_usage(db, "lost")  # still once
     b = balance(db, "acme")
     assert (b.available_micros, b.held_micros) == (1_000_000 - 200, 0)
+
+
+def test_the_servers_key_cache_ages_out_and_forgets(db):
+    from llmaas.server.billing import KeyCache
+
+    _account(db)
+    key = create_key(db, "acme", expires_at=utcnow() + timedelta(hours=1))
+    verified = check_key(db, key.secret)
+    now = [0.0]
+    cache = KeyCache(ttl_s=5.0, clock=lambda: now[0])
+    cache.put("h", verified)
+    assert cache.get("h") == verified.principal
+    now[0] = 5.0
+    assert cache.get("h") is None  # aged out: the next request reads the database
+    cache.put("h", verified)
+    cache.forget(key_id=verified.principal.key_id)
+    assert cache.get("h") is None
+    cache.put("h", verified)
+    cache.forget(account_id=verified.principal.account_id)
+    assert cache.get("h") is None
+    gone = dataclasses.replace(verified, expires_at=utcnow() - timedelta(seconds=1))
+    cache.put("h", gone)
+    assert cache.get("h") is None  # the key itself expired: never served from the cache
