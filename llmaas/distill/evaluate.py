@@ -10,14 +10,14 @@
   ("n/a" otherwise).
 - decode tok/s: batch-1 greedy decoding in our engine, timed from the first generated token to the
   last, the models measured in turns (round-robin) so a load change on the machine hits all of them.
-- $/1M output tokens: ``usd_per_hour / (tok/s * 3600) * 1e6`` at that batch-1 speed — a simple model
-  of one request on a machine rented by the hour; it is not the serving price at full batch.
+- $/1M output tokens: the machine's price per hour times the decode time of that batch-1 request, per
+  output token — computed by `llmaas.bench.cost` (the project's cost model, exact money, rounded up to
+  the micro-USD). This prices one request alone on the machine, not the serving price at full batch.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ class EvalConfig:
     seq_len: int = 512
     decode_tokens: int = 64
     decode_rounds: int = 3
-    usd_per_hour: float = 1.0
+    usd_per_hour: str = "1.00"  # a decimal string: money is exact
     dtype: str = "bfloat16"
     device: str | None = None
 
@@ -135,19 +135,24 @@ def score(cfg: EvalConfig, dirs: list[Path], teacher_index: int, device: torch.d
     return stats
 
 
-def decode_speed(cfg: EvalConfig, dirs: list[Path]) -> list[float]:
-    """Median batch-1 greedy decode tok/s per model in our engine, measured round-robin."""
+def decode_timings(cfg: EvalConfig, dirs: list[Path]) -> list[dict]:
+    """Batch-1 greedy decode per model in our engine, measured round-robin; the median round by tok/s.
+
+    Each entry: tok_s (decode tokens after the first / their time), ttft_s, total_s, prompt_tokens,
+    output_tokens.
+    """
     from llmaas.engine.sampling_params import SamplingParams
     from llmaas.llm import LLM
 
     llms = [LLM(str(d), dtype=cfg.dtype, device=cfg.device, kv_cache_memory=64 * 2**20) for d in dirs]
     prompt = "The quick brown fox jumps over the lazy dog. Once upon a time"
     params = SamplingParams(max_tokens=cfg.decode_tokens, temperature=0.0, ignore_eos=True)
-    samples: list[list[float]] = [[] for _ in dirs]
+    samples: list[list[dict]] = [[] for _ in dirs]
     for rnd in range(cfg.decode_rounds + 1):  # round 0 warms up
         for m, llm in enumerate(llms):
             engine = llm.engine
-            engine.add_request(f"speed-{rnd}-{m}", prompt, params)
+            start = time.perf_counter()
+            prompt_ids = engine.add_request(f"speed-{rnd}-{m}", prompt, params)
             first = last = None
             produced = 0
             while engine.has_unfinished_requests():
@@ -157,8 +162,54 @@ def decode_speed(cfg: EvalConfig, dirs: list[Path]) -> list[float]:
                     first = now if first is None else first
                     last = now
             if rnd > 0 and produced > 1 and last > first:
-                samples[m].append((produced - 1) / (last - first))
-    return [statistics.median(s) if s else float("nan") for s in samples]
+                samples[m].append(
+                    dict(
+                        tok_s=(produced - 1) / (last - first),
+                        ttft_s=first - start,
+                        total_s=last - start,
+                        prompt_tokens=len(prompt_ids),
+                        output_tokens=produced,
+                    )
+                )
+    out = []
+    for runs in samples:
+        runs = sorted(runs, key=lambda r: r["tok_s"])
+        out.append(runs[len(runs) // 2] if runs else None)
+    return out
+
+
+def decode_speed(cfg: EvalConfig, dirs: list[Path]) -> list[float]:
+    """Median batch-1 greedy decode tok/s per model (see decode_timings)."""
+    return [t["tok_s"] if t else float("nan") for t in decode_timings(cfg, dirs)]
+
+
+def output_usd_per_million(usd_per_hour: str | float, timing: dict) -> float:
+    """USD per 1M output tokens of one batch-1 request on a machine at `usd_per_hour`.
+
+    Uses the cost model of `llmaas.bench.cost` (machine time split between input and output tokens by
+    time to first token, exact to the micro-USD, rounded up); where that module is absent, the same
+    split done here: usd_per_hour / (decode tok/s * 3600) * 1e6.
+    """
+    try:
+        from fractions import Fraction
+
+        from llmaas.bench.cost import level_cost
+        from llmaas.billing.money import usd_to_micros
+    except ImportError:
+        return usd_per_million_tokens(float(usd_per_hour), timing["tok_s"])
+    level = {
+        "concurrency": 1,
+        "input_tokens": timing["prompt_tokens"],
+        "output_tokens": timing["output_tokens"],
+        "duration_s": timing["total_s"],
+        "ttft_sum_s": timing["ttft_s"],
+        "e2e_sum_s": timing["total_s"],
+        "output_tok_per_s": timing["output_tokens"] / timing["total_s"],
+        "errors": 0,
+        "ttft_s": {},
+    }
+    cost = level_cost(level, usd_to_micros(str(usd_per_hour), "usd_per_hour"), Fraction(0))
+    return cost.break_even_output_micros / 1e6
 
 
 def evaluate(cfg: EvalConfig) -> list[EvalRow]:
@@ -171,9 +222,9 @@ def evaluate(cfg: EvalConfig) -> list[EvalRow]:
     dirs = [resolve_model_dir(n) for n in names]
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stats = score(cfg, dirs, teacher_index, device)
-    speeds = decode_speed(cfg, dirs) if cfg.decode_tokens > 1 else [None] * len(dirs)
+    timings = decode_timings(cfg, dirs) if cfg.decode_tokens > 1 else [None] * len(dirs)
     rows = []
-    for name, s, speed in zip(names, stats, speeds):
+    for name, s, timing in zip(names, stats, timings):
         ok = s["same_tokenizer"] and s["positions"]
         rows.append(
             EvalRow(
@@ -183,8 +234,8 @@ def evaluate(cfg: EvalConfig) -> list[EvalRow]:
                 bits_per_byte=s["nll"] / math.log(2) / s["bytes"],
                 agreement=s["agree"] / s["positions"] if ok else None,
                 kl=s["kl"] / s["positions"] if ok else None,
-                decode_tok_s=speed,
-                usd_per_mtok=usd_per_million_tokens(cfg.usd_per_hour, speed) if speed else None,
+                decode_tok_s=timing["tok_s"] if timing else None,
+                usd_per_mtok=output_usd_per_million(cfg.usd_per_hour, timing) if timing else None,
                 scored_tokens=s["tokens"],
                 scored_bytes=s["bytes"],
             )
@@ -198,7 +249,7 @@ def markdown_table(rows: list[EvalRow], cfg: EvalConfig) -> str:
 
     head = (
         "| model | params | layers | bits/byte | top-1 agree | KL(teacher‖model) | decode tok/s | "
-        f"$ / 1M tok at ${cfg.usd_per_hour:g}/h |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        f"$ / 1M output tok at ${cfg.usd_per_hour}/h |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
