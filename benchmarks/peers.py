@@ -163,7 +163,7 @@ def model_dir() -> Path:
 def server_command(
     peer: str, port: int, concurrency: int, args: argparse.Namespace, scratch: Path
 ) -> list[str]:
-    threads = str(os.cpu_count() or 2)
+    threads = str(args.threads)
     if peer == "llmaas":
         llmaas = Path(sys.executable).with_name("llmaas")
         return [
@@ -245,7 +245,8 @@ def start(
     port = free_port()
     cmd = server_command(peer, port, concurrency, args, scratch)
     log = open(scratch / f"{peer}-{concurrency}.log", "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    threads = str(args.threads)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": threads}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -423,6 +424,13 @@ def main() -> int:
         default="bfloat16",
         choices=["bfloat16", "float32"],
         help="llmaas's and transformers' weights (llama-server runs the GGUF's Q4_1)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="threads per server: llama-server -t/-tb, OMP_NUM_THREADS for the torch servers "
+        "(default: the cores; 1 helps on a machine that other work keeps busy)",
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     ap.add_argument("--llama-server", type=Path, default=None, help="use this llama-server binary")
