@@ -16,6 +16,7 @@ from llmaas.distill.evaluate import EvalConfig, evaluate, markdown_table
 from llmaas.distill.losses import divergence, generalized_jsd
 from llmaas.distill.modeling import load_frozen, sequence_logits
 from llmaas.distill.student import make_student, select_layers
+from llmaas.distill.teacher_data import generate_documents
 from llmaas.distill.trainer import DistillConfig, run_distill
 from llmaas.errors import InvalidRequestError
 from tests.model_factory import _TRAINING_TEXT, make_tiny_checkpoint
@@ -252,3 +253,26 @@ def test_eval_table_compares_teacher_and_students(teacher, text_file, tmp_path):
     assert rows[1].layers == 2 and rows[1].decode_tok_s > 0 and rows[1].usd_per_mtok > 0
     table = markdown_table(rows, cfg)
     assert table.count("\n|") >= 3 and "bits/byte" in table
+
+
+def test_teacher_writes_the_data_once(teacher, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\nWhat is the weather like?\n\nTell me a story\n")
+    cache = tmp_path / "cache"
+    docs = generate_documents(teacher, prompts, cache, max_tokens=6, seed=1)
+    assert len(docs) == 3 and docs[1].text.startswith("<|im_start|>user\nWhat is the weather like?")
+    assert "<|im_start|>assistant\n" in docs[0].text
+    assert list(cache.glob("teacher-*.jsonl"))
+    assert generate_documents(teacher, prompts, cache, max_tokens=6, seed=1) == docs  # read from the cache
+    run = run_distill(
+        _cfg(
+            teacher,
+            prompts,
+            tmp_path / "seq",
+            data=[f"teacher:{prompts}:all"],
+            steps=1,
+            seq_len=8,
+            teacher_max_tokens=8,
+        )
+    )
+    assert run["steps"] == 1

@@ -79,12 +79,22 @@ def generate_documents(
             texts.append(tok.apply_chat_template(messages, add_generation_prompt=True))
         else:
             texts.append(p if isinstance(p, str) else "\n".join(m.get("content", "") for m in p))
-    params = [
-        SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, seed=seed + i, skip_special_tokens=False
+    params = []
+    for i, text in enumerate(texts):
+        # Answers end at the teacher's context window; a prompt that fills it is an error.
+        room = llm.engine.max_model_len - len(tok.encode(text))
+        if room < 1:
+            raise InvalidRequestError(
+                f"{prompts_path} prompt {i + 1}: longer than the teacher's context window", param="data"
+            )
+        params.append(
+            SamplingParams(
+                max_tokens=min(max_tokens, room),
+                temperature=temperature,
+                seed=seed + i,
+                skip_special_tokens=False,
+            )
         )
-        for i in range(len(texts))
-    ]
     outputs = llm.generate(texts, params, use_tqdm=True)
     docs = []
     for i, (text, out) in enumerate(zip(texts, outputs)):
