@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import datetime
 import glob
-import json
 import os
 import shlex
 import shutil
@@ -232,11 +231,10 @@ def served_name(peer: str) -> str:
 
 
 def request_options(peer: str, args: argparse.Namespace) -> dict:
-    """transformers serve refuses `ignore_eos`; its `generation_config` field asks for the same length."""
-    if peer != "transformers":
-        return {}
-    config = {"min_new_tokens": args.output_len, "max_new_tokens": args.output_len, "do_sample": False}
-    return {"ignore_eos": False, "extra_body": {"generation_config": json.dumps(config)}}
+    """transformers serve refuses `ignore_eos` (and its `generation_config` field with min_new_tokens left
+    its continuous-batching server streaming nothing, then gone): it runs without, so a request may end
+    early at end-of-sequence; its tok/s counts the tokens it did make (server-reported usage)."""
+    return {"ignore_eos": False} if peer == "transformers" else {}
 
 
 def start(

@@ -164,8 +164,11 @@ def measure_matmul(
 
 # ------------------------------------------------------------------------------------ the engine
 def engine_from_bench(path: str) -> dict:
-    """Batch-1 decode tok/s (1 / TPOT p50 at concurrency 1) and the best total tok/s of a bench."""
+    """Batch-1 decode tok/s (1 / TPOT p50 at concurrency 1) and the best total tok/s of a bench (or of
+    llmaas in a peers.json)."""
     data = json.loads(Path(path).read_text())
+    if "peers" in data:  # benchmarks/peers.py's output: take llmaas's levels
+        data = {"url": "llmaas serve (benchmarks/peers.py)", **data["peers"].get("llmaas", {})}
     levels = [lv for lv in data.get("levels", []) if lv.get("completed")]
     if not levels:
         raise LlmaasError(f"{path} has no completed level", param="bench")
