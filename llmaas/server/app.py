@@ -31,9 +31,11 @@ STATS_TIMEOUT_S = 2.0
 async def _in_short_lived_thread(fn: Callable, *args):
     """Run fn in a thread that exits afterwards.
 
-    Why not asyncio.to_thread: torch's OpenMP keeps a worker pool per thread that ran torch; an
-    executor thread that loaded the model stays alive, and with more OpenMP workers than cores every
-    op of the engine thread pays a wake-up (measured: batch-1 decode step 25 -> 31-41 ms).
+    `llmaas serve` loads with `AsyncEngine.from_config`, which runs torch on the engine's own thread
+    only; a `load` that builds the LLMEngine itself runs torch here. Why not asyncio.to_thread then:
+    torch's OpenMP keeps a worker pool per thread that ran torch; an executor thread that loaded the
+    model stays alive, and with more OpenMP workers than cores every op of the engine thread pays a
+    wake-up (measured: batch-1 decode step 25 -> 31-41 ms).
     """
     loop = asyncio.get_running_loop()
     future = loop.create_future()
