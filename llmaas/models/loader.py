@@ -3,8 +3,10 @@
 HF keeps q/k/v and gate/up as separate tensors; our modules fuse them, so the loader concatenates.
 MoE experts are stacked ([E, 2*I, H] gate+up, [E, H, I] down): transformers 5 keeps them fused in
 memory but `save_pretrained` writes per-expert keys for mixtral (w1/w3/w2) and the qwen MoE families
-(gate_proj/up_proj/down_proj); both forms load. Unknown or missing tensors are an error: a checkpoint
-that does not match its config must not load.
+(gate_proj/up_proj/down_proj); both forms load. A family whose tensors need more than renaming first
+goes through its entry in CHECKPOINT_ADAPTERS (DeepSeek: see `deepseek.adapt_checkpoint`); routers
+that a model lists in `fp32_parameter_suffixes` stay fp32 whatever the dtype. Unknown or missing
+tensors are an error: a checkpoint that does not match its config must not load.
 """
 
 from __future__ import annotations
