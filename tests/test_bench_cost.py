@@ -164,3 +164,12 @@ def test_roofline_prints_ceilings(tmp_path, capsys):
     assert "| batch-1 decode (memory bandwidth) |" in out and "| 50.0 |" in out  # 1 / 0.02 s
     assert "| full batch (compute) |" in out and "| 400.0 |" in out
     assert main(["roofline", "--model", str(tmp_path / "nope"), "--no-engine"]) == 2
+
+
+def test_cost_reads_llmaas_levels_from_a_peers_json(tmp_path, capsys):
+    path = tmp_path / "peers.json"
+    path.write_text(
+        json.dumps({"model": "m", "peers": {"llmaas": {"levels": [level()]}, "other": {"levels": []}}})
+    )
+    assert main(["cost", str(path), "--usd-per-hour", "0.36", "--margin", "0"]) == 0
+    assert "At concurrency 4: break-even $0.250000 input / $0.250000 output" in capsys.readouterr().out

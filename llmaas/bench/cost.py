@@ -136,6 +136,8 @@ def load_bench(path: str | Path) -> dict:
         raise InvalidRequestError(
             f"{path} is not JSON (expected the bench.json of `llmaas bench`)", "bench"
         ) from None
+    if isinstance(data, dict) and isinstance(data.get("peers"), dict):  # benchmarks/peers.py: llmaas's levels
+        data = {"model": data.get("model"), **data["peers"].get("llmaas", {})}
     if not isinstance(data, dict) or not isinstance(data.get("levels"), list):
         raise InvalidRequestError(f"{path} is not a bench result (no 'levels')", "bench")
     if not any(lv.get("completed") for lv in data["levels"]):
