@@ -159,6 +159,14 @@ def model_dir() -> Path:
     return resolve_model_dir(MODEL)
 
 
+def per_request_tokens(args: argparse.Namespace) -> int:
+    return args.shared_prefix_len + args.input_len + args.output_len + SLACK_TOKENS
+
+
+def levels_hint(args: argparse.Namespace) -> list[int]:
+    return [int(c) for c in args.concurrency.split(",")]
+
+
 def server_command(
     peer: str, port: int, concurrency: int, args: argparse.Namespace, scratch: Path
 ) -> list[str]:
@@ -184,7 +192,7 @@ def server_command(
             *shlex.split(args.llmaas_args),
         ]
     if peer == "llama-server":
-        per_slot = args.shared_prefix_len + args.input_len + args.output_len + SLACK_TOKENS
+        per_slot = per_request_tokens(args)
         return [
             str(args.llama_server),
             "-m",
@@ -221,6 +229,11 @@ def server_command(
             "--dtype",
             args.dtype,
             "--continuous-batching",
+            # Its KV cache otherwise takes a share of all memory (14 GB here) and the OOM killer ends it.
+            "--cb-block-size",
+            "32",
+            "--cb-num-blocks",
+            str(max(64, (max(levels_hint(args)) * per_request_tokens(args)) // 32 + 64)),
             *shlex.split(args.transformers_args),
         ]
     raise ValueError(peer)
