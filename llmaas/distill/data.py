@@ -20,6 +20,7 @@ only the ``train`` split, so ``SOURCE:heldout`` is text no student was trained o
 from __future__ import annotations
 
 import bz2
+import functools
 import html
 import importlib.util
 import json
@@ -200,16 +201,19 @@ def split_documents(docs: list[Document]) -> tuple[list[Document], list[Document
 TeacherGenerator = Callable[[Path], list[Document]]
 
 
+@functools.cache
+def _named_documents(source: str) -> tuple[Document, ...]:
+    """Parsed once per process: train, held-out and eval read the same files."""
+    loader = {"shakespeare": shakespeare_documents, "news": news_documents, "wiki": wiki_documents}[source]
+    return tuple(loader())
+
+
 def load_documents(spec: DataSpec | str, teacher_generator: TeacherGenerator | None = None) -> list[Document]:
     """The documents of one spec's split. Raises InvalidRequestError for missing or empty sources."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     source = spec.source
-    if source == "shakespeare":
-        docs = shakespeare_documents()
-    elif source == "news":
-        docs = news_documents()
-    elif source == "wiki":
-        docs = wiki_documents()
+    if source in NAMED_SOURCES:
+        docs = list(_named_documents(source))
     elif source.startswith("teacher:"):
         prompts = Path(source.removeprefix("teacher:")).expanduser()
         if not prompts.is_file():
