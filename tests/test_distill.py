@@ -22,6 +22,16 @@ from llmaas.errors import InvalidRequestError
 from tests.model_factory import _TRAINING_TEXT, make_tiny_checkpoint
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: per-op threading overhead dominates, and on a busy machine two threads were several
+    times slower than one here. Restored afterwards for the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("teacher"), num_hidden_layers=4)

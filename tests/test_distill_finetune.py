@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmaas.distill.finetune import FinetuneConfig, encode_conversation, read_conversations, run_finetune
 from llmaas.errors import InvalidRequestError
@@ -25,6 +26,16 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "4"},
     ],
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: per-op threading overhead dominates, and on a busy machine two threads were several
+    times slower than one here. Restored afterwards for the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,22 @@ import argparse
 import sys
 
 
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is faster on a machine busy with other work)",
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="smollm2-135m", help="catalog name or HF-format directory")
     who = p.add_mutually_exclusive_group(required=True)
@@ -47,9 +63,11 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-max-tokens", type=int, default=256, help="length of teacher-written answers")
     p.add_argument("--out", required=True, help="student directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_arg(p)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from llmaas.distill.trainer import DistillConfig, format_summary, run_distill
 
     cfg = DistillConfig(
@@ -102,9 +120,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    _threads_arg(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _set_threads(args)
     import json
 
     from llmaas.distill.evaluate import EvalConfig, evaluate, markdown_table
@@ -144,9 +164,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
+    _threads_arg(p)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from llmaas.distill.finetune import FinetuneConfig, run_finetune
 
     summary = run_finetune(
