@@ -30,7 +30,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         help="catalog name (see `llmaas models`), an HF-format directory or a .gguf file",
     )
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="weights and KV cache (default auto: bfloat16 on CUDA and on CPUs with native bf16, "
+        "AVX512_BF16 or AMX; float32 elsewhere, where bf16 matmuls are emulated and slow)",
+    )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument(
         "--kv-cache-memory",

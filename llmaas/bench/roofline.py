@@ -264,6 +264,9 @@ def format_report(
 def cmd_roofline(args: argparse.Namespace) -> int:
     import os
 
+    from llmaas.engine.dtype_choice import resolve_dtype_name
+
+    args.dtype = resolve_dtype_name(args.dtype)
     try:
         figures = model_figures(args.model, args.dtype)
         bandwidth = measure_bandwidth(args.bandwidth_mb)
@@ -309,9 +312,9 @@ def add_roofline_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="catalog name, HF-format directory or .gguf")
     p.add_argument(
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float32", "float16"],
-        help="weight and KV dtype (default bfloat16, the engine's)",
+        default="auto",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="weight and KV dtype (default auto: what the engine picks here, see `llmaas serve --help`)",
     )
     p.add_argument(
         "--context", type=int, default=256, help="positions of KV read per decode step (default 256)"

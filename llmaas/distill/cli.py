@@ -117,7 +117,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="scoring window")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens to time batch-1 decode (0: skip)")
     p.add_argument("--usd-per-hour", default="1.00", help="machine price in USD per hour (cost column)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="scoring and decode dtype (default auto: bfloat16 where the hardware has it natively, else float32)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
     _threads_arg(p)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from llmaas.distill.data import load_documents
 from llmaas.distill.modeling import load_frozen, sequence_logits
+from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.errors import InvalidRequestError
 from llmaas.models.catalog import resolve_model_dir
 from llmaas.models.tokenizer import Tokenizer
@@ -42,7 +43,7 @@ class EvalConfig:
     decode_tokens: int = 64
     decode_rounds: int = 3
     usd_per_hour: str = "1.00"  # a decimal string: money is exact
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str | None = None
 
 
@@ -97,7 +98,7 @@ def count_params(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def score(cfg: EvalConfig, dirs: list[Path], teacher_index: int, device: torch.device) -> list[dict]:
     """Per model: nll in nats, bytes, tokens, agreement and KL sums against the teacher."""
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype_name(cfg.dtype, device)]
     toks = [Tokenizer.from_dir(d) for d in dirs]
     vocab_of = [t.backend.get_vocab(with_added_tokens=True) for t in toks]
     same = [v == vocab_of[teacher_index] for v in vocab_of]
@@ -260,6 +261,6 @@ def markdown_table(rows: list[EvalRow], cfg: EvalConfig) -> str:
         )
     lines.append(
         f"\nHeld-out text: {', '.join(cfg.data)}; {rows[0].scored_bytes:,} bytes scored. Decode: batch 1, "
-        f"greedy, {cfg.decode_tokens} tokens, {cfg.dtype}, median of {cfg.decode_rounds} rounds."
+        f"greedy, {cfg.decode_tokens} tokens, {resolve_dtype_name(cfg.dtype, cfg.device or 'cpu')}, median of {cfg.decode_rounds} rounds."
     )
     return "\n".join(lines)

@@ -70,7 +70,7 @@ def generate_documents(
     from llmaas.engine.sampling_params import SamplingParams
     from llmaas.llm import LLM
 
-    llm = LLM(str(teacher_dir), dtype="bfloat16", enable_prefix_caching=True)
+    llm = LLM(str(teacher_dir), dtype="auto", enable_prefix_caching=True)
     tok = llm.tokenizer
     texts = []
     for p in prompts:

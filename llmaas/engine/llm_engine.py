@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llmaas.engine.block_manager import BlockManager
+from llmaas.engine.dtype_choice import auto_dtype
 from llmaas.engine.model_runner import ModelRunner
 from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
@@ -40,7 +41,7 @@ DTYPES = {
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bf16 where the hardware computes in bf16 (CUDA, AVX512_BF16/AMX), else fp32
     device: str | None = None  # None: cuda when present, else cpu
     kv_cache_memory: int = 512 * 2**20  # bytes for the paged KV cache, allocated once at start
     block_size: int = 16
@@ -53,8 +54,11 @@ class EngineConfig:
     pack_weights: bool = True  # CPU: weights in oneDNN's blocked layout (about 2x faster decode)
 
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return auto_dtype(self.torch_device())
         if self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype '{self.dtype}' is not one of {sorted(DTYPES)}", param="dtype")
+            choices = sorted([*DTYPES, "auto"])
+            raise InvalidRequestError(f"dtype '{self.dtype}' is not one of {choices}", param="dtype")
         return DTYPES[self.dtype]
 
     def torch_device(self) -> torch.device:
@@ -109,7 +113,7 @@ class LLMEngine:
             "loaded %s (%s, %s) in %.2fs: %s; KV cache %d blocks x %d tokens = %.0f MiB",
             config.model,
             self.model_config.family,
-            config.dtype,
+            str(dtype).removeprefix("torch."),
             self.load_seconds,
             self.model_report.summary(),
             self.runner.num_blocks,
