@@ -65,7 +65,7 @@ def test_kill_9_under_load_then_restart(tmp_path):
             "messages": [{"role": "user", "content": "Tell me a story"}],
             "max_tokens": 64,
         }
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             while not stop.is_set():
                 try:
                     r = c.post("/v1/chat/completions", json=body)
@@ -77,7 +77,7 @@ def test_kill_9_under_load_then_restart(tmp_path):
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180  # generous: a loaded 2-core machine serves slowly; we stop at 10
     while len(completed) < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
