@@ -20,13 +20,11 @@ import torch
 from torch import nn
 
 from llmaas.errors import ModelLoadError
-from llmaas.models.attention import ForwardBatch
 from llmaas.models.deepseek_config import DeepseekConfig
 from llmaas.models.deepseek_routing import v2_route, v3_route
-from llmaas.models.dense import MLP, RMSNorm
+from llmaas.models.dense import MLP, DenseDecoder, PreNormLayer, RMSNorm
 from llmaas.models.mla import MLAttention
 from llmaas.models.moe import Experts
-from llmaas.models.rope import RotaryEmbedding
 
 
 class DeepseekRouter(nn.Module):
@@ -74,7 +72,7 @@ class DeepseekMoE(nn.Module):
         return out
 
 
-class DeepseekLayer(nn.Module):
+class DeepseekLayer(PreNormLayer):
     def __init__(self, cfg: DeepseekConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -84,44 +82,17 @@ class DeepseekLayer(nn.Module):
             DeepseekMoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
+class DeepseekDecoder(DenseDecoder):
+    """The dense decoder's stack with DeepSeek layers; rotary on the qk_rope_head_dim part only."""
 
-class DeepseekDecoder(nn.Module):
-    """Token ids [T] (flattened over the batch) -> hidden states [T, hidden]; logits on demand."""
-
+    layer_class = DeepseekLayer
     # Kept in fp32 whatever the model dtype: expert selection is a discontinuous function of them.
     fp32_parameter_suffixes = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
-    def __init__(self, cfg: DeepseekConfig):
-        super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(
-            cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
-        )
-        self.layers = nn.ModuleList(DeepseekLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def attention_layers(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.layers]
-
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(batch.positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, batch, rope)
-        return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    @staticmethod
+    def rope_dim(cfg: DeepseekConfig) -> int:
+        return cfg.qk_rope_head_dim
 
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")

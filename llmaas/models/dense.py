@@ -89,13 +89,13 @@ def build_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
     )
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int = 0):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = build_mlp(cfg, layer)
+class PreNormLayer(nn.Module):
+    """x + attention(norm(x)), then + mlp(norm(x)); subclasses build the four modules."""
+
+    input_layernorm: nn.Module
+    self_attn: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
@@ -104,17 +104,35 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class DecoderLayer(PreNormLayer):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = build_mlp(cfg, layer)
+
+
 class DenseDecoder(nn.Module):
-    """Token ids [T] (flattened over the batch) -> hidden states [T, hidden]; logits on demand."""
+    """Token ids [T] (flattened over the batch) -> hidden states [T, hidden]; logits on demand.
+
+    Other families reuse it with their own `layer_class` and `rope_dim`.
+    """
+
+    layer_class: type[nn.Module] = DecoderLayer
+
+    @staticmethod
+    def rope_dim(cfg) -> int:
+        return cfg.head_dim
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+            self.rope_dim(cfg), cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
