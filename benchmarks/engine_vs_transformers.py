@@ -1,6 +1,6 @@
 """Our engine against transformers, same model, same process, same run: SmolLM2-135M on this machine.
 
-What it measures (greedy, ignore_eos, bf16; the engine also once per --quantization):
+What it measures (greedy, ignore_eos, the default dtype (bf16 or fp32, see dtype_choice); the engine also once per --quantization):
 
 1. Batch-1 decode: one ~16-token prompt, 128 new tokens; output tok/s over the whole call.
    transformers: `model.generate(do_sample=False, max_new_tokens=128, min_new_tokens=128)`, default cache.
@@ -41,11 +41,12 @@ from pathlib import Path
 import torch
 
 from llmaas import LLM, SamplingParams
+from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.engine.outputs import RequestOutput
 from llmaas.models.catalog import resolve_model_dir
 
 MODEL = "smollm2-135m"
-DTYPE = "bfloat16"
+DTYPE = resolve_dtype_name("auto")  # bf16 where the CPU computes in it, else fp32
 _ttft_ids = itertools.count()
 
 # Original prose, written for this benchmark, so prompts are real English without a download.
@@ -157,7 +158,7 @@ def build_engine(quantization: str, **kwargs) -> LLM:
 
 
 def engine_name(quantization: str) -> str:
-    return "llmaas bf16" if quantization == "none" else f"llmaas {quantization} weights"
+    return f"llmaas {DTYPE}" if quantization == "none" else f"llmaas {quantization} weights"
 
 
 def engine_generate(llm: LLM, prompts: list[list[int]], max_tokens: int):
@@ -212,7 +213,7 @@ def load_transformers(model_dir: Path):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPE)).eval()
     return model, tokenizer
 
 

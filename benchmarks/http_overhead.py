@@ -1,6 +1,6 @@
 """What the HTTP layer costs next to the model: the engine in-process against the same over loopback HTTP.
 
-Issue 3's targets, for SmolLM2-135M in bf16 on this machine, measured in one run:
+Issue 3's targets, for SmolLM2-135M in the engine's default dtype on this machine, measured in one run:
 
 1. max_tokens=1 latency, p50 over sequential requests of short distinct prompts: the HTTP p50 minus the
    engine's p50 must be under 2 ms.
@@ -59,13 +59,14 @@ import httpx
 import torch
 
 from llmaas.engine.async_engine import AsyncEngine
+from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.engine.llm_engine import EngineConfig, LLMEngine
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.models.catalog import resolve_model_dir
 from llmaas.models.tokenizer import Tokenizer
 
 MODEL = "smollm2-135m"
-DTYPE = "bfloat16"
+DTYPE = resolve_dtype_name("auto")  # bf16 where the CPU computes in it, else fp32
 HOST = "127.0.0.1"
 SERVER_START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 600.0

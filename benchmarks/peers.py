@@ -46,6 +46,7 @@ from llmaas.bench.cli import machine_info
 from llmaas.bench.prompts import make_prompt_set
 from llmaas.bench.report import plot_throughput_latency, write_json
 from llmaas.bench.runner import LevelSpec, Target, run_levels
+from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.paths import llmaas_home
 
 MODEL = "smollm2-135m"
@@ -432,9 +433,10 @@ def main() -> int:
     ap.add_argument("--shared-prefix-len", type=int, default=0)
     ap.add_argument(
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float32"],
-        help="llmaas's and transformers' weights (llama-server runs the GGUF's Q4_1)",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="llmaas's and transformers' weights (llama-server runs the GGUF's Q4_1); auto: what the "
+        "engine picks on this machine (bfloat16 where the CPU has native bf16, else float32)",
     )
     ap.add_argument(
         "--threads",
@@ -454,6 +456,7 @@ def main() -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("results/peers"))
     args = ap.parse_args()
+    args.dtype = resolve_dtype_name(args.dtype)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
