@@ -1,6 +1,7 @@
 """Our engine against transformers, same model, same process, same run: SmolLM2-135M on this machine.
 
-What it measures (greedy, ignore_eos, the default dtype (bf16 or fp32, see dtype_choice); the engine also once per --quantization):
+What it measures (greedy, ignore_eos, the engine's auto dtype: bf16 or fp32, see dtype_choice;
+the engine also once per --quantization):
 
 1. Batch-1 decode: one ~16-token prompt, 128 new tokens; output tok/s over the whole call.
    transformers: `model.generate(do_sample=False, max_new_tokens=128, min_new_tokens=128)`, default cache.

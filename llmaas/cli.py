@@ -166,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from llmaas.bench.cost import add_from_cost_args
     from llmaas.billing.cli_commands import add_billing_parsers
 
-    add_billing_parsers(sub)
+    add_from_cost_args(add_billing_parsers(sub))  # `prices set --from-cost`: bench fills billing's prices
 
     from llmaas.distill.cli import add_distill_parsers
 

@@ -387,17 +387,12 @@ def add_from_cost_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cached-input-ratio", default="0.1", help="cached input / input price (default 0.1)")
     g.add_argument("--concurrency", type=int, default=None, help="price from this level (default: cheapest)")
     g.add_argument("--max-ttft-p99", type=float, default=None, help="latency bound when choosing the level")
+    p.set_defaults(fill_prices=resolve_price_args)
 
 
 def resolve_price_args(args: argparse.Namespace) -> None:
-    """Fill args.input / cached_input / output from --from-cost, or check they were given."""
+    """Fill args.input / cached_input / output from --from-cost (billing checks they are all set)."""
     if getattr(args, "from_cost", None) is None:
-        missing = [n for n in ("input", "cached_input", "output") if getattr(args, n) is None]
-        if missing:
-            raise InvalidRequestError(
-                f"give --{missing[0].replace('_', '-')} (or all prices from a bench result: --from-cost)",
-                missing[0],
-            )
         return
     given = [n for n in ("input", "cached_input", "output") if getattr(args, n) is not None]
     if given:

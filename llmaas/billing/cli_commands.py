@@ -380,9 +380,14 @@ def _price_record(p) -> dict[str, object]:
 
 @_verb
 def cmd_prices_set(args: argparse.Namespace) -> int:
-    from llmaas.bench.cost import resolve_price_args  # --from-cost: prices from a bench result
-
-    resolve_price_args(args)
+    # A plug-in (llmaas bench's --from-cost) may fill the three prices from elsewhere first.
+    fill_prices = getattr(args, "fill_prices", None)
+    if fill_prices is not None:
+        fill_prices(args)
+    missing = [n for n in ("input", "cached_input", "output") if getattr(args, n) is None]
+    if missing:
+        hint = " (or all prices from a bench result: --from-cost)" if fill_prices is not None else ""
+        raise InvalidRequestError(f"give --{missing[0].replace('_', '-')}{hint}", missing[0])
     # Check all three before opening the database (set_price checks them too, before writing).
     for value, param in ((args.input, "input"), (args.cached_input, "cached_input"), (args.output, "output")):
         usd_to_micros(value, param)
@@ -541,8 +546,11 @@ def _leaf(
     return p
 
 
-def add_billing_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Add the verbs `accounts`, `keys`, `credits`, `prices` and `usage` to `llmaas`'s subparsers."""
+def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the verbs `accounts`, `keys`, `credits`, `prices` and `usage` to `llmaas`'s subparsers.
+
+    Returns the `prices set` parser, for options that fill its prices (a `fill_prices(args)` default).
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--database-url",
@@ -610,9 +618,7 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cached-input", help="USD per 1M cached prompt tokens")
     p.add_argument("--output", help="USD per 1M completion tokens")
     p.add_argument("--effective-from", default=None, help="ISO datetime, UTC unless zoned (default: now)")
-    from llmaas.bench.cost import add_from_cost_args
-
-    add_from_cost_args(p)
+    prices_set = p
     p = _leaf(pp, "list", "list every price version, oldest first", cmd_prices_list, common)
     p.add_argument("--model", default=None, help="only this model's history")
 
@@ -633,3 +639,4 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--group-by", default=None, help=f"comma-separated: {','.join(GROUP_BY)}")
     p.add_argument("--csv", action="store_true", help="print CSV (one row per bucket and group, no total)")
+    return prices_set

@@ -121,7 +121,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32"],
-        help="scoring and decode dtype (default auto: bfloat16 where the hardware has it natively, else float32)",
+        help="scoring and decode dtype (default auto: bfloat16 where the hardware has it natively, "
+        "else float32)",
     )
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")

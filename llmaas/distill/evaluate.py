@@ -259,8 +259,9 @@ def markdown_table(rows: list[EvalRow], cfg: EvalConfig) -> str:
             f"{f(r.agreement, '.1%')} | {f(r.kl, '.4f')} | {f(r.decode_tok_s, '.1f')} | "
             f"{f(r.usd_per_mtok, '.2f')} |"
         )
+    dtype = resolve_dtype_name(cfg.dtype, cfg.device or "cpu")
     lines.append(
         f"\nHeld-out text: {', '.join(cfg.data)}; {rows[0].scored_bytes:,} bytes scored. Decode: batch 1, "
-        f"greedy, {cfg.decode_tokens} tokens, {resolve_dtype_name(cfg.dtype, cfg.device or 'cpu')}, median of {cfg.decode_rounds} rounds."
+        f"greedy, {cfg.decode_tokens} tokens, {dtype}, median of {cfg.decode_rounds} rounds."
     )
     return "\n".join(lines)
