@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from llmaas import LLM, SamplingParams
+from llmaas.cpu_info import cpu_model
 from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.engine.outputs import RequestOutput
 from llmaas.models.catalog import resolve_model_dir
@@ -91,16 +92,6 @@ night: wind from the west, three ships, the lamp burned well.
 
 
 # ----------------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def rss_bytes() -> int:
     """This process's resident set size, from /proc (psutil is not a dependency)."""
     for line in Path("/proc/self/status").read_text().splitlines():

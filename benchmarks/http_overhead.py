@@ -58,6 +58,7 @@ from typing import TypeVar
 import httpx
 import torch
 
+from llmaas.cpu_info import cpu_model
 from llmaas.engine.async_engine import AsyncEngine
 from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.engine.llm_engine import EngineConfig, LLMEngine
@@ -90,16 +91,6 @@ _loads: list[float] = []  # 1-minute load average, sampled at every progress lin
 
 
 # ----------------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def llmaas_source() -> str:
     """Where llmaas is imported from, with its git commit (and '+dirty') when that is a checkout."""
     import llmaas

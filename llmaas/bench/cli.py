@@ -12,21 +12,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from llmaas.cpu_info import cpu_model
 from llmaas.errors import LlmaasError
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict:
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def _concurrency_list(text: str) -> list[int]:

@@ -8,25 +8,11 @@ fp32 (docs/performance.md). `auto` therefore picks bf16 only where it is native.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 
+from llmaas.cpu_info import cpu_flags  # empty off Linux: we then assume no native bf16
+
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty elsewhere: we then assume no native bf16)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:
