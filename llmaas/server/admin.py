@@ -307,6 +307,20 @@ def _page(data: list) -> dict[str, Any]:
     return {"object": "page", "data": data, "has_more": False, "next_page": None}
 
 
+def _bucket_page(buckets, result) -> dict[str, Any]:
+    """OpenAI's page of time buckets, each row of a bucket shaped by `result`."""
+    data = [
+        {
+            "object": "bucket",
+            "start_time": b.start_time,
+            "end_time": b.end_time,
+            "results": [result(r) for r in b.results],
+        }
+        for b in buckets
+    ]
+    return _page(data)
+
+
 @organization.get("/usage/completions")
 async def usage_completions(request: Request) -> JSONResponse:
     args = _report_args(request)
@@ -329,16 +343,7 @@ async def usage_completions(request: Request) -> JSONResponse:
             "batch": None,
         }
 
-    data = [
-        {
-            "object": "bucket",
-            "start_time": b.start_time,
-            "end_time": b.end_time,
-            "results": [result(r) for r in b.results],
-        }
-        for b in buckets
-    ]
-    return JSONResponse(_page(data))
+    return JSONResponse(_bucket_page(buckets, result))
 
 
 @organization.get("/costs")
@@ -356,16 +361,7 @@ async def costs(request: Request) -> JSONResponse:
             "api_key_id": row.api_key_id if "api_key_id" in grouped else None,
         }
 
-    data = [
-        {
-            "object": "bucket",
-            "start_time": b.start_time,
-            "end_time": b.end_time,
-            "results": [result(r) for r in b.results],
-        }
-        for b in buckets
-    ]
-    return JSONResponse(_page(data))
+    return JSONResponse(_bucket_page(buckets, result))
 
 
 __all__ = ["admin", "organization"]
