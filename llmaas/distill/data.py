@@ -26,9 +26,10 @@ import importlib.util
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -151,23 +152,26 @@ def wiki_documents() -> list[Document]:
     return docs
 
 
-def _jsonl_documents(path: Path) -> list[Document]:
-    docs = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "FILE line N", object) per non-blank line; a line that is not JSON raises, naming it."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path} line {number}"
             try:
                 obj = json.loads(line)
             except ValueError as exc:
-                raise InvalidRequestError(
-                    f"{path} line {number}: not valid JSON ({exc})", param="data"
-                ) from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InvalidRequestError(
-                    f'{path} line {number}: expected an object with a "text" string', param="data"
-                )
-            docs.append(Document(f"{path.name}:{number}", obj["text"]))
+                raise InvalidRequestError(f"{where}: not valid JSON ({exc})", param="data") from exc
+            yield number, where, obj
+
+
+def _jsonl_documents(path: Path) -> list[Document]:
+    docs = []
+    for number, where, obj in jsonl_records(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise InvalidRequestError(f'{where}: expected an object with a "text" string', param="data")
+        docs.append(Document(f"{path.name}:{number}", obj["text"]))
     return docs
 
 

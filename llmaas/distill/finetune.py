@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from llmaas.distill.data import jsonl_records
 from llmaas.distill.losses import cross_entropy
 from llmaas.distill.modeling import load_trainable, save_hf_model, sequence_logits
 from llmaas.distill.trainer import lr_factor
@@ -62,32 +63,20 @@ def read_conversations(path: Path) -> list[list[dict[str, Any]]]:
     if not path.is_file():
         raise InvalidRequestError(f"data file {path} does not exist", param="data")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise InvalidRequestError(f"{where}: not valid JSON ({exc})", param="data") from exc
-            messages = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise InvalidRequestError(f'{where}: expected {{"messages": [...]}}', param="data")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise InvalidRequestError(f"{where}: messages[{i}] needs a role", param="data")
-                if not isinstance(m.get("content"), str):
-                    raise InvalidRequestError(
-                        f"{where}: messages[{i}].content must be a string", param="data"
-                    )
-            if not any(m["role"] == "assistant" for m in messages):
-                raise InvalidRequestError(f"{where}: no assistant message to learn from", param="data")
-            if messages[0]["role"] == "assistant":
-                raise InvalidRequestError(
-                    f"{where}: the conversation starts with the assistant", param="data"
-                )
-            conversations.append(messages)
+    for _, where, obj in jsonl_records(path):
+        messages = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError(f'{where}: expected {{"messages": [...]}}', param="data")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise InvalidRequestError(f"{where}: messages[{i}] needs a role", param="data")
+            if not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"{where}: messages[{i}].content must be a string", param="data")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise InvalidRequestError(f"{where}: no assistant message to learn from", param="data")
+        if messages[0]["role"] == "assistant":
+            raise InvalidRequestError(f"{where}: the conversation starts with the assistant", param="data")
+        conversations.append(messages)
     if not conversations:
         raise InvalidRequestError(f"data file {path} is empty", param="data")
     return conversations

@@ -16,34 +16,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmaas.distill.data import Document
+from llmaas.distill.data import Document, jsonl_records
 from llmaas.errors import InvalidRequestError
 
 
 def read_prompts(path: Path) -> list[Any]:
     """Prompts as strings (plain) or message lists (chat); errors name the line."""
     prompts: list[Any] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                prompts.append(line.rstrip("\n"))
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise InvalidRequestError(
-                    f"{path} line {number}: not valid JSON ({exc})", param="data"
-                ) from exc
+    if path.suffix != ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        for _, where, obj in jsonl_records(path):
             if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
                 prompts.append(obj["prompt"])
             elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
                 prompts.append(obj["messages"])
             else:
                 raise InvalidRequestError(
-                    f'{path} line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}}',
-                    param="data",
+                    f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}', param="data"
                 )
     if not prompts:
         raise InvalidRequestError(f"prompts file {path} is empty", param="data")
