@@ -1,4 +1,5 @@
-"""How requests that do not end normally are billed; first kill -9 of `llmaas serve` under load.
+"""How requests that do not end normally are billed; first kill -9 of `llmaas serve` under load
+(SQLite and PostgreSQL).
 
 Every response the client received in full has exactly one usage record (settled before its last
 byte), the holds of requests that died with the server are released at restart (same --instance-id),
@@ -30,6 +31,8 @@ from tests.test_server_api import MODEL, serve
 from tests.test_server_billing import HELLO, engine  # noqa: F401
 from tests.test_server_cli import LAUNCH, free_port
 
+pytest_plugins = ["tests.billing_services"]  # db_url: SQLite and PostgreSQL
+
 
 def start(model_dir, db_url: str, port: int) -> subprocess.Popen:
     args = ["serve", "--model", str(model_dir), "--served-model-name", "tiny", "--port", str(port)]
@@ -51,9 +54,9 @@ def start(model_dir, db_url: str, port: int) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")
-def test_kill_9_under_load_then_restart(tmp_path):
+def test_kill_9_under_load_then_restart(tmp_path, db_url):
+    """On SQLite and on PostgreSQL (db_url: a fresh file, or the run's database emptied)."""
     model_dir = make_tiny_checkpoint("llama", tmp_path, max_position_embeddings=1024)
-    db_url = f"sqlite:///{tmp_path / 'billing.sqlite3'}"
     port = free_port()
     proc = start(model_dir, db_url, port)
     completed: list[str] = []
@@ -78,7 +81,7 @@ def test_kill_9_under_load_then_restart(tmp_path):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 180  # generous: a loaded 2-core machine serves slowly; we stop at 10
-    while len(completed) < 10 and time.monotonic() < deadline:
+    while len(completed) < 10 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -102,7 +105,10 @@ def test_kill_9_under_load_then_restart(tmp_path):
             per_request = session.execute(
                 select(UsageRecord.request_id, func.count()).group_by(UsageRecord.request_id)
             ).all()
-        assert all(count == 1 for _, count in per_request)
+            charges = session.scalar(
+                select(func.count()).select_from(LedgerEntry).where(LedgerEntry.kind == "charge")
+            )
+        assert all(count == 1 for _, count in per_request) and charges == len(per_request)
         b = balance(db, "default")
         assert b.held_micros == 0 and b.available_micros == granted - spent
     finally:
