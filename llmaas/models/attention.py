@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmaas.kernels import cpu_ops
+
 FUSED_DECODE_MAX_BATCH = 2  # measured on CPU: SDPA wins below this, two batched matmuls above
 
 
@@ -34,6 +36,8 @@ class DecodeBatch:
     start: int  # first decode token in the flat batch; decode tokens run to the end
     block_tables: torch.Tensor  # [B, num_blocks] cache blocks of each sequence, padded with block 0
     mask: torch.Tensor  # [B, 1, 1, num_blocks * block_size] True = may attend
+    seq_lens: torch.Tensor  # [B] keys each query sees (the native kernel reads these, not the mask)
+    sliding_window: int | None
 
 
 @dataclass
@@ -128,7 +132,7 @@ def _decode_batch(
     mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
     if sliding_window is not None:
         mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
-    return DecodeBatch(start, tables.to(device), mask[:, None, None, :].to(device))
+    return DecodeBatch(start, tables.to(device), mask[:, None, None, :].to(device), lens.to(device), sliding_window)
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -178,6 +182,16 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool,
     )
 
 
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """k, v: [T, Hk, D] into caches [Hk, num_blocks, block_size, D] at flat slots [T]."""
+    k_flat = k_cache.view(k_cache.shape[0], -1, k_cache.shape[-1])  # [Hk, slots, D]
+    v_flat = v_cache.view(v_cache.shape[0], -1, v_cache.shape[-1])
+    k_flat.index_copy_(1, slots, k.transpose(0, 1).to(k_flat.dtype))
+    v_flat.index_copy_(1, slots, v.transpose(0, 1).to(v_flat.dtype))
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,13 +202,25 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [Hk, num_blocks, block_size, D]. Returns [T, Hq, D]."""
-    k_flat = k_cache.view(k_cache.shape[0], -1, k_cache.shape[-1])  # [Hk, slots, D]
-    v_flat = v_cache.view(v_cache.shape[0], -1, v_cache.shape[-1])
-    k_flat.index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_flat.dtype))
-    v_flat.index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_flat.dtype))
+    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+    return attend_cached(q, k, v, k_cache, v_cache, batch, scale)
+
+
+def attend_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention once this step's k and v are in the cache."""
     if not batch.prefills and batch.decode is not None:  # the common pure-decode step: no scatter
-        return decode_attention(q, *_gathered(k_cache, v_cache, batch.decode), batch.decode.mask, scale)
+        return _decode(q, k_cache, v_cache, batch.decode, scale)
     out = torch.empty_like(q)
+    k_flat = k_cache.view(k_cache.shape[0], -1, k_cache.shape[-1])
+    v_flat = v_cache.view(v_cache.shape[0], -1, v_cache.shape[-1])
     for seg in batch.prefills:
         sl = slice(seg.start, seg.start + seg.length)
         qs = q[sl].transpose(0, 1).unsqueeze(0)
@@ -205,9 +231,17 @@ def paged_attention(
         o = _sdpa(qs, ks.unsqueeze(0), vs.unsqueeze(0), seg.mask, seg.mask is None, scale)
         out[sl] = o.squeeze(0).transpose(0, 1)
     if batch.decode is not None:
-        d = batch.decode
-        out[d.start :] = decode_attention(q[d.start :], *_gathered(k_cache, v_cache, d), d.mask, scale)
+        out[batch.decode.start :] = _decode(q[batch.decode.start :], k_cache, v_cache, batch.decode, scale)
     return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float):
+    """Decode queries [B, Hq, D]: the native kernel reads the cache in place; else gather, then attend."""
+    if cpu_ops.decode_fits(q, k_cache, d.block_tables):
+        return cpu_ops.paged_decode_attention(
+            q, k_cache, v_cache, d.block_tables, d.seq_lens, d.sliding_window, scale
+        )
+    return decode_attention(q, *_gathered(k_cache, v_cache, d), d.mask, scale)
 
 
 def _gathered(

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmaas.models.attention import ForwardBatch, allocate_kv_cache, paged_attention
+from llmaas.kernels import cpu_ops
+from llmaas.models.attention import ForwardBatch, allocate_kv_cache, attend_cached, paged_attention
 from llmaas.models.config import ModelConfig
 from llmaas.models.moe import SparseMoeBlock
 from llmaas.models.rope import RotaryEmbedding, apply_rotary
@@ -24,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_ops.fits(x):  # decode-sized steps on the CPU: one native call
+            return cpu_ops.rms_norm(x, self.weight, self.eps)
         # One fused op; it normalises in fp32 internally, like HF's reference implementation.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -52,6 +55,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        if self.q_norm is None and cpu_ops.can_write_kv(qkv, rope[0], self.k_cache):
+            # Native: rotary in place and the cache write in one call, decode attention from the cache.
+            heads = (self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k, v = cpu_ops.rope_write_kv(qkv, *heads, rope, batch.slot_mapping, self.k_cache, self.v_cache)
+            o = attend_cached(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
+            return self.o_proj(o.reshape(-1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -71,7 +80,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_ops.fits(gate_up):
+            return self.down_proj(cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,1 @@
+"""Native kernels: C++ loops the engine calls where torch would dispatch many small ops."""

@@ -1,0 +1,191 @@
+"""Torch-facing wrappers of the native CPU kernels (cpu_kernels.cpp).
+
+Each `*_fits` check says whether a call can take the native path: CPU tensors in fp32 or bf16, laid
+out as the kernel expects, steps of at most MAX_TOKENS tokens (larger prefills keep torch's
+multi-threaded ops; the kernels run on one thread), and the library built. Otherwise the caller uses
+its torch code, which gives the same results up to rounding. `ENABLED = False` turns the native path
+off in this process (tests compare both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from llmaas.kernels.build import load_cpu_kernels
+
+ENABLED = True
+MAX_TOKENS = 64  # per step; more tokens are a prefill, where torch's threaded ops win
+MAX_ATTENDED_KEYS = 32 * 1024  # decode batch x context: beyond it torch's threaded matmuls win
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "llmaas_rms_norm": [_int, _p, _i64, _p, _p, _i64, _i64, _i64, _f32],
+    "llmaas_silu_mul": [_int, _p, _i64, _p, _i64, _i64, _i64],
+    "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64],
+    "llmaas_paged_decode_attention": [
+        _int, _p, _i64, _p, _p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p,
+    ],
+}
+_lib: ctypes.CDLL | None = None
+_loaded = False
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _loaded
+    if not _loaded:
+        _lib = load_cpu_kernels()
+        if _lib is not None:
+            for name, argtypes in _SIGNATURES.items():
+                fn = getattr(_lib, name)
+                fn.argtypes, fn.restype = argtypes, None
+        _loaded = True
+    return _lib
+
+
+def available() -> bool:
+    return ENABLED and _library() is not None
+
+
+def fits(x: torch.Tensor) -> bool:
+    """x: [tokens, features] with unit stride along features, on the CPU, fp32 or bf16."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPE_CODES
+        and x.dim() == 2
+        and x.shape[0] <= MAX_TOKENS
+        and x.stride(1) == 1
+        and available()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (dim,), weight, eps) for x that `fits`; the weight is cast to x's dtype if needed."""
+    weight = weight.to(x.dtype).contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    rows, dim = x.shape
+    _library().llmaas_rms_norm(
+        _DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), dim, rows, dim, eps
+    )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] that `fits`: [tokens, 2 * inter] -> [tokens, inter]."""
+    rows, width = gate_up.shape
+    inter = width // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    _library().llmaas_silu_mul(
+        _DTYPE_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows, inter
+    )
+    return out
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q and k of a fused qkv projection in place and write k, v to their cache slots.
+
+    qkv: [tokens, (q_heads + 2 kv_heads) * head_dim] that `fits`; cos, sin: [tokens, 1, head_dim] in
+    qkv's dtype; caches: [kv_heads, blocks, block_size, head_dim]. Returns the q, k, v views.
+    """
+    tokens = qkv.shape[0]
+    cos, sin = (t.contiguous() for t in cos_sin)
+    slots = slots.contiguous()
+    q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
+    elem = qkv.element_size()
+    base = qkv.data_ptr()
+    _library().llmaas_rope_write_kv(
+        _DTYPE_CODES[qkv.dtype],
+        base,
+        base + q_size * elem,
+        base + (q_size + kv_size) * elem,
+        qkv.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        tokens,
+        q_heads,
+        kv_heads,
+        head_dim,
+        slots.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[1] * k_cache.shape[2],
+    )
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return (
+        q.view(tokens, q_heads, head_dim),
+        k.view(tokens, kv_heads, head_dim),
+        v.view(tokens, kv_heads, head_dim),
+    )
+
+
+def can_write_kv(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return fits(qkv) and cos.dtype == qkv.dtype and k_cache.dtype == qkv.dtype and k_cache.is_contiguous()
+
+
+def decode_fits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> bool:
+    """q: [batch, q_heads, head_dim], one query per sequence, heads contiguous."""
+    batch = q.shape[0]
+    keys = batch * block_tables.shape[1] * k_cache.shape[2]
+    return (
+        q.device.type == "cpu"
+        and q.dtype in _DTYPE_CODES
+        and k_cache.dtype == q.dtype
+        and k_cache.is_contiguous()
+        and batch <= MAX_TOKENS
+        and keys <= MAX_ATTENDED_KEYS
+        and q.stride(2) == 1
+        and q.stride(1) == q.shape[2]
+        and available()
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sliding_window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query per sequence over its keys, read in place from the paged caches.
+
+    q: [batch, q_heads, head_dim] that `decode_fits`; block_tables: [batch, width] int64;
+    seq_lens: [batch] int64, keys each query sees. Returns [batch, q_heads, head_dim].
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads, _, block_size, _ = k_cache.shape
+    tables = block_tables.contiguous()
+    lens = seq_lens.contiguous()
+    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
+    _library().llmaas_paged_decode_attention(
+        _DTYPE_CODES[q.dtype],
+        q.data_ptr(),
+        q.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[1] * block_size,
+        tables.data_ptr(),
+        tables.shape[1],
+        lens.data_ptr(),
+        batch,
+        q_heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        sliding_window or 0,
+        scale,
+        out.data_ptr(),
+    )
+    return out

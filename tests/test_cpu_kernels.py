@@ -1,0 +1,160 @@
+"""Native CPU kernels (llmaas/kernels) against the torch code they replace, and their fallbacks.
+
+fp32 results must match torch to rounding; bf16 ones to a bf16 step (the kernels keep fp32 inside and
+round once, torch rounds after every op). The engine must give the same greedy tokens and nearly the
+same logprobs with the kernels on and off.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmaas import LLM, SamplingParams
+from llmaas.engine.llm_engine import EngineConfig
+from llmaas.kernels import build, cpu_ops
+from llmaas.models.attention import decode_attention, gather_blocks
+from llmaas.models.rope import RotaryEmbedding, apply_rotary
+from tests.model_factory import make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler for the native kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 3e-2
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = max(1.0, float(want.float().abs().max()))
+    assert (got.float() - want.float()).abs().max().item() <= tolerance(dtype) * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_torch_on_strided_rows(dtype):
+    torch.manual_seed(0)
+    wide = torch.randn(7, 96, dtype=dtype)
+    x = wide[:, 16:80]  # rows 96 apart, features contiguous
+    weight = torch.randn(64, dtype=dtype)
+    assert cpu_ops.fits(x)
+    close(cpu_ops.rms_norm(x, weight, 1e-6), F.rms_norm(x, (64,), weight, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_torch(dtype):
+    torch.manual_seed(1)
+    gate_up = torch.randn(5, 2 * 48, dtype=dtype) * 3
+    gate, up = gate_up.split(48, dim=-1)
+    close(cpu_ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_rotates_in_place_and_fills_the_cache(dtype):
+    torch.manual_seed(2)
+    tokens, q_heads, kv_heads, dim, block_size, blocks = 5, 6, 2, 16, 4, 4
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * dim, dtype=dtype)
+    rope = RotaryEmbedding(dim, 64, 10000.0, None).lookup(torch.tensor([3, 4, 9, 10, 30]), dtype)
+    q, k, v = (t.clone() for t in qkv.split([q_heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    want_q, want_k = apply_rotary(q.view(tokens, q_heads, dim), k.view(tokens, kv_heads, dim), rope)
+    k_cache = torch.zeros(kv_heads, blocks, block_size, dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([0, 5, 6, 7, 12])
+    got_q, got_k, got_v = cpu_ops.rope_write_kv(qkv, q_heads, kv_heads, dim, rope, slots, k_cache, v_cache)
+    close(got_q, want_q, dtype)
+    close(got_k, want_k, dtype)
+    assert torch.equal(got_v, v.view(tokens, kv_heads, dim))
+    cached_k = k_cache.view(kv_heads, -1, dim)[:, slots].transpose(0, 1)
+    cached_v = v_cache.view(kv_heads, -1, dim)[:, slots].transpose(0, 1)
+    assert torch.equal(cached_k, got_k) and torch.equal(cached_v, got_v)
+    untouched = torch.ones(blocks * block_size, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache.view(kv_heads, -1, dim)[:, untouched].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_decode_attention_matches_gather_then_attend(dtype, window):
+    torch.manual_seed(3)
+    q_heads, kv_heads, dim, block_size = 6, 2, 16, 4
+    k_cache = torch.randn(kv_heads, 12, block_size, dim, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.tensor([[1, 4, 7, 0, 0, 0], [2, 3, 5, 8, 9, 10], [11, 0, 0, 0, 0, 0]])
+    lens = torch.tensor([10, 23, 3])
+    q = torch.randn(3, q_heads, dim, dtype=dtype)
+    positions = torch.arange(tables.shape[1] * block_size)
+    mask = positions[None] < lens[:, None]
+    if window is not None:
+        mask &= positions[None] > (lens - 1 - window)[:, None]
+    gathered = gather_blocks(k_cache, tables), gather_blocks(v_cache, tables)
+    want = decode_attention(q, *gathered, mask[:, None, None, :], dim**-0.5)
+    assert cpu_ops.decode_fits(q, k_cache, tables)
+    got = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, window, dim**-0.5)
+    close(got, want, dtype)
+
+
+def test_fits_refuses_what_the_kernels_do_not_handle():
+    assert not cpu_ops.fits(torch.randn(cpu_ops.MAX_TOKENS + 1, 8))  # a prefill: torch's threads win
+    assert not cpu_ops.fits(torch.randn(4, 8, dtype=torch.float16))
+    assert not cpu_ops.fits(torch.randn(8, 4).t())  # features not contiguous
+    assert not cpu_ops.fits(torch.randn(2, 3, 8))
+    cache = torch.zeros(2, 4, 4, 16)
+    assert not cpu_ops.decode_fits(torch.randn(4, 16, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long))
+
+
+def generate(llm: LLM, prompts: list[list[int]], enabled: bool, monkeypatch) -> list:
+    monkeypatch.setattr(cpu_ops, "ENABLED", enabled)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    return [o.outputs[0] for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_engine_gives_the_same_tokens_with_and_without_kernels(tmp_path, monkeypatch, family):
+    overrides = {"sliding_window": 6} if family == "mistral" else {}
+    model = make_tiny_checkpoint(family, tmp_path, **overrides)
+    llm = LLM(config=EngineConfig(model=str(model), dtype="float32", block_size=4, kv_cache_memory=2**20))
+    prompts = [[5, 17, 33, 101, 7], [9, 250, 14, 3, 88, 61, 12, 40, 41], [77, 78], list(range(10, 40))]
+    calls = []
+    real = cpu_ops.paged_decode_attention
+    monkeypatch.setattr(cpu_ops, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
+    native = generate(llm, prompts, True, monkeypatch)
+    assert calls, "the engine never took the native decode path"
+    calls.clear()
+    plain = generate(llm, prompts, False, monkeypatch)
+    assert not calls
+    for a, b in zip(native, plain):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert abs(la.logprob - lb.logprob) < 1e-4
+
+
+def test_no_compiler_or_switched_off_falls_back_with_a_reason(monkeypatch, caplog):
+    build.load_cpu_kernels.cache_clear()
+    try:
+        monkeypatch.setenv("LLMAAS_CPU_KERNELS", "0")
+        assert build.load_cpu_kernels() is None
+        build.load_cpu_kernels.cache_clear()
+        monkeypatch.delenv("LLMAAS_CPU_KERNELS")
+        monkeypatch.setenv("CXX", "no-such-compiler-here")
+        with caplog.at_level(logging.WARNING, logger="llmaas.kernels"):
+            assert build.load_cpu_kernels() is None
+        assert "no C++ compiler" in caplog.text
+    finally:
+        build.load_cpu_kernels.cache_clear()
+
+
+def test_a_failing_build_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(build, "SOURCE", broken)
+    monkeypatch.setenv("LLMAAS_HOME", str(tmp_path / "home"))
+    build.load_cpu_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llmaas.kernels"):
+            assert build.load_cpu_kernels() is None
+        assert "building native CPU kernels failed" in caplog.text
+    finally:
+        build.load_cpu_kernels.cache_clear()
