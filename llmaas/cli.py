@@ -56,9 +56,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument(
         "--quantization",
-        choices=["int8"],
+        choices=["int8", "int4"],
         default=None,
-        help="weight-only int8: faster small-batch decode on CPU",
+        help="weight-only int8 (per channel) or int4 (groups of 32, like Q4_1): faster small-batch "
+        "decode on CPU; int4's kernel needs bf16 (fp32 and CUDA use the dequantized weights)",
     )
 
 

@@ -50,7 +50,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context window
     enable_prefix_caching: bool = True
     seed: int = 0
-    quantization: str | None = None  # "int8": weight-only int8 for small-batch decode
+    quantization: str | None = None  # "int8" / "int4": weight-only, for small-batch decode (quantize.py)
     pack_weights: bool = True  # CPU: weights in oneDNN's blocked layout (about 2x faster decode)
 
     def torch_dtype(self) -> torch.dtype:

@@ -57,7 +57,7 @@ class Experts(nn.Module):
         # Tokens routed to each expert since the last reset; a plain tensor (not a buffer) so it stays
         # out of the state dict and follows the device of the activations.
         self.token_counts: torch.Tensor | None = None
-        # After pack() or quantize_int8(): per expert, [gate_up, down] as nn.Linear-like modules.
+        # After pack() or quantize_int8/int4(): per expert, [gate_up, down] as nn.Linear-like modules.
         self.converted: nn.ModuleList | None = None
 
     def _convert(self, make) -> bool:
@@ -88,6 +88,13 @@ class Experts(nn.Module):
         from llmaas.models.quantize import Int8Linear  # quantize calls this method
 
         return self._convert(Int8Linear)
+
+    def quantize_int4(self) -> bool:
+        """Weight-only int4 in groups of 32, each expert as quantize.Int4Linear; False (experts left
+        unquantized) when a projection's input width is not a multiple of 32."""
+        from llmaas.models.quantize import Int4Linear  # quantize calls this method
+
+        return self._convert(Int4Linear.or_none)
 
     def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         if self.converted is not None:

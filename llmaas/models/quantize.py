@@ -1,9 +1,20 @@
-"""Weight-only int8 quantization (per output channel, symmetric).
+"""Weight-only quantization: int8 (per output channel, symmetric) and int4 (groups of 32, asymmetric).
 
 Why: batch-1 decode on a CPU is bound by how fast weights stream from memory, and torch's bf16
 single-row matmul streams at well under the memory's bandwidth. torch's int8 weight-pack kernel reads
-half the bytes. It is slow for larger batches, so those use the same quantized weights dequantized to
-the compute dtype: one model, the same numbers at every batch size up to rounding.
+half the bytes, its int4 kernel a quarter (plus a bf16 scale and zero per group of 32). Both are slow
+for larger batches, so those use the same quantized weights dequantized to the compute dtype: one
+model, the same numbers at every batch size up to rounding.
+
+int4 is llama.cpp's Q4_1 scheme: each group of 32 input weights of one output row keeps its min `lo`
+and max `hi`; scale = (hi - lo) / 15, q = round((w - lo) / scale) in 0..15, and torch's kernel
+dequantizes (q - 8) * scale + zero with zero = lo + 8 * scale. Its limits, and what we do:
+- the kernel runs on CPU only, and only fast with bf16 activations (fp32 is ~30x slower than a plain
+  matmul): fp32 models and CUDA use the dequantized weights at every batch size;
+- group sizes 32, 64, 128 or 256 dividing K: a layer whose in_features is not a multiple of 32 stays
+  unquantized (in the model dtype; `pack_linears` packs it). Real models' widths are multiples of 64;
+- out_features a multiple of 16: otherwise the layer is quantized but uses the dequantized weights.
+MoE experts are quantized the same way (Experts.quantize_int4), all of one layer's experts or none.
 """
 
 from __future__ import annotations
@@ -16,10 +27,31 @@ from llmaas.errors import InvalidRequestError
 from llmaas.models.packed_linear import pack_weight, packed_linear, replace_linears
 
 SMALL_BATCH = 4  # rows at or below this use the int8 kernel
-SUPPORTED = ("int8",)
+INT4_SMALL_BATCH = 4  # rows at or below this use the int4 kernel (measured: docs/performance.md)
+INT4_GROUP_SIZE = 32
+SUPPORTED = ("int8", "int4")
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """What int8 and int4 share: a dequantized copy of the quantized weight for larger batches."""
+
+    def _keep_dequantized(self, dequantized: torch.Tensor, bias: torch.Tensor | None) -> None:
+        packed = pack_weight(dequantized)
+        # Larger batches read one copy: the packed one where oneDNN takes it, else the plain one.
+        self.register_buffer("packed", packed if packed is not None else torch.empty(0))
+        self.register_buffer("dequantized", dequantized if packed is None else torch.empty(0))
+        self.bias = bias
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed.numel():
+            return packed_linear(x, self.packed, self.bias)
+        return F.linear(x, self.dequantized, self.bias)
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out + self.bias if self.bias is not None else out
+
+
+class Int8Linear(_WeightOnlyLinear):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
@@ -28,29 +60,104 @@ class Int8Linear(nn.Module):
         dtype = linear.weight.dtype
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(dtype))
-        dequantized = (qweight.float() * scales[:, None]).to(dtype)
-        packed = pack_weight(dequantized)
-        # Larger batches read one copy: the packed one where oneDNN takes it, else the plain one.
-        self.register_buffer("packed", packed if packed is not None else torch.empty(0))
-        self.register_buffer("dequantized", dequantized if packed is None else torch.empty(0))
-        self.bias = linear.bias
+        self._keep_dequantized((qweight.float() * scales[:, None]).to(dtype), linear.bias)
         self.use_int8_kernel = qweight.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_int8_kernel and x.dim() == 2 and x.shape[0] <= SMALL_BATCH:
-            out = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
-            return out + self.bias if self.bias is not None else out
-        if self.packed.numel():
-            return packed_linear(x, self.packed, self.bias)
-        return F.linear(x, self.dequantized, self.bias)
+            return self._add_bias(torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype)))
+        return self._dequantized_linear(x)
+
+
+def quantize_int4_groups(
+    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q int32 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]) in weight's dtype.
+
+    Scale and zero are rounded to the weight's dtype first and q is taken against the rounded values,
+    so that (q - 8) * scale + zero is within scale / 2 of w (up to that rounding at a group's edges).
+    """
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    # a constant group gets the dtype's smallest normal scale: q = 8 and w = zero there
+    scale = ((hi - lo) / 15.0).to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny)
+    zero = (lo + 8.0 * scale.float()).to(weight.dtype)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
+    return q.to(torch.int32).reshape(n, k), scale, zero
+
+
+def dequantize_int4_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - 8) * scale + zero per group, in float32, [N, K]."""
+    n, k = q.shape
+    groups = q.float().reshape(n, scale.shape[1], -1) - 8.0
+    return (groups * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """Weight-only int4 in groups of `group_size` input weights (Q4_1-like); see the module docstring."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        n, k = linear.weight.shape
+        if k % group_size:
+            raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+        dtype = linear.weight.dtype
+        q, scale, zero = quantize_int4_groups(linear.weight, group_size)
+        self.group_size = group_size
+        self._keep_dequantized(dequantize_int4_groups(q, scale, zero).to(dtype), linear.bias)
+        # The kernel: CPU, bf16 activations (its fp32 path is ~30x slower), N a multiple of 16.
+        self.use_int4_kernel = (
+            linear.weight.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and n % 16 == 0
+            and int4_kernel_available()
+        )
+        if self.use_int4_kernel:
+            packed_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # two values a byte
+            # [K/g, N, 2]: the kernel's layout of scale and zero
+            scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+        else:
+            packed_q = scales_and_zeros = torch.empty(0)
+        self.register_buffer("int4_weight", packed_q)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    @classmethod
+    def or_none(cls, linear: nn.Linear) -> Int4Linear | None:
+        """Int4Linear(linear), or None (left unquantized) when in_features is not a multiple of 32."""
+        return cls(linear) if linear.in_features % INT4_GROUP_SIZE == 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.use_int4_kernel
+            and x.dim() == 2
+            and x.shape[0] <= INT4_SMALL_BATCH
+            and x.dtype == torch.bfloat16
+        ):
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.contiguous(), self.int4_weight, self.group_size, self.scales_and_zeros
+            )
+            return self._add_bias(out)
+        return self._dequantized_linear(x)
 
 
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) in place, and quantize MoE experts."""
+    """Replace every nn.Linear (lm_head included) in place, and quantize MoE experts.
+
+    int8: every nn.Linear. int4: every nn.Linear whose in_features is a multiple of 32 (the rest stay
+    in the model dtype). MoE experts (weights kept outside nn.Linear) quantize themselves.
+    """
     if method not in SUPPORTED:
         raise InvalidRequestError(f"quantization '{method}' is not one of {SUPPORTED}", param="quantization")
-    replace_linears(model, Int8Linear)
-    for module in model.modules():  # weights kept outside nn.Linear (MoE experts) quantize themselves
-        if hasattr(module, "quantize_int8"):
-            module.quantize_int8()
+    replace_linears(model, Int8Linear if method == "int8" else Int4Linear.or_none)
+    for module in model.modules():
+        quantize_experts = getattr(module, f"quantize_{method}", None)
+        if quantize_experts is not None:
+            quantize_experts()
     return model
