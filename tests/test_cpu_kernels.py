@@ -102,7 +102,11 @@ def test_fits_refuses_what_the_kernels_do_not_handle():
     assert not cpu_ops.fits(torch.randn(8, 4).t())  # features not contiguous
     assert not cpu_ops.fits(torch.randn(2, 3, 8))
     cache = torch.zeros(2, 4, 4, 16)
-    assert not cpu_ops.decode_fits(torch.randn(4, 16, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long))
+    many = cpu_ops.MAX_DECODE_BATCH + 1  # torch's batched matmuls win for more rows
+    assert not cpu_ops.decode_fits(torch.randn(many, 6, 16), cache, torch.zeros(many, 2, dtype=torch.long))
+    assert not cpu_ops.decode_fits(
+        torch.randn(4, 16, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long)
+    )
 
 
 def generate(llm: LLM, prompts: list[list[int]], enabled: bool, monkeypatch) -> list:

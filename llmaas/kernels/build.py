@@ -25,7 +25,7 @@ from llmaas.paths import llmaas_home
 log = logging.getLogger("llmaas.kernels")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
 ABI = 1  # llmaas_kernels_abi() of the source this Python code expects
 
 

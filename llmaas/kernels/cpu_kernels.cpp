@@ -3,37 +3,49 @@
 // Why: at batch 1 a SmolLM2 step runs ~20 torch ops per layer outside the matmuls, each costing a
 // few microseconds of dispatch and, in bf16, dtype round trips. These loops do the same arithmetic
 // in fp32 registers and round once. Built at first use by llmaas/kernels/build.py with
-// -O3 -march=native, loaded with ctypes; plain C ABI, no torch headers, single-threaded.
+// -O3 -march=native, -fopenmp-simd (the simd pragmas only, no OpenMP runtime) and -fno-trapping-math
+// (lets min/max selects vectorise); loaded with ctypes; plain C ABI, no torch headers, one thread.
 //
 // dtype codes: 0 = float32, 1 = bfloat16. Strides are in elements.
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-struct bf16 {
-    uint16_t bits;
-};
+using bf16 = uint16_t;  // raw bits: a plain integer type lets the compiler vectorise the loads
 
 inline float to_float(float v) { return v; }
-inline float to_float(bf16 v) {
-    uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
+inline float to_float(bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
 
 template <typename T> inline T from_float(float f);
 template <> inline float from_float<float>(float f) { return f; }
 template <> inline bf16 from_float<bf16>(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch does
-    return bf16{static_cast<uint16_t>(u >> 16)};
+    const uint32_t u = __builtin_bit_cast(uint32_t, f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // to nearest even, as torch does
+    const uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);  // a select, no branch
+}
+
+// e^x to ~2 ulp, written so that loops over it vectorise (std::exp stays a scalar call): x = n ln2 + r
+// with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n put straight into the exponent bits.
+inline float exp_approx(float x) {
+    x = std::max(-87.f, std::min(88.f, x));
+    // floor(x log2e + 1/2) by truncating a positive number: no branch, so loops over it vectorise
+    const int32_t n = static_cast<int32_t>(x * 1.44269504f + 128.5f) - 128;
+    const float nf = static_cast<float>(n);
+    const float r = x - nf * 0.693145752f - nf * 1.42860677e-6f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    return p * __builtin_bit_cast(float, (n + 127) << 23);
 }
 
 // y = x / rms(x) * w, row by row. x, out: [rows, dim] with row strides.
@@ -44,10 +56,8 @@ void rms_norm(const T* x, int64_t x_stride, const T* w, T* out, int64_t out_stri
         const T* xr = x + r * x_stride;
         T* yr = out + r * out_stride;
         float sum = 0.f;
-        for (int64_t i = 0; i < dim; ++i) {
-            float v = to_float(xr[i]);
-            sum += v * v;
-        }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < dim; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
         float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
         for (int64_t i = 0; i < dim; ++i) yr[i] = from_float<T>(to_float(xr[i]) * inv * to_float(w[i]));
     }
@@ -60,9 +70,10 @@ void silu_mul(const T* gate_up, int64_t gu_stride, T* out, int64_t out_stride, i
         const T* g = gate_up + r * gu_stride;
         const T* u = g + inter;
         T* o = out + r * out_stride;
+#pragma omp simd
         for (int64_t i = 0; i < inter; ++i) {
             float gv = to_float(g[i]);
-            o[i] = from_float<T>(gv / (1.f + std::exp(-gv)) * to_float(u[i]));
+            o[i] = from_float<T>(gv / (1.f + exp_approx(-gv)) * to_float(u[i]));
         }
     }
 }
@@ -102,50 +113,79 @@ void rope_write_kv(T* q, T* k, const T* v, int64_t token_stride, const T* cos, c
     }
 }
 
+// Dot product with a vectorisable reduction (plain loops keep strict float order and stay scalar).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += a[i] * to_float(b[i]);
+    return sum;
+}
+
 // One query token per sequence, attending over its cached keys straight from the paged cache.
 // q: [batch, q_heads, dim] (token stride q_stride); block_tables: [batch, table_width];
 // seq_lens: keys visible to each query; window > 0 keeps only the last `window` keys.
-// out: [batch, q_heads, dim] contiguous.
+// out: [batch, q_heads, dim] contiguous. The query heads sharing a kv head are done together, so
+// each key and value row is read once per kv head.
 template <typename T>
 void paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
                             int64_t num_slots, const int64_t* block_tables, int64_t table_width,
                             const int64_t* seq_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
                             int64_t dim, int64_t block_size, int64_t window, float scale, T* out) {
     const int64_t group = q_heads / kv_heads;
-    std::vector<float> scores, qf(dim), acc(dim);
+    std::vector<float> scores, qf(group * dim), acc(group * dim), best(group), total(group);
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t len = seq_lens[b];
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
-        scores.resize(len - first);
+        const int64_t keys = len - first;
+        scores.resize(group * keys);
         const int64_t* table = block_tables + b * table_width;
-        for (int64_t hq = 0; hq < q_heads; ++hq) {
-            const int64_t hk = hq / group;
-            const T* qh = q + b * q_stride + hq * dim;
-            for (int64_t i = 0; i < dim; ++i) qf[i] = to_float(qh[i]) * scale;
+        for (int64_t hk = 0; hk < kv_heads; ++hk) {
+            const T* qh = q + b * q_stride + hk * group * dim;
+            for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_float(qh[i]) * scale;
             const T* kh = k_cache + hk * num_slots * dim;
             const T* vh = v_cache + hk * num_slots * dim;
-            float best = -INFINITY;
-            for (int64_t p = first; p < len; ++p) {
-                const T* key = kh + (table[p / block_size] * block_size + p % block_size) * dim;
-                float dot = 0.f;
-                for (int64_t i = 0; i < dim; ++i) dot += qf[i] * to_float(key[i]);
-                scores[p - first] = dot;
-                best = dot > best ? dot : best;
+            std::fill(best.begin(), best.end(), -INFINITY);
+            for (int64_t p = first; p < len;) {  // block by block: no division per key
+                const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
+                const T* key = kh + (table[p / block_size] * block_size + in_block) * dim;
+                for (int64_t j = 0; j < run; ++j, ++p, key += dim) {
+                    for (int64_t g = 0; g < group; ++g) {
+                        const float s = dot(qf.data() + g * dim, key, dim);
+                        scores[g * keys + p - first] = s;
+                        best[g] = s > best[g] ? s : best[g];
+                    }
+                }
             }
-            float total = 0.f;
-            for (auto& sc : scores) {
-                sc = std::exp(sc - best);
-                total += sc;
+            for (int64_t g = 0; g < group; ++g) {
+                float sum = 0.f;
+                float* row = scores.data() + g * keys;
+                const float top = best[g];
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < keys; ++j) {
+                    row[j] = exp_approx(row[j] - top);
+                    sum += row[j];
+                }
+                total[g] = sum;
             }
             std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t p = first; p < len; ++p) {
-                const T* value = vh + (table[p / block_size] * block_size + p % block_size) * dim;
-                const float wgt = scores[p - first];
-                for (int64_t i = 0; i < dim; ++i) acc[i] += wgt * to_float(value[i]);
+            for (int64_t p = first; p < len;) {
+                const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
+                const T* value = vh + (table[p / block_size] * block_size + in_block) * dim;
+                for (int64_t j = 0; j < run; ++j, ++p, value += dim) {
+                    for (int64_t g = 0; g < group; ++g) {
+                        const float w = scores[g * keys + p - first];
+                        float* a = acc.data() + g * dim;
+#pragma omp simd
+                        for (int64_t i = 0; i < dim; ++i) a[i] += w * to_float(value[i]);
+                    }
+                }
             }
-            T* oh = out + (b * q_heads + hq) * dim;
-            const float inv = 1.f / total;
-            for (int64_t i = 0; i < dim; ++i) oh[i] = from_float<T>(acc[i] * inv);
+            for (int64_t g = 0; g < group; ++g) {
+                T* oh = out + (b * q_heads + hk * group + g) * dim;
+                const float inv = 1.f / total[g];
+                for (int64_t i = 0; i < dim; ++i) oh[i] = from_float<T>(acc[g * dim + i] * inv);
+            }
         }
     }
 }

@@ -132,7 +132,9 @@ def _decode_batch(
     mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
     if sliding_window is not None:
         mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
-    return DecodeBatch(start, tables.to(device), mask[:, None, None, :].to(device), lens.to(device), sliding_window)
+    return DecodeBatch(
+        start, tables.to(device), mask[:, None, None, :].to(device), lens.to(device), sliding_window
+    )
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
