@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     p.add_argument("--no-pack", action="store_true", help="plain F.linear weights (no oneDNN packing)")
-    p.add_argument("--quantization", choices=["int8"], default=None, help="weight-only int8, as the engine")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only, as engine")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -167,7 +167,7 @@ def main() -> None:
         f"model: {args.layers} layers, hidden {args.hidden}, "
         f"{args.experts} experts x {args.expert_intermediate} (top-{args.top_k}), vocab {args.vocab}; "
         f"{args.dtype}, context {args.context} tokens, weights {'plain' if args.no_pack else 'packed'}"
-        f"{', int8' if args.quantization else ''}"
+        f"{', ' + args.quantization if args.quantization else ''}"
     )
     print(f"torch threads: {torch.get_num_threads()}; load average before: {os.getloadavg()}")
     for batch in args.batch:

@@ -152,7 +152,8 @@ def test_engine_int4_same_greedy_tokens_at_batch_1_and_8(model_dir):
         )
     )
     layers = [m for m in llm.engine.model.modules() if isinstance(m, Int4Linear)]
-    assert len(layers) == 2 * 4 + 1  # per layer qkv, o, gate_up, down; lm_head
+    assert len(layers) == 2 * 4  # per layer qkv, o, gate_up, down; lm_head stays bf16
+    assert type(llm.engine.model.lm_head) is not Int4Linear
     assert all(layer.use_int4_kernel for layer in layers) or not int4_kernel_available()
     prompt = [5, 17, 33, 101, 7]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
