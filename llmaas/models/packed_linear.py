@@ -30,7 +30,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     tolerance = 1e-2 if weight.dtype == torch.bfloat16 else 1e-3
     if not torch.allclose(
-        got.float(), expected.float(), rtol=tolerance, atol=tolerance * expected.abs().max()
+        got.float(), expected.float(), rtol=tolerance, atol=tolerance * float(expected.abs().max())
     ):
         return None
     return packed
