@@ -60,7 +60,7 @@ def _compile(compiler: str, target: Path) -> None:
 
 
 @functools.cache
-def load_cpu_kernels() -> ctypes.CDLL | None:
+def load_cpu_kernels() -> ctypes.PyDLL | None:
     """The compiled library, or None (with the reason logged once) when it cannot be had."""
     if os.environ.get("LLMAAS_CPU_KERNELS", "1") == "0":
         log.info("native CPU kernels off (LLMAAS_CPU_KERNELS=0); using torch ops")
@@ -74,7 +74,9 @@ def load_cpu_kernels() -> ctypes.CDLL | None:
         if not target.exists():
             log.info("building native CPU kernels with %s (once per machine, a few seconds)", compiler)
             _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        # PyDLL keeps the GIL across a call: the kernels take microseconds, and releasing and retaking
+        # the GIL a hundred times a step would let the server's event loop thread delay the engine.
+        lib = ctypes.PyDLL(str(target))
         if lib.llmaas_kernels_abi() != ABI:
             raise OSError(f"{target} has ABI {lib.llmaas_kernels_abi()}, expected {ABI}")
     except subprocess.CalledProcessError as err:

@@ -133,7 +133,7 @@ void paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, cons
                             const int64_t* seq_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
                             int64_t dim, int64_t block_size, int64_t window, float scale, T* out) {
     const int64_t group = q_heads / kv_heads;
-    std::vector<float> scores, qf(group * dim), acc(group * dim), best(group), total(group);
+    std::vector<float> scores, qf(group * dim), acc(group * dim), best(group), total(group), kf(dim);
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t len = seq_lens[b];
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
@@ -150,8 +150,10 @@ void paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, cons
                 const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
                 const T* key = kh + (table[p / block_size] * block_size + in_block) * dim;
                 for (int64_t j = 0; j < run; ++j, ++p, key += dim) {
+#pragma omp simd
+                    for (int64_t i = 0; i < dim; ++i) kf[i] = to_float(key[i]);  // widen once per key
                     for (int64_t g = 0; g < group; ++g) {
-                        const float s = dot(qf.data() + g * dim, key, dim);
+                        const float s = dot(qf.data() + g * dim, kf.data(), dim);
                         scores[g * keys + p - first] = s;
                         best[g] = s > best[g] ? s : best[g];
                     }
@@ -173,11 +175,13 @@ void paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, cons
                 const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
                 const T* value = vh + (table[p / block_size] * block_size + in_block) * dim;
                 for (int64_t j = 0; j < run; ++j, ++p, value += dim) {
+#pragma omp simd
+                    for (int64_t i = 0; i < dim; ++i) kf[i] = to_float(value[i]);
                     for (int64_t g = 0; g < group; ++g) {
                         const float w = scores[g * keys + p - first];
                         float* a = acc.data() + g * dim;
 #pragma omp simd
-                        for (int64_t i = 0; i < dim; ++i) a[i] += w * to_float(value[i]);
+                        for (int64_t i = 0; i < dim; ++i) a[i] += w * kf[i];
                     }
                 }
             }

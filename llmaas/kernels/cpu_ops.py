@@ -49,11 +49,11 @@ _SIGNATURES = {
         _p,
     ],
 }
-_lib: ctypes.CDLL | None = None
+_lib: ctypes.PyDLL | None = None
 _loaded = False
 
 
-def _library() -> ctypes.CDLL | None:
+def _library() -> ctypes.PyDLL | None:
     global _lib, _loaded
     if not _loaded:
         _lib = load_cpu_kernels()
