@@ -14,6 +14,7 @@ from llmaas.models.moe import SparseMoeBlock
 from llmaas.models.quantize import (
     INT4_SMALL_BATCH,
     Int4Linear,
+    Int8GroupLinear,
     dequantize_int4_groups,
     int4_kernel_available,
     quantize_int4_groups,
@@ -152,8 +153,8 @@ def test_engine_int4_same_greedy_tokens_at_batch_1_and_8(model_dir):
         )
     )
     layers = [m for m in llm.engine.model.modules() if isinstance(m, Int4Linear)]
-    assert len(layers) == 2 * 4  # per layer qkv, o, gate_up, down; lm_head stays bf16
-    assert type(llm.engine.model.lm_head) is not Int4Linear
+    assert len(layers) == 2 * 4  # per layer qkv, o, gate_up, down; lm_head is int8 in groups
+    assert type(llm.engine.model.lm_head) is Int8GroupLinear
     assert all(layer.use_int4_kernel for layer in layers) or not int4_kernel_available()
     prompt = [5, 17, 33, 101, 7]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -167,3 +168,25 @@ def test_engine_int4_same_greedy_tokens_at_batch_1_and_8(model_dir):
 def test_engine_rejects_unknown_quantization(model_dir):
     with pytest.raises(InvalidRequestError):
         LLM(config=EngineConfig(model=str(model_dir), quantization="int3", kv_cache_memory=2**20))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])  # 1 and 3: the native kernel (where built); 8: dequantized
+def test_int8_group_linear_matches_its_dequantized_weights(dtype, rows):
+    lin = random_linear(96, 1000, dtype, seed=3)  # 1000 rows: split over threads unevenly
+    layer = Int8GroupLinear(lin)
+    groups = lin.weight.float().reshape(1000, 3, 32)
+    scales = groups.abs().amax(dim=-1) / 127
+    # symmetric rounding: every weight within half a step of its group's scale (plus the model
+    # dtype's own rounding of the dequantized value)
+    err = (layer.dequantized_weight().float().reshape(1000, 3, 32) - groups).abs()
+    dtype_rounding = groups.abs() * torch.finfo(dtype).eps
+    assert (err <= scales[..., None] / 2 + dtype_rounding + 1e-6).all()
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        got = layer(x)
+    expected = x.float() @ layer.dequantized_weight().float().t() + lin.bias.float()
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(
+        got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()
+    )

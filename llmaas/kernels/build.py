@@ -25,8 +25,17 @@ from llmaas.paths import llmaas_home
 log = logging.getLogger("llmaas.kernels")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
-ABI = 1  # llmaas_kernels_abi() of the source this Python code expects
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-trapping-math",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+]
+ABI = 2  # llmaas_kernels_abi() of the source this Python code expects
 
 
 def _compiler() -> str | None:

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -194,11 +195,58 @@ void paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, cons
     }
 }
 
+// out[r, j] = sum_k x[r, k] * w[j, k] * scales[j, k / 32]: int8 weights in groups of 32 along k, each
+// with an fp32 scale (llama.cpp's Q8_0 layout, unpacked). Rows [j0, j1) of the weight; xf is fp32.
+constexpr int64_t kInt8Group = 32;
+
+template <typename T>
+void int8_group_gemv_rows(const float* xf, int64_t rows, int64_t k, const int8_t* w, const float* scales,
+                          int64_t j0, int64_t j1, T* out, int64_t out_stride) {
+    const int64_t groups = k / kInt8Group;
+    for (int64_t j = j0; j < j1; ++j) {
+        const int8_t* wj = w + j * k;
+        const float* sj = scales + j * groups;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float* xr = xf + r * k;
+            float lane[kInt8Group] = {};
+            for (int64_t g = 0; g < groups; ++g) {
+                const float sc = sj[g];
+                const float* xg = xr + g * kInt8Group;
+                const int8_t* wg = wj + g * kInt8Group;
+#pragma omp simd
+                for (int64_t i = 0; i < kInt8Group; ++i) lane[i] += sc * xg[i] * static_cast<float>(wg[i]);
+            }
+            float total = 0.f;
+            for (int64_t i = 0; i < kInt8Group; ++i) total += lane[i];
+            out[r * out_stride + j] = from_float<T>(total);
+        }
+    }
+}
+
+// The output rows are split over `threads` threads (this one and threads - 1 started per call: a
+// start costs tens of microseconds, against milliseconds for an output head).
+template <typename T>
+void int8_group_gemv(const T* x, int64_t x_stride, int64_t rows, int64_t k, const int8_t* w,
+                     const float* scales, int64_t n, T* out, int64_t out_stride, int64_t threads) {
+    std::vector<float> xf(rows * k);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < k; ++i) xf[r * k + i] = to_float(x[r * x_stride + i]);
+    threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / 256));
+    const int64_t chunk = (n + threads - 1) / threads;
+    std::vector<std::thread> helpers;
+    for (int64_t t = 1; t < threads; ++t) {
+        const int64_t j0 = t * chunk, j1 = std::min(n, j0 + chunk);
+        helpers.emplace_back([=, &xf] { int8_group_gemv_rows(xf.data(), rows, k, w, scales, j0, j1, out, out_stride); });
+    }
+    int8_group_gemv_rows(xf.data(), rows, k, w, scales, 0, std::min(n, chunk), out, out_stride);
+    for (auto& h : helpers) h.join();
+}
+
 }  // namespace
 
 extern "C" {
 
-int llmaas_kernels_abi() { return 1; }
+int llmaas_kernels_abi() { return 2; }
 
 void llmaas_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
                      int64_t rows, int64_t dim, float eps) {
@@ -247,6 +295,17 @@ void llmaas_paged_decode_attention(int dtype, const void* q, int64_t q_stride, c
                                static_cast<const float*>(v_cache), num_slots, block_tables, table_width,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
                                static_cast<float*>(out));
+}
+
+void llmaas_int8_group_gemv(int dtype, const void* x, int64_t x_stride, int64_t rows, int64_t k,
+                            const int8_t* w, const float* scales, int64_t n, void* out, int64_t out_stride,
+                            int64_t threads) {
+    if (dtype == 1)
+        int8_group_gemv(static_cast<const bf16*>(x), x_stride, rows, k, w, scales, n, static_cast<bf16*>(out),
+                        out_stride, threads);
+    else
+        int8_group_gemv(static_cast<const float*>(x), x_stride, rows, k, w, scales, n, static_cast<float*>(out),
+                        out_stride, threads);
 }
 
 }  // extern "C"

@@ -29,6 +29,7 @@ _SIGNATURES = {
     "llmaas_rms_norm": [_int, _p, _i64, _p, _p, _i64, _i64, _i64, _f32],
     "llmaas_silu_mul": [_int, _p, _i64, _p, _i64, _i64, _i64],
     "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64],
+    "llmaas_int8_group_gemv": [_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64],
     "llmaas_paged_decode_attention": [
         _int,
         _p,
@@ -215,5 +216,36 @@ def paged_decode_attention(
         sliding_window or 0,
         scale,
         out.data_ptr(),
+    )
+    return out
+
+
+INT8_GROUP = 32  # weights per fp32 scale along the input dimension (llama.cpp's Q8_0 block)
+MAX_GEMV_ROWS = 4  # beyond a few rows oneDNN's GEMM on the dequantized weight wins
+
+
+def gemv_fits(x: torch.Tensor) -> bool:
+    return fits(x) and x.shape[0] <= MAX_GEMV_ROWS
+
+
+def int8_group_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, threads: int
+) -> torch.Tensor:
+    """x [M, K] that `gemv_fits` @ (qweight int8 [N, K] * scales fp32 [N, K/32] per group).T -> [M, N]."""
+    rows, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype)
+    _library().llmaas_int8_group_gemv(
+        _DTYPE_CODES[x.dtype],
+        x.data_ptr(),
+        x.stride(0),
+        rows,
+        k,
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        n,
+        out.data_ptr(),
+        n,
+        threads,
     )
     return out

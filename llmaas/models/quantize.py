@@ -15,7 +15,7 @@ dequantizes (q - 8) * scale + zero with zero = lo + 8 * scale. Its limits, and w
   unquantized (in the model dtype; `pack_linears` packs it). Real models' widths are multiples of 64;
 - out_features a multiple of 16: otherwise the layer is quantized but uses the dequantized weights.
 MoE experts are quantized the same way (Experts.quantize_int4), all of one layer's experts or none.
-The output head stays unquantized under int4 (see quantize_model).
+The output head gets int8 in groups of 32 under int4 (see quantize_model).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmaas.errors import InvalidRequestError
+from llmaas.kernels import cpu_ops
 from llmaas.models.packed_linear import pack_weight, packed_linear, replace_linears
 
 SMALL_BATCH = 4  # rows at or below this use the int8 kernel
@@ -148,14 +149,51 @@ class Int4Linear(_WeightOnlyLinear):
         return self._dequantized_linear(x)
 
 
+class Int8GroupLinear(_WeightOnlyLinear):
+    """Weight-only int8 in groups of 32 input weights, one fp32 scale each (llama.cpp's Q8_0).
+
+    For a few rows on the CPU the native kernel reads the int8 weights directly (about half the bytes
+    of bf16) on all torch threads; otherwise the dequantized weights. Used for the output head under
+    int4: near-lossless where int4 is not, and for SmolLM2 exact, as its GGUF stores the head as Q8_0.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        n, k = linear.weight.shape
+        groups = linear.weight.detach().float().reshape(n, k // cpu_ops.INT8_GROUP, cpu_ops.INT8_GROUP)
+        scales = (groups.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+        qweight = torch.round(groups / scales[..., None]).clamp(-127, 127).to(torch.int8)
+        dequantized = (qweight.float() * scales[..., None]).reshape(n, k).to(linear.weight.dtype)
+        self.register_buffer("qweight", qweight.reshape(n, k).contiguous())
+        self.register_buffer("group_scales", scales.contiguous())
+        self.model_dtype = linear.weight.dtype
+        self._keep_dequantized(dequantized, linear.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[N, K] in the model dtype: qweight x its group's scale."""
+        n, k = self.qweight.shape
+        groups = self.qweight.float().reshape(n, k // cpu_ops.INT8_GROUP, cpu_ops.INT8_GROUP)
+        return (groups * self.group_scales[..., None]).reshape(n, k).to(self.model_dtype)
+
+    @classmethod
+    def or_none(cls, linear: nn.Linear) -> Int8GroupLinear | None:
+        return cls(linear) if linear.in_features % cpu_ops.INT8_GROUP == 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight.device.type == "cpu" and cpu_ops.gemv_fits(x):
+            out = cpu_ops.int8_group_gemv(x, self.qweight, self.group_scales, torch.get_num_threads())
+            return self._add_bias(out)
+        return self._dequantized_linear(x)
+
+
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
     """Replace nn.Linear layers in place by quantized ones, and quantize MoE experts.
 
     int8: every nn.Linear. int4: every nn.Linear whose in_features is a multiple of 32, except the
-    output head `lm_head`, which stays in the model dtype (packed like any unquantized layer), as
-    llama.cpp's 4-bit presets keep output.weight at 6 bits. On SmolLM2-135M an int4 head costs ~15
-    points of top-1 agreement for ~10% more batch-1 decode speed, and an int8 head was both worse and
-    slower than bf16 here (docs/performance.md). MoE experts (weights kept outside nn.Linear) quantize
+    output head `lm_head`, which gets int8 in groups of 32 (Int8GroupLinear), as llama.cpp's 4-bit
+    presets keep the head at 6-8 bits. On SmolLM2-135M an int4 head cost ~15 points of top-1 agreement,
+    and torch's per-channel int8 kernel was slower than bf16 (docs/performance.md). MoE experts (weights
+    kept outside nn.Linear) quantize
     themselves.
     """
     if method not in SUPPORTED:
@@ -164,7 +202,10 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         replace_linears(model, Int8Linear)
     else:
         head = getattr(model, "lm_head", None)
-        replace_linears(model, lambda linear: None if linear is head else Int4Linear.or_none(linear))
+        replace_linears(
+            model,
+            lambda linear: Int8GroupLinear.or_none(linear) if linear is head else Int4Linear.or_none(linear),
+        )
     for module in model.modules():
         quantize_experts = getattr(module, f"quantize_{method}", None)
         if quantize_experts is not None:
