@@ -51,19 +51,28 @@ _SIGNATURES = {
     ],
 }
 _lib: ctypes.PyDLL | None = None
+_gil_free: ctypes.CDLL | None = None  # the same library, for calls long enough to let other threads run
 _loaded = False
 
 
 def _library() -> ctypes.PyDLL | None:
-    global _lib, _loaded
+    global _lib, _gil_free, _loaded
     if not _loaded:
         _lib = load_cpu_kernels()
         if _lib is not None:
-            for name, argtypes in _SIGNATURES.items():
-                fn = getattr(_lib, name)
-                fn.argtypes, fn.restype = argtypes, None
+            _gil_free = ctypes.CDLL(_lib._name)
+            for lib in (_lib, _gil_free):
+                for name, argtypes in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = argtypes, None
         _loaded = True
     return _lib
+
+
+def _releasing_gil() -> ctypes.CDLL:
+    """For milliseconds-long calls (the output head): the server's event loop runs meanwhile."""
+    _library()
+    return _gil_free
 
 
 def available() -> bool:
@@ -235,7 +244,7 @@ def int8_group_gemv(
     rows, k = x.shape
     n = qweight.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype)
-    _library().llmaas_int8_group_gemv(
+    _releasing_gil().llmaas_int8_group_gemv(
         _DTYPE_CODES[x.dtype],
         x.data_ptr(),
         x.stride(0),
