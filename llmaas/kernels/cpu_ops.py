@@ -168,7 +168,14 @@ def rope_write_kv(
 
 
 def can_write_kv(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return fits(qkv) and cos.dtype == qkv.dtype and k_cache.dtype == qkv.dtype and k_cache.is_contiguous()
+    """Rotary over the whole head (cos as wide as a cached key) and caches in qkv's dtype."""
+    return (
+        fits(qkv)
+        and cos.dtype == qkv.dtype
+        and cos.shape[-1] == k_cache.shape[-1]
+        and k_cache.dtype == qkv.dtype
+        and k_cache.is_contiguous()
+    )
 
 
 def decode_fits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> bool:
