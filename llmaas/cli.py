@@ -9,6 +9,7 @@ import sys
 import time
 
 from llmaas.errors import LlmaasError
+from llmaas.openmp_defaults import apply_openmp_defaults
 
 
 def _parse_bytes(text: str) -> int:
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_openmp_defaults()  # before any subcommand imports torch
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
