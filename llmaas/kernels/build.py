@@ -35,7 +35,7 @@ FLAGS = [
     "-fPIC",
     "-pthread",
 ]
-ABI = 2  # llmaas_kernels_abi() of the source this Python code expects
+ABI = 3  # llmaas_kernels_abi() of the source this Python code expects
 
 
 def _compiler() -> str | None:

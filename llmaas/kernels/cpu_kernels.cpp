@@ -114,6 +114,19 @@ void rope_write_kv(T* q, T* k, const T* v, int64_t token_stride, const T* cos, c
     }
 }
 
+// fn(lo, hi) over [0, n) in `threads` chunks: this thread takes the first, threads - 1 others are
+// started for the rest. A start (waking an idle core) costs tens of microseconds: worth it for the
+// milliseconds of an output head, not for decode attention (split, it only matched torch's).
+template <typename F>
+void split_over_threads(int64_t n, int64_t threads, F fn) {
+    threads = std::max<int64_t>(1, std::min(threads, n));
+    const int64_t chunk = (n + threads - 1) / threads;
+    std::vector<std::thread> helpers;
+    for (int64_t lo = chunk; lo < n; lo += chunk) helpers.emplace_back(fn, lo, std::min(n, lo + chunk));
+    fn(0, std::min(n, chunk));
+    for (auto& h : helpers) h.join();
+}
+
 // Dot product with a vectorisable reduction (plain loops keep strict float order and stay scalar).
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
@@ -223,30 +236,23 @@ void int8_group_gemv_rows(const float* xf, int64_t rows, int64_t k, const int8_t
     }
 }
 
-// The output rows are split over `threads` threads (this one and threads - 1 started per call: a
-// start costs tens of microseconds, against milliseconds for an output head).
+// The output rows are split over `threads` threads (at least 256 rows each).
 template <typename T>
 void int8_group_gemv(const T* x, int64_t x_stride, int64_t rows, int64_t k, const int8_t* w,
                      const float* scales, int64_t n, T* out, int64_t out_stride, int64_t threads) {
     std::vector<float> xf(rows * k);
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t i = 0; i < k; ++i) xf[r * k + i] = to_float(x[r * x_stride + i]);
-    threads = std::max<int64_t>(1, std::min<int64_t>(threads, n / 256));
-    const int64_t chunk = (n + threads - 1) / threads;
-    std::vector<std::thread> helpers;
-    for (int64_t t = 1; t < threads; ++t) {
-        const int64_t j0 = t * chunk, j1 = std::min(n, j0 + chunk);
-        helpers.emplace_back([=, &xf] { int8_group_gemv_rows(xf.data(), rows, k, w, scales, j0, j1, out, out_stride); });
-    }
-    int8_group_gemv_rows(xf.data(), rows, k, w, scales, 0, std::min(n, chunk), out, out_stride);
-    for (auto& h : helpers) h.join();
+    split_over_threads(n, std::min<int64_t>(threads, n / 256), [&](int64_t j0, int64_t j1) {
+        int8_group_gemv_rows(xf.data(), rows, k, w, scales, j0, j1, out, out_stride);
+    });
 }
 
 }  // namespace
 
 extern "C" {
 
-int llmaas_kernels_abi() { return 2; }
+int llmaas_kernels_abi() { return 3; }
 
 void llmaas_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
                      int64_t rows, int64_t dim, float eps) {
