@@ -77,9 +77,10 @@ def test_rope_write_kv_rotates_in_place_and_fills_the_cache(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 5])
-def test_paged_decode_attention_matches_gather_then_attend(dtype, window):
+@pytest.mark.parametrize("q_heads, kv_heads, dim", [(6, 2, 64), (4, 4, 128), (8, 1, 64)])
+def test_paged_decode_attention_matches_gather_then_attend(dtype, window, q_heads, kv_heads, dim):
     torch.manual_seed(3)
-    q_heads, kv_heads, dim, block_size = 6, 2, 16, 4
+    block_size = 4
     k_cache = torch.randn(kv_heads, 12, block_size, dim, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     tables = torch.tensor([[1, 4, 7, 0, 0, 0], [2, 3, 5, 8, 9, 10], [11, 0, 0, 0, 0, 0]])
@@ -101,11 +102,14 @@ def test_fits_refuses_what_the_kernels_do_not_handle():
     assert not cpu_ops.fits(torch.randn(4, 8, dtype=torch.float16))
     assert not cpu_ops.fits(torch.randn(8, 4).t())  # features not contiguous
     assert not cpu_ops.fits(torch.randn(2, 3, 8))
-    cache = torch.zeros(2, 4, 4, 16)
+    cache = torch.zeros(2, 4, 4, 64)
+    assert cpu_ops.decode_fits(torch.randn(4, 6, 64), cache, torch.zeros(4, 2, dtype=torch.long))
     many = cpu_ops.MAX_DECODE_BATCH + 1  # torch's batched matmuls win for more rows
-    assert not cpu_ops.decode_fits(torch.randn(many, 6, 16), cache, torch.zeros(many, 2, dtype=torch.long))
+    odd_head = torch.randn(2, 6, 48)  # a head size the kernel is not compiled for
+    assert not cpu_ops.decode_fits(odd_head, torch.zeros(2, 4, 4, 48), torch.zeros(2, 2, dtype=torch.long))
+    assert not cpu_ops.decode_fits(torch.randn(many, 6, 64), cache, torch.zeros(many, 2, dtype=torch.long))
     assert not cpu_ops.decode_fits(
-        torch.randn(4, 16, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long)
+        torch.randn(4, 64, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long)
     )
 
 
@@ -118,7 +122,8 @@ def generate(llm: LLM, prompts: list[list[int]], enabled: bool, monkeypatch) -> 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_engine_gives_the_same_tokens_with_and_without_kernels(tmp_path, monkeypatch, family):
     overrides = {"sliding_window": 6} if family == "mistral" else {}
-    model = make_tiny_checkpoint(family, tmp_path, **overrides)
+    # head_dim 64: a head size the native decode attention is compiled for
+    model = make_tiny_checkpoint(family, tmp_path, hidden_size=128, head_dim=64, **overrides)
     llm = LLM(config=EngineConfig(model=str(model), dtype="float32", block_size=4, kv_cache_memory=2**20))
     prompts = [[5, 17, 33, 101, 7], [9, 250, 14, 3, 88, 61, 12, 40, 41], [77, 78], list(range(10, 40))]
     calls = []

@@ -35,7 +35,7 @@ FLAGS = [
     "-fPIC",
     "-pthread",
 ]
-ABI = 3  # llmaas_kernels_abi() of the source this Python code expects
+ABI = 4  # llmaas_kernels_abi() of the source this Python code expects
 
 
 def _compiler() -> str | None:

@@ -127,85 +127,115 @@ void split_over_threads(int64_t n, int64_t threads, F fn) {
     for (auto& h : helpers) h.join();
 }
 
-// Dot product with a vectorisable reduction (plain loops keep strict float order and stay scalar).
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-    float sum = 0.f;
+// The query heads of one kv head (`G` of them, `D` wide) against that head's cached keys [first, len).
+// G and D fixed at compile time let the compiler keep the queries and the accumulators in registers.
+// scores: scratch of at least G * (len - first) floats; out: G rows of D.
+template <typename T, int G, int D>
+void head_group_attention(const T* qh, float scale, const T* kh, const T* vh, const int64_t* table,
+                          int64_t block_size, int64_t first, int64_t len, float* scores, T* out) {
+    const int64_t keys = len - first;
+    float qf[G][D], acc[G][D] = {}, kf[D], best[G], total[G];
+    for (int g = 0; g < G; ++g) {
+        best[g] = -INFINITY;
+        for (int i = 0; i < D; ++i) qf[g][i] = to_float(qh[g * D + i]) * scale;
+    }
+    for (int64_t p = first; p < len;) {  // block by block: no division per key
+        const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
+        const T* key = kh + (table[p / block_size] * block_size + in_block) * D;
+        for (int64_t j = 0; j < run; ++j, ++p, key += D) {
+#pragma omp simd
+            for (int i = 0; i < D; ++i) kf[i] = to_float(key[i]);  // widen once per key
+            for (int g = 0; g < G; ++g) {
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int i = 0; i < D; ++i) dot += qf[g][i] * kf[i];
+                scores[g * keys + p - first] = dot;
+                best[g] = std::max(best[g], dot);
+            }
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        float sum = 0.f;
+        float* row = scores + g * keys;
+        const float top = best[g];
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += a[i] * to_float(b[i]);
-    return sum;
+        for (int64_t j = 0; j < keys; ++j) {
+            row[j] = exp_approx(row[j] - top);
+            sum += row[j];
+        }
+        total[g] = sum;
+    }
+    for (int64_t p = first; p < len;) {
+        const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
+        const T* value = vh + (table[p / block_size] * block_size + in_block) * D;
+        for (int64_t j = 0; j < run; ++j, ++p, value += D) {
+#pragma omp simd
+            for (int i = 0; i < D; ++i) kf[i] = to_float(value[i]);
+            for (int g = 0; g < G; ++g) {
+                const float w = scores[g * keys + p - first];
+#pragma omp simd
+                for (int i = 0; i < D; ++i) acc[g][i] += w * kf[i];
+            }
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        const float inv = 1.f / total[g];
+        for (int i = 0; i < D; ++i) out[g * D + i] = from_float<T>(acc[g][i] * inv);
+    }
+}
+
+template <typename T>
+using HeadGroupFn = void (*)(const T*, float, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,
+                             float*, T*);
+
+template <typename T, int D>
+HeadGroupFn<T> head_group_for(int64_t group) {
+    switch (group) {
+        case 1: return head_group_attention<T, 1, D>;
+        case 2: return head_group_attention<T, 2, D>;
+        case 3: return head_group_attention<T, 3, D>;
+        case 4: return head_group_attention<T, 4, D>;
+        case 5: return head_group_attention<T, 5, D>;
+        case 6: return head_group_attention<T, 6, D>;
+        case 7: return head_group_attention<T, 7, D>;
+        case 8: return head_group_attention<T, 8, D>;
+        default: return nullptr;
+    }
+}
+
+// The compiled shape for (group, dim), or nullptr: head dims 64 and 128, up to 8 query heads per kv head.
+template <typename T>
+HeadGroupFn<T> head_group_kernel(int64_t group, int64_t dim) {
+    if (dim == 64) return head_group_for<T, 64>(group);
+    if (dim == 128) return head_group_for<T, 128>(group);
+    return nullptr;
 }
 
 // One query token per sequence, attending over its cached keys straight from the paged cache.
 // q: [batch, q_heads, dim] (token stride q_stride); block_tables: [batch, table_width];
 // seq_lens: keys visible to each query; window > 0 keeps only the last `window` keys.
 // out: [batch, q_heads, dim] contiguous. The query heads sharing a kv head are done together, so
-// each key and value row is read once per kv head.
+// each key and value row is read once per kv head. Returns false for a shape not compiled in.
 template <typename T>
-void paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
+bool paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
                             int64_t num_slots, const int64_t* block_tables, int64_t table_width,
                             const int64_t* seq_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
                             int64_t dim, int64_t block_size, int64_t window, float scale, T* out) {
     const int64_t group = q_heads / kv_heads;
-    std::vector<float> scores, qf(group * dim), acc(group * dim), best(group), total(group), kf(dim);
+    const HeadGroupFn<T> kernel = head_group_kernel<T>(group, dim);
+    if (kernel == nullptr) return false;
+    std::vector<float> scores;
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t len = seq_lens[b];
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
-        const int64_t keys = len - first;
-        scores.resize(group * keys);
-        const int64_t* table = block_tables + b * table_width;
+        scores.resize(group * (len - first));
         for (int64_t hk = 0; hk < kv_heads; ++hk) {
-            const T* qh = q + b * q_stride + hk * group * dim;
-            for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_float(qh[i]) * scale;
-            const T* kh = k_cache + hk * num_slots * dim;
-            const T* vh = v_cache + hk * num_slots * dim;
-            std::fill(best.begin(), best.end(), -INFINITY);
-            for (int64_t p = first; p < len;) {  // block by block: no division per key
-                const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
-                const T* key = kh + (table[p / block_size] * block_size + in_block) * dim;
-                for (int64_t j = 0; j < run; ++j, ++p, key += dim) {
-#pragma omp simd
-                    for (int64_t i = 0; i < dim; ++i) kf[i] = to_float(key[i]);  // widen once per key
-                    for (int64_t g = 0; g < group; ++g) {
-                        const float s = dot(qf.data() + g * dim, kf.data(), dim);
-                        scores[g * keys + p - first] = s;
-                        best[g] = s > best[g] ? s : best[g];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; ++g) {
-                float sum = 0.f;
-                float* row = scores.data() + g * keys;
-                const float top = best[g];
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < keys; ++j) {
-                    row[j] = exp_approx(row[j] - top);
-                    sum += row[j];
-                }
-                total[g] = sum;
-            }
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t p = first; p < len;) {
-                const int64_t in_block = p % block_size, run = std::min(block_size - in_block, len - p);
-                const T* value = vh + (table[p / block_size] * block_size + in_block) * dim;
-                for (int64_t j = 0; j < run; ++j, ++p, value += dim) {
-#pragma omp simd
-                    for (int64_t i = 0; i < dim; ++i) kf[i] = to_float(value[i]);
-                    for (int64_t g = 0; g < group; ++g) {
-                        const float w = scores[g * keys + p - first];
-                        float* a = acc.data() + g * dim;
-#pragma omp simd
-                        for (int64_t i = 0; i < dim; ++i) a[i] += w * kf[i];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; ++g) {
-                T* oh = out + (b * q_heads + hk * group + g) * dim;
-                const float inv = 1.f / total[g];
-                for (int64_t i = 0; i < dim; ++i) oh[i] = from_float<T>(acc[g * dim + i] * inv);
-            }
+            kernel(q + b * q_stride + hk * group * dim, scale, k_cache + hk * num_slots * dim,
+                   v_cache + hk * num_slots * dim, block_tables + b * table_width, block_size, first, len,
+                   scores.data(), out + (b * q_heads + hk * group) * dim);
         }
     }
+    return true;
 }
 
 // out[r, j] = sum_k x[r, k] * w[j, k] * scales[j, k / 32]: int8 weights in groups of 32 along k, each
@@ -252,7 +282,7 @@ void int8_group_gemv(const T* x, int64_t x_stride, int64_t rows, int64_t k, cons
 
 extern "C" {
 
-int llmaas_kernels_abi() { return 3; }
+int llmaas_kernels_abi() { return 4; }
 
 void llmaas_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
                      int64_t rows, int64_t dim, float eps) {
@@ -286,18 +316,17 @@ void llmaas_rope_write_kv(int dtype, void* q, void* k, const void* v, int64_t to
                       static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots);
 }
 
-void llmaas_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache,
+int llmaas_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache,
                                    const void* v_cache, int64_t num_slots, const int64_t* block_tables,
                                    int64_t table_width, const int64_t* seq_lens, int64_t batch,
                                    int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                                    int64_t window, float scale, void* out) {
     if (dtype == 1)
-        paged_decode_attention(static_cast<const bf16*>(q), q_stride, static_cast<const bf16*>(k_cache),
+        return paged_decode_attention(static_cast<const bf16*>(q), q_stride, static_cast<const bf16*>(k_cache),
                                static_cast<const bf16*>(v_cache), num_slots, block_tables, table_width,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
                                static_cast<bf16*>(out));
-    else
-        paged_decode_attention(static_cast<const float*>(q), q_stride, static_cast<const float*>(k_cache),
+    return paged_decode_attention(static_cast<const float*>(q), q_stride, static_cast<const float*>(k_cache),
                                static_cast<const float*>(v_cache), num_slots, block_tables, table_width,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
                                static_cast<float*>(out));
