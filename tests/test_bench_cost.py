@@ -166,6 +166,18 @@ def test_roofline_prints_ceilings(tmp_path, capsys):
     assert main(["roofline", "--model", str(tmp_path / "nope"), "--no-engine"]) == 2
 
 
+def test_roofline_counts_quantized_weight_bytes(tmp_path):
+    model_dir = make_tiny_checkpoint("llama", tmp_path)
+    plain = model_figures(str(model_dir), "bfloat16")
+    int8 = model_figures(str(model_dir), "bfloat16", "int8")
+    int4 = model_figures(str(model_dir), "bfloat16", "int4")
+    assert int8.weight_bytes_per_step() * 2 == plain.weight_bytes_per_step()
+    head, body = int4.head_params, int4.streamed_params - int4.head_params
+    assert head == 320 * 64  # vocab x hidden of the tiny model
+    assert int4.weight_bytes_per_step() == int(body * (0.5 + 4 / 32) + head * (1 + 4 / 32))
+    assert int4.weight_format == "int4 weights, bfloat16 compute"
+
+
 def test_cost_reads_llmaas_levels_from_a_peers_json(tmp_path, capsys):
     path = tmp_path / "peers.json"
     path.write_text(

@@ -29,6 +29,10 @@ from pathlib import Path
 from llmaas.errors import LlmaasError, ModelLoadError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1}
+# Bytes a quantized weight streams per parameter (`--quantization`, llmaas/models/quantize.py): int8 per
+# output channel (its scale is negligible); int4 in groups of 32 with a 2-byte scale and zero each, the
+# output head then int8 in groups of 32 with a 4-byte scale each.
+INT4_BYTES, INT8_GROUP_BYTES = 0.5 + 4 / 32, 1 + 4 / 32
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -43,6 +47,8 @@ class ModelFigures:
     num_layers: int
     attention_width: int  # num_heads * head_dim: query-key and value widths per layer
     weight_dtype: str
+    head_params: int = 0  # the output head (vocab x hidden)
+    quantization: str | None = None  # None, "int8" or "int4": what the weights stream as
 
     @property
     def streamed_params(self) -> int:
@@ -50,7 +56,20 @@ class ModelFigures:
         return self.active_params_per_token - self.embedding_params
 
     def weight_bytes_per_step(self) -> int:
+        if self.quantization == "int8":
+            return self.streamed_params * DTYPE_BYTES["int8"]
+        if self.quantization == "int4":
+            body = self.streamed_params - self.head_params
+            return int(body * INT4_BYTES + self.head_params * INT8_GROUP_BYTES)
         return self.streamed_params * DTYPE_BYTES[self.weight_dtype]
+
+    @property
+    def weight_format(self) -> str:
+        return (
+            f"{self.quantization} weights, {self.weight_dtype} compute"
+            if self.quantization
+            else self.weight_dtype
+        )
 
     def flops_per_token(self, context: int) -> int:
         """2 per streamed parameter, plus QK^T and PV over `context` positions (2 FLOPs each)."""
@@ -77,7 +96,7 @@ def safetensors_param_count(model_dir: Path) -> tuple[int, dict[str, int]]:
     return sum(per_tensor.values()), per_tensor
 
 
-def model_figures(model: str, dtype: str = "bfloat16") -> ModelFigures:
+def model_figures(model: str, dtype: str = "bfloat16", quantization: str | None = None) -> ModelFigures:
     from llmaas.models.catalog import resolve_model_dir
 
     model_dir = resolve_model_dir(model, progress=False)
@@ -118,6 +137,8 @@ def model_figures(model: str, dtype: str = "bfloat16") -> ModelFigures:
         num_layers=layers,
         attention_width=heads * head_dim,
         weight_dtype=dtype,
+        head_params=cfg["vocab_size"] * hidden,
+        quantization=quantization,
     )
 
 
@@ -184,13 +205,18 @@ def engine_from_bench(path: str) -> dict:
 
 
 def engine_measured(
-    model: str, dtype: str, batch: int = 32, prompt_len: int = 128, new_tokens: int = 32
+    model: str,
+    dtype: str,
+    batch: int = 32,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    quantization: str | None = None,
 ) -> dict:
     """A brief in-process measurement with `LLM.generate` (greedy, ignore_eos)."""
     from llmaas.engine.sampling_params import SamplingParams
     from llmaas.llm import LLM
 
-    llm = LLM(model, dtype=dtype)
+    llm = LLM(model, dtype=dtype, quantization=quantization)
     base = list(range(1000, 1000 + prompt_len))
 
     def params(n: int) -> SamplingParams:
@@ -209,7 +235,8 @@ def engine_measured(
     llm.generate(prompts, params(new_tokens))
     full = batch * (prompt_len + new_tokens) / (time.perf_counter() - t3)
     return {
-        "source": f"measured in-process (LLM.generate, {dtype})",
+        "source": f"measured in-process (LLM.generate, {dtype}"
+        + (f", {quantization} weights)" if quantization else ")"),
         "decode_batch1_tok_s": decode,
         "full_batch_tok_s": full,
         "full_batch_note": f"{batch} prompts of {prompt_len} + {new_tokens} new tokens, both counted",
@@ -238,7 +265,7 @@ def format_report(
     lines = [
         f"model {f.name}: {f.total_params:,} parameters, {f.active_params_per_token:,} active per token, "
         f"{f.kv_bytes_per_token:,} KV-cache bytes per token ({f.kv_dtype})",
-        f"  a decode step streams {f.streamed_params:,} parameters ({f.weight_dtype}): "
+        f"  a decode step streams {f.streamed_params:,} parameters ({f.weight_format}): "
         f"{f.weight_bytes_per_step() / 1e6:.1f} MB of weights + KV of {context} positions",
         f"machine: memory read {bandwidth / 1e9:.1f} GB/s, "
         f"matmul {flops / 1e9:.0f} GFLOP/s ({f.weight_dtype}, m=256)",
@@ -268,7 +295,7 @@ def cmd_roofline(args: argparse.Namespace) -> int:
 
     args.dtype = resolve_dtype_name(args.dtype)
     try:
-        figures = model_figures(args.model, args.dtype)
+        figures = model_figures(args.model, args.dtype, args.quantization)
         bandwidth = measure_bandwidth(args.bandwidth_mb)
         flops = measure_matmul(args.dtype)
         ceilings = roofline(figures, bandwidth, flops, args.context)
@@ -277,7 +304,7 @@ def cmd_roofline(args: argparse.Namespace) -> int:
         elif args.no_engine:
             engine = None
         else:
-            engine = engine_measured(args.model, args.dtype)
+            engine = engine_measured(args.model, args.dtype, quantization=args.quantization)
     except (LlmaasError, OSError, ValueError, KeyError) as exc:
         message = exc.message if isinstance(exc, LlmaasError) else f"{type(exc).__name__}: {exc}"
         print(f"llmaas: error: {message}", file=sys.stderr)
@@ -315,6 +342,13 @@ def add_roofline_parser(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "bfloat16", "float32", "float16"],
         help="weight and KV dtype (default auto: what the engine picks here, see `llmaas serve --help`)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=["int8", "int4"],
+        default=None,
+        help="weight-only quantization the engine runs with (as `llmaas serve --quantization`): the batch-1 "
+        "ceiling counts its bytes",
     )
     p.add_argument(
         "--context", type=int, default=256, help="positions of KV read per decode step (default 256)"
