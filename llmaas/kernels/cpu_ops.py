@@ -2,7 +2,8 @@
 
 Each `*_fits` check says whether a call can take the native path: CPU tensors in fp32 or bf16, laid
 out as the kernel expects, steps of at most MAX_TOKENS tokens (larger prefills keep torch's
-multi-threaded ops; the kernels run on one thread), and the library built. Otherwise the caller uses
+multi-threaded ops; the kernels run on one thread, but for the output head's GEMV), and the library
+built. Otherwise the caller uses
 its torch code, which gives the same results up to rounding. `ENABLED = False` turns the native path
 off in this process (tests compare both).
 """
