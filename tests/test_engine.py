@@ -258,7 +258,8 @@ def test_abort_frees_blocks_at_once(model_dir):
         (SamplingParams(top_p=1.5), PROMPTS[0], "top_p"),
         (SamplingParams(n=0), PROMPTS[0], "n"),
         (SamplingParams(temperature=float("nan")), PROMPTS[0], "temperature"),
-        (SamplingParams(max_tokens=0), PROMPTS[0], "max_tokens"),
+        (SamplingParams(max_tokens=0), PROMPTS[0], "max_tokens"),  # prompt-only needs prompt_logprobs
+        (SamplingParams(max_tokens=-1, prompt_logprobs=1), PROMPTS[0], "max_tokens"),
         (SamplingParams(logit_bias={10_000: 1.0}), PROMPTS[0], "logit_bias"),
         (SamplingParams(), [], "prompt"),
         (SamplingParams(), "", "prompt"),
@@ -334,3 +335,39 @@ def test_prompt_logprobs_match_reference(model_dir, reference, budget):
         assert entry.token_id == prompt[p + 1]
         assert abs(entry.logprob - float(ref[p, prompt[p + 1]])) < 1e-4
         assert [t for t, _ in entry.top] == ref[p].topk(3).indices.tolist()
+
+
+def _same_prompt_logprobs(got, want):
+    assert len(got) == len(want) and got[0] is None and want[0] is None
+    for g, w in zip(got[1:], want[1:]):
+        assert g.token_id == w.token_id and abs(g.logprob - w.logprob) < 1e-5
+        assert [t for t, _ in g.top] == [t for t, _ in w.top]
+
+
+@pytest.mark.parametrize("budget", [1024, 5])  # whole prompt in one step, or in chunks of 5
+def test_prompt_only_request_scores_the_prompt_and_generates_nothing(model_dir, budget):
+    llm = make_llm(model_dir, max_num_batched_tokens=budget)
+    engine = llm.engine
+    prompt = PROMPTS[3]
+    normal = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    (want,) = llm.generate([prompt], normal)
+    (alone,) = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))
+    assert alone.finished and alone.prompt_tokens == len(prompt) and alone.completion_tokens == 0
+    (c,) = alone.outputs
+    assert c.token_ids == [] and c.text == "" and c.finish_reason == "length"
+    _same_prompt_logprobs(alone.prompt_logprobs, want.prompt_logprobs)
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+
+    # Batched with normal requests (one sharing its prompt), each gets what it would alone.
+    other = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    (plain,) = llm.generate([PROMPTS[1]], other)
+    outs = llm.generate(
+        [PROMPTS[1], prompt, prompt],
+        [other, SamplingParams(max_tokens=0, prompt_logprobs=2), normal],
+    )
+    assert outs[0].outputs[0].token_ids == plain.outputs[0].token_ids and outs[0].completion_tokens == 4
+    assert outs[1].completion_tokens == 0 and outs[1].outputs[0].finish_reason == "length"
+    _same_prompt_logprobs(outs[1].prompt_logprobs, want.prompt_logprobs)
+    assert outs[2].outputs[0].token_ids == want.outputs[0].token_ids
+    _same_prompt_logprobs(outs[2].prompt_logprobs, want.prompt_logprobs)
+    assert engine.block_manager.num_used_blocks == 0

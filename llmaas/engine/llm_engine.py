@@ -217,11 +217,16 @@ class LLMEngine:
             return []
         results = self.runner.run(chunks)
         self.num_steps += 1
-        for chunk in chunks:
-            chunk.seq.num_computed_tokens += chunk.num_new_tokens
-            # Publish filled blocks now: a sequence that finishes below frees its blocks at once.
-            self.block_manager.register_full_blocks(chunk.seq)
         touched: dict[str, _Request] = {}
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_new_tokens
+            # Publish filled blocks now: a sequence that finishes below frees its blocks at once.
+            self.block_manager.register_full_blocks(seq)
+            if seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                # Prompt-only (scoring): its prefill computed the prompt logprobs; nothing to sample.
+                self._finish(seq, "length")
+                touched[seq.request_id] = self.requests[seq.request_id]
         for seq, token, info in results:
             self._append_token(seq, token, info)
             touched[seq.request_id] = self.requests[seq.request_id]

@@ -19,7 +19,7 @@ def _finite(name: str, value: float) -> None:
 
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = 16  # None: up to the context window
+    max_tokens: int | None = 16  # None: up to the context window; 0: prompt only (needs prompt_logprobs)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
@@ -73,9 +73,15 @@ class SamplingParams:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"'n' must be an integer between 1 and {MAX_N}", param="n")
         if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1
+            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0
         ):
             raise InvalidRequestError("'max_tokens' must be a positive integer", param="max_tokens")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            # A prompt-only request (scoring) exists for its prompt logprobs; without them it does nothing.
+            raise InvalidRequestError(
+                "'max_tokens' must be a positive integer; 0 is allowed only with 'prompt_logprobs'",
+                param="max_tokens",
+            )
         if not -2 <= self.presence_penalty <= 2:
             raise InvalidRequestError("'presence_penalty' must be in [-2, 2]", param="presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:

@@ -23,8 +23,12 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence's known tokens: a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """True when this chunk reaches the end of the sequence's known tokens: a token is sampled.
+        A prompt-only request (max_tokens=0) samples nothing: the engine ends it after its prefill."""
+        return (
+            self.seq.max_tokens > 0
+            and self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        )
 
 
 class Scheduler:

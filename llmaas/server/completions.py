@@ -48,9 +48,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise InvalidRequestError(f"'best_of' ({best_of}) must be >= 'n' ({n})", param="best_of")
     if body.stream and best_of > n:
         raise InvalidRequestError("'best_of' cannot be used with 'stream'", param="best_of")
-    # max_tokens=0 with echo scores the prompt: its logprobs, no completion. The engine always samples
-    # at least one token (at no extra forward pass: it comes from the prefill's last logits); that token
-    # is dropped here and neither returned nor counted.
+    # max_tokens=0 with echo scores the prompt: its logprobs, no completion. The engine runs such a
+    # request as prompt-only (max_tokens=0 with prompt_logprobs): prefill, then finish_reason "length".
     scoring = body.max_tokens == 0
     if scoring and not body.echo:
         raise InvalidRequestError(
@@ -63,10 +62,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     engine_logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
     names = {"n": "best_of"} if best_of != n else {}
     with params_named(names):
-        max_tokens = 1 if scoring else body.max_tokens
-        params = sampling_params(body, max_tokens=max_tokens, n=best_of, logprobs=engine_logprobs)
-    if body.echo and body.logprobs is not None:
-        params.prompt_logprobs = body.logprobs  # the echoed prompt gets real logprobs too
+        params = sampling_params(body, max_tokens=body.max_tokens, n=best_of, logprobs=engine_logprobs)
+    if body.echo and (body.logprobs is not None or scoring):
+        # The echoed prompt gets real logprobs too; a prompt-only request needs them to be accepted.
+        params.prompt_logprobs = body.logprobs or 0
     include_usage = wants_usage_chunk(body)
 
     def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
@@ -80,15 +79,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         for p, out in enumerate(run.latest):
             prompt_text = _prompt_text(model, prompts[p]) if body.echo else ""
             for c in _best(out.outputs, n):
-                generated = _generated(c, run.scoring_only)
                 logprobs = None
                 if body.logprobs is not None:
                     echoed = out.prompt_token_ids if body.echo else ()
                     logprobs = R.CompletionLogprobs(model.token_text).build(
-                        generated.logprobs or [], echoed, out.prompt_logprobs
+                        c.logprobs or [], echoed, out.prompt_logprobs
                     )
-                text = prompt_text + generated.text
-                choices.append(R.completion_choice(len(choices), text, generated.finish_reason, logprobs))
+                text = prompt_text + c.text
+                choices.append(R.completion_choice(len(choices), text, c.finish_reason, logprobs))
         return R.completion(id_, created, model.name, choices, run_usage(run))
 
     return await respond(
@@ -103,16 +101,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         events=events,
         usage_chunk=usage_chunk,
         whole=whole,
-        scoring_only=scoring,
     )
-
-
-def _generated(c: CompletionOutput, scoring_only: bool) -> CompletionOutput:
-    """What the caller gets of a sample: all of it, or nothing but finish_reason "length" when scoring."""
-    if not scoring_only:
-        return c
-    done = "length" if c.finish_reason is not None else None
-    return CompletionOutput(index=c.index, text="", token_ids=[], finish_reason=done, logprobs=[])
 
 
 def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
@@ -166,10 +155,7 @@ async def _completion_events(
                 echoed[index] = True
                 prefix = _prompt_text(model, prompts[p])
                 prompt_ids = out.prompt_token_ids
-            if run.scoring_only:
-                text, delta_logprobs, reason = "", [], "length" if c.finish_reason is not None else None
-            else:
-                text, delta_logprobs, reason = c.delta_text, c.delta_logprobs, c.finish_reason
+            text, delta_logprobs, reason = c.delta_text, c.delta_logprobs, c.finish_reason
             has_logprobs = body.logprobs is not None and (delta_logprobs or prompt_ids)
             if not (prefix or text or has_logprobs or reason):
                 continue

@@ -46,7 +46,6 @@ class EngineRun:
         request_id: str,
         on_end: Callable[[EngineRun, str], Awaitable[None]],
         priority: int = 0,
-        scoring_only: bool = False,
         every_step: bool = True,
     ):
         """`every_step=False` (a non-streaming response): only the first and the final output of each
@@ -54,9 +53,6 @@ class EngineRun:
         self.engine = engine
         self.prompts = list(prompts)
         self.priority = priority
-        # Scoring a prompt (completions' max_tokens=0 + echo): the one token the engine samples is
-        # neither returned nor counted.
-        self.scoring_only = scoring_only
         self.every_step = every_step
         self.cost_micros: int | None = None  # set by billing when the request is settled
         self.params = params
@@ -172,16 +168,11 @@ class EngineRun:
 
     @property
     def completion_tokens(self) -> int:
-        if self.scoring_only:
-            return 0
         return sum(o.completion_tokens for o in self.latest if o is not None)
 
     @property
     def finish_reasons(self) -> tuple[str | None, ...]:
-        reasons = tuple(c.finish_reason for o in self.latest if o is not None for c in o.outputs)
-        if self.scoring_only:
-            return tuple(None if r is None else "length" for r in reasons)
-        return reasons
+        return tuple(c.finish_reason for o in self.latest if o is not None for c in o.outputs)
 
 
 async def watch_disconnect(receive: Callable[[], Awaitable[dict]], run: EngineRun) -> None:

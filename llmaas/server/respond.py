@@ -61,7 +61,6 @@ async def respond(
     events: Events,
     usage_chunk: UsageChunk,
     whole: Body,
-    scoring_only: bool = False,
 ) -> Response:
     """`body`: the request (for stream, stream_options and user); `whole` builds a non-streamed body."""
     state: ServerState = request.app.state.llmaas
@@ -77,7 +76,6 @@ async def respond(
                 request_id,
                 endpoint,
                 body.user,
-                scoring_only=scoring_only,
                 every_step=stream,  # a whole response needs only the final output
             )
     except ClientDisconnected:

@@ -50,7 +50,6 @@ class ServerState:
         request_id: str,
         endpoint: str,
         user: str | None,
-        scoring_only: bool = False,
         every_step: bool = True,
     ) -> tuple[EngineRun, asyncio.Task]:
         """Submit the engine requests and watch for the client leaving; returns once every prompt has
@@ -101,7 +100,6 @@ class ServerState:
             request_id,
             on_end,
             priority=priority,
-            scoring_only=scoring_only,
             every_step=every_step,
         )
         watcher = spawn(watch_disconnect(request.receive, run))
