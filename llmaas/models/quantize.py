@@ -163,11 +163,10 @@ class Int8GroupLinear(_WeightOnlyLinear):
         groups = linear.weight.detach().float().reshape(n, k // cpu_ops.INT8_GROUP, cpu_ops.INT8_GROUP)
         scales = (groups.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
         qweight = torch.round(groups / scales[..., None]).clamp(-127, 127).to(torch.int8)
-        dequantized = (qweight.float() * scales[..., None]).reshape(n, k).to(linear.weight.dtype)
         self.register_buffer("qweight", qweight.reshape(n, k).contiguous())
         self.register_buffer("group_scales", scales.contiguous())
         self.model_dtype = linear.weight.dtype
-        self._keep_dequantized(dequantized, linear.bias)
+        self._keep_dequantized(self.dequantized_weight(), linear.bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         """[N, K] in the model dtype: qweight x its group's scale."""
