@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -20,6 +21,12 @@ def _set_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def _config(cls, args: argparse.Namespace, **overrides):
+    """A `cls` config from the flags named like its fields; `overrides` for the fields that are not."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
@@ -70,33 +77,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _set_threads(args)
     from llmaas.distill.trainer import DistillConfig, format_summary, run_distill
 
-    cfg = DistillConfig(
-        teacher=args.teacher,
-        out=args.out,
-        student_layers=args.student_layers,
-        student=args.student,
-        mlp_keep=args.mlp_keep,
-        data=args.data,
-        loss=args.loss,
-        beta=args.beta,
-        temperature=args.temperature,
-        ce_weight=args.ce_weight,
-        on_policy=args.on_policy,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
-        seed=args.seed,
-        bf16=args.bf16,
-        save_every=args.save_every,
-        resume=args.resume,
-        device=args.device,
-        teacher_max_tokens=args.teacher_max_tokens,
-        progress=not args.quiet,
-    )
+    cfg = _config(DistillConfig, args, progress=not args.quiet)
     summary = run_distill(cfg)
     print(format_summary(summary), file=sys.stderr)
     return 130 if summary["interrupted"] else 0
@@ -135,17 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from llmaas.distill.evaluate import EvalConfig, evaluate, markdown_table
 
-    cfg = EvalConfig(
-        models=args.model,
-        teacher=args.teacher,
-        data=args.data or ["shakespeare:heldout"],
-        max_tokens=args.max_tokens,
-        seq_len=args.seq_len,
-        decode_tokens=args.decode_tokens,
-        usd_per_hour=args.usd_per_hour,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    cfg = _config(EvalConfig, args, models=args.model, data=args.data or ["shakespeare:heldout"])
     rows = evaluate(cfg)
     print(markdown_table(rows, cfg))
     if args.json:
@@ -177,26 +148,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _set_threads(args)
     from llmaas.distill.finetune import FinetuneConfig, run_finetune
 
-    summary = run_finetune(
-        FinetuneConfig(
-            model=args.model,
-            data=args.data,
-            out=args.out,
-            lora=args.lora,
-            lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            epochs=args.epochs,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            max_len=args.max_len,
-            lr=args.lr,
-            warmup=args.warmup,
-            seed=args.seed,
-            bf16=args.bf16,
-            device=args.device,
-            progress=not args.quiet,
-        )
-    )
+    summary = run_finetune(_config(FinetuneConfig, args, progress=not args.quiet))
     print(
         f"done: {summary['steps']} steps on {summary['conversations']} conversations "
         f"({summary['assistant_tokens']:,} assistant tokens), loss {summary['first_loss']:.4f} -> "
