@@ -20,16 +20,7 @@ from llmaas.distill.teacher_data import generate_documents
 from llmaas.distill.trainer import DistillConfig, run_distill
 from llmaas.errors import InvalidRequestError
 from tests.model_factory import _TRAINING_TEXT, make_tiny_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: per-op threading overhead dominates, and on a busy machine two threads were several
-    times slower than one here. Restored afterwards for the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse: one thread here)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmaas.distill.finetune import FinetuneConfig, encode_conversation, read_conversations, run_finetune
 from llmaas.errors import InvalidRequestError
 from llmaas.models.tokenizer import Tokenizer
 from tests.model_factory import make_tiny_checkpoint
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse: one thread here)
 
 CONVERSATIONS = [
     [
@@ -26,16 +26,6 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "4"},
     ],
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: per-op threading overhead dominates, and on a busy machine two threads were several
-    times slower than one here. Restored afterwards for the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from llmaas.models.moe import expert_token_counts
 from llmaas.models.report import describe_model
 from tests.model_factory import make_tiny_checkpoint
 from tests.test_model_parity import TOL, PagedRun, load_pair, max_diff, prompt
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse: one thread here)
 
 MLA_SIZES = dict(
     num_attention_heads=4,
@@ -72,16 +73,6 @@ VARIANTS = {
         ),
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tiny models gain nothing from a second thread, and on a busy machine OpenMP's barriers
-    make each step many times slower (measured: this file's preemption test 13 s vs 0.4 s at load 12)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_deepseek(root: Path, family: str, **overrides) -> Path:
