@@ -11,6 +11,7 @@ off in this process (tests compare both).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -55,33 +56,31 @@ _SIGNATURES = {
 _RESULTS = {"llmaas_paged_decode_attention": ctypes.c_int}  # 0: a head shape not compiled in
 ATTENTION_HEAD_DIMS = (64, 128)  # compiled head sizes, with up to MAX_HEAD_GROUP query heads per kv head
 MAX_HEAD_GROUP = 8
-_lib: ctypes.PyDLL | None = None
-_gil_free: ctypes.CDLL | None = None  # the same library, for calls long enough to let other threads run
-_loaded = False
+@functools.cache
+def _libraries() -> tuple[ctypes.PyDLL, ctypes.CDLL] | None:
+    """The kernels twice: as PyDLL (keeps the GIL: microsecond calls) and as CDLL (releases it)."""
+    holding = load_cpu_kernels()
+    if holding is None:
+        return None
+    releasing = ctypes.CDLL(holding._name)
+    for lib in (holding, releasing):
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, _RESULTS.get(name)
+    return holding, releasing
 
 
-def _library() -> ctypes.PyDLL | None:
-    global _lib, _gil_free, _loaded
-    if not _loaded:
-        _lib = load_cpu_kernels()
-        if _lib is not None:
-            _gil_free = ctypes.CDLL(_lib._name)
-            for lib in (_lib, _gil_free):
-                for name, argtypes in _SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = argtypes, _RESULTS.get(name)
-        _loaded = True
-    return _lib
+def _library() -> ctypes.PyDLL:
+    return _libraries()[0]
 
 
 def _releasing_gil() -> ctypes.CDLL:
     """For milliseconds-long calls (the output head): the server's event loop runs meanwhile."""
-    _library()
-    return _gil_free
+    return _libraries()[1]
 
 
 def available() -> bool:
-    return ENABLED and _library() is not None
+    return ENABLED and _libraries() is not None
 
 
 def fits(x: torch.Tensor) -> bool:
