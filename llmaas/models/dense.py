@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmaas.kernels import cpu_ops
+from llmaas.models.activation import silu_and_mul
 from llmaas.models.attention import ForwardBatch, allocate_kv_cache, attend_cached, paged_attention
 from llmaas.models.config import ModelConfig
 from llmaas.models.moe import SparseMoeBlock
@@ -80,11 +81,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if cpu_ops.fits(gate_up):
-            return self.down_proj(cpu_ops.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 def build_mlp(cfg: ModelConfig, layer: int) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmaas.models.activation import silu_and_mul
 from llmaas.models.packed_linear import packed_or_none
 
 
@@ -99,10 +100,8 @@ class Experts(nn.Module):
     def _expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         if self.converted is not None:
             gate_up, down = self.converted[expert]
-            gate, up = gate_up(rows).chunk(2, dim=-1)
-            return down(F.silu(gate) * up)
-        gate, up = F.linear(rows, self.gate_up[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down[expert])
+            return down(silu_and_mul(gate_up(rows)))
+        return F.linear(silu_and_mul(F.linear(rows, self.gate_up[expert])), self.down[expert])
 
     def reset_token_counts(self) -> None:
         self.token_counts = None
