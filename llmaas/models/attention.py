@@ -12,6 +12,7 @@ latent attention (MLA) can keep one compressed vector per token instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +36,20 @@ class PrefillSegment:
 class DecodeBatch:
     start: int  # first decode token in the flat batch; decode tokens run to the end
     block_tables: torch.Tensor  # [B, num_blocks] cache blocks of each sequence, padded with block 0
-    mask: torch.Tensor  # [B, 1, 1, num_blocks * block_size] True = may attend
-    seq_lens: torch.Tensor  # [B] keys each query sees (the native kernel reads these, not the mask)
+    seq_lens: torch.Tensor  # [B] keys each query sees
+    block_size: int
     sliding_window: int | None
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, 1, num_blocks * block_size] True = may attend: for the torch paths only (the native
+        kernel reads seq_lens), so built on first use, once per step."""
+        lens = self.seq_lens
+        k_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=lens.device)
+        mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
+        if self.sliding_window is not None:
+            mask &= k_pos.unsqueeze(0) > (lens - 1 - self.sliding_window).unsqueeze(1)
+        return mask[:, None, None, :]
 
 
 @dataclass
@@ -121,20 +133,14 @@ def build_forward_batch(
 def _decode_batch(
     chunks: list[SequenceChunk], start: int, block_size: int, device, sliding_window: int | None
 ) -> DecodeBatch:
-    """Block tables and key masks of the decoding sequences, computed with tensor ops (hot path)."""
+    """Block tables and key counts of the decoding sequences (hot path; the mask is built on use)."""
     lens = torch.tensor([c.num_cached_tokens + 1 for c in chunks])
     num_blocks = -(-int(lens.max()) // block_size)
     tables = torch.zeros(len(chunks), num_blocks, dtype=torch.long)
     for i, c in enumerate(chunks):
         row = c.block_table[:num_blocks]
         tables[i, : len(row)] = torch.tensor(row)
-    k_pos = torch.arange(num_blocks * block_size)
-    mask = k_pos.unsqueeze(0) < lens.unsqueeze(1)
-    if sliding_window is not None:
-        mask &= k_pos.unsqueeze(0) > (lens - 1 - sliding_window).unsqueeze(1)
-    return DecodeBatch(
-        start, tables.to(device), mask[:, None, None, :].to(device), lens.to(device), sliding_window
-    )
+    return DecodeBatch(start, tables.to(device), lens.to(device), block_size, sliding_window)
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
