@@ -200,20 +200,6 @@ def write_kv_cache(
     v_flat.index_copy_(1, slots, v.transpose(0, 1).to(v_flat.dtype))
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    batch: ForwardBatch,
-    scale: float,
-) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [Hk, num_blocks, block_size, D]. Returns [T, Hq, D]."""
-    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
-    return attend_cached(q, k, v, k_cache, v_cache, batch, scale)
-
-
 def attend_cached(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -223,7 +209,8 @@ def attend_cached(
     batch: ForwardBatch,
     scale: float,
 ) -> torch.Tensor:
-    """paged_attention once this step's k and v are in the cache."""
+    """q: [T, Hq, D]; k, v: [T, Hk, D], already written to the caches [Hk, num_blocks, block_size, D]
+    (write_kv_cache). Returns [T, Hq, D]."""
     if not batch.prefills and batch.decode is not None:  # the common pure-decode step: no scatter
         return _decode(q, k_cache, v_cache, batch.decode, scale)
     out = torch.empty_like(q)

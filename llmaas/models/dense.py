@@ -13,7 +13,7 @@ from torch import nn
 
 from llmaas.kernels import cpu_ops
 from llmaas.models.activation import silu_and_mul
-from llmaas.models.attention import ForwardBatch, allocate_kv_cache, attend_cached, paged_attention
+from llmaas.models.attention import ForwardBatch, allocate_kv_cache, attend_cached, write_kv_cache
 from llmaas.models.config import ModelConfig
 from llmaas.models.moe import SparseMoeBlock
 from llmaas.models.rope import RotaryEmbedding, apply_rotary
@@ -52,16 +52,14 @@ class Attention(nn.Module):
         args = (self.num_kv_heads, self.head_dim, num_blocks, block_size, dtype, device)
         self.k_cache, self.v_cache = allocate_kv_cache(*args), allocate_kv_cache(*args)
 
-    def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def _rotated_and_cached(
+        self, qkv: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of this step ([T, heads, head_dim]), rotary applied, k and v written to the cache."""
         if self.q_norm is None and cpu_ops.can_write_kv(qkv, rope[0], self.k_cache):
-            # Native: rotary in place and the cache write in one call, decode attention from the cache.
+            # Native: rotary in place and the cache write in one call.
             heads = (self.num_heads, self.num_kv_heads, self.head_dim)
-            q, k, v = cpu_ops.rope_write_kv(qkv, *heads, rope, batch.slot_mapping, self.k_cache, self.v_cache)
-            o = attend_cached(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
-            return self.o_proj(o.reshape(-1, self.q_size))
+            return cpu_ops.rope_write_kv(qkv, *heads, rope, batch.slot_mapping, self.k_cache, self.v_cache)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -69,7 +67,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, rope)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
+        write_kv_cache(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        q, k, v = self._rotated_and_cached(self.qkv_proj(x), batch, rope)
+        o = attend_cached(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
