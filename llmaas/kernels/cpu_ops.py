@@ -56,6 +56,8 @@ _SIGNATURES = {
 _RESULTS = {"llmaas_paged_decode_attention": ctypes.c_int}  # 0: a head shape not compiled in
 ATTENTION_HEAD_DIMS = (64, 128)  # compiled head sizes, with up to MAX_HEAD_GROUP query heads per kv head
 MAX_HEAD_GROUP = 8
+
+
 @functools.cache
 def _libraries() -> tuple[ctypes.PyDLL, ctypes.CDLL] | None:
     """The kernels twice: as PyDLL (keeps the GIL: microsecond calls) and as CDLL (releases it)."""
