@@ -19,6 +19,7 @@ from llmaas.engine.sampling_params import SamplingParams
 from llmaas.engine.scheduler import Scheduler
 from llmaas.engine.sequence import Sequence, SequenceStatus, TokenLogprob
 from llmaas.errors import ContextLengthExceededError, InvalidRequestError
+from llmaas.kernels import cpu_ops
 from llmaas.models.catalog import resolve_model_dir
 from llmaas.models.loader import load_model
 from llmaas.models.moe import expert_token_counts, pack_experts
@@ -93,6 +94,8 @@ class LLMEngine:
         if config.pack_weights:
             pack_linears(self.model)
             pack_experts(self.model)
+        if device.type == "cpu":
+            cpu_ops.available()  # build or load the native kernels now, not inside the first request
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
         self.max_model_len = min(
