@@ -158,7 +158,7 @@ def test_no_compiler_or_switched_off_falls_back_with_a_reason(monkeypatch, caplo
 def test_a_failing_build_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(build, "SOURCE", broken)
+    monkeypatch.setattr(build, "SOURCES", [broken])
     monkeypatch.setenv("LLMAAS_HOME", str(tmp_path / "home"))
     build.load_cpu_kernels.cache_clear()
     try:

@@ -1,4 +1,4 @@
-"""Compile cpu_kernels.cpp once per machine and load it with ctypes.
+"""Compile the native CPU kernels (cpu_kernels.cpp, int4_matmul.cpp) once per machine and load it with ctypes.
 
 Built with the system C++ compiler (`$CXX`, default g++) at -O3 -march=native, so the library is
 cached per source, flags and CPU under $LLMAAS_HOME/kernels/. No compiler, a failed build or
@@ -24,18 +24,21 @@ from llmaas.paths import llmaas_home
 
 log = logging.getLogger("llmaas.kernels")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "int4_matmul.cpp")]
+# -fopenmp: the int4 matmul's parallel loop. The library then needs libgomp.so.1, which resolves to the
+# copy torch has already loaded (same soname), so it runs on torch's thread pool, not a second one.
+OPENMP = "-fopenmp"
 FLAGS = [
     "-O3",
     "-march=native",
-    "-fopenmp-simd",
+    OPENMP,
     "-fno-trapping-math",
     "-std=c++17",
     "-shared",
     "-fPIC",
     "-pthread",
 ]
-ABI = 4  # llmaas_kernels_abi() of the source this Python code expects
+ABI = 5  # llmaas_kernels_abi() of the source this Python code expects
 
 
 def _compiler() -> str | None:
@@ -44,7 +47,7 @@ def _compiler() -> str | None:
 
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(), compiler.encode()):
         key.update(part)
     key.update(f"{cpu_model()} {sorted(cpu_flags())}".encode())
     return llmaas_home() / "kernels" / key.hexdigest()[:16] / "libllmaas_cpu_kernels.so"
@@ -58,10 +61,15 @@ def _compile(compiler: str, target: Path) -> None:
             return
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
+        sources = [str(source) for source in SOURCES]
         try:
-            subprocess.run(
-                [compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True
-            )
+            try:
+                subprocess.run([compiler, *FLAGS, "-o", tmp, *sources], check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as err:
+                # A compiler without OpenMP (clang without libomp): the same kernels on one thread.
+                log.info("building with %s failed, retrying without it: %s", OPENMP, err.stderr[-500:])
+                serial = [flag for flag in FLAGS if flag != OPENMP] + ["-fopenmp-simd"]
+                subprocess.run([compiler, *serial, "-o", tmp, *sources], check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

@@ -282,7 +282,7 @@ void int8_group_gemv(const T* x, int64_t x_stride, int64_t rows, int64_t k, cons
 
 extern "C" {
 
-int llmaas_kernels_abi() { return 4; }
+int llmaas_kernels_abi() { return 5; }
 
 void llmaas_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
                      int64_t rows, int64_t dim, float eps) {

@@ -33,6 +33,8 @@ _SIGNATURES = {
     "llmaas_silu_mul": [_int, _p, _i64, _p, _i64, _i64, _i64],
     "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64],
     "llmaas_int8_group_gemv": [_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64],
+    "llmaas_int4_matmul": [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _i64],
+    "llmaas_int4_matmul_available": [],
     "llmaas_paged_decode_attention": [
         _int,
         _p,
@@ -53,7 +55,11 @@ _SIGNATURES = {
         _p,
     ],
 }
-_RESULTS = {"llmaas_paged_decode_attention": ctypes.c_int}  # 0: a head shape not compiled in
+_RESULTS = {  # 0: a shape not compiled in, or no AVX-512 BF16 on this CPU
+    "llmaas_paged_decode_attention": ctypes.c_int,
+    "llmaas_int4_matmul": ctypes.c_int,
+    "llmaas_int4_matmul_available": ctypes.c_int,
+}
 ATTENTION_HEAD_DIMS = (64, 128)  # compiled head sizes, with up to MAX_HEAD_GROUP query heads per kv head
 MAX_HEAD_GROUP = 8
 
@@ -276,4 +282,63 @@ def int8_group_gemv(
         n,
         threads,
     )
+    return out
+
+
+# Weight-only int4 matmul (int4_matmul.cpp): groups of 32 inputs, (q - 8) * scale + zero, as Int4Linear.
+INT4_GROUP = 32
+INT4_TILE = 16  # output columns per packed tile
+# Rows up to which it beats oneDNN's bf16 GEMM on the dequantized weights (and torch's int4 kernel at
+# 1-4 rows). SmolLM2's 30 layers, 2 threads, distinct weights: 1.1-1.3x torch's int4 at 1-4 rows,
+# 1.8x oneDNN at 5, 1.5x at 8, 1.1x at 16, even at 32, 0.9x at 64 (docs/performance.md).
+MAX_INT4_MATMUL_ROWS = 24
+
+
+def int4_matmul_available() -> bool:
+    """The native int4 matmul can run here: kernels built, and the CPU has AVX-512 BF16."""
+    return available() and bool(_library().llmaas_int4_matmul_available())
+
+
+def pack_int4_for_matmul(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..15, scale and zero [N, K/32] -> (nibbles, scales, offsets) in the kernel's layout.
+
+    N must be a multiple of 16 and K of 32. See int4_matmul.cpp for the layout and the offset identity.
+    """
+    n, k = q.shape
+    tiles, groups = n // INT4_TILE, k // INT4_GROUP
+    # k within a group = 16 * half + 2 * chunk + parity; a byte holds half 0 (low) and half 1 (high)
+    q6 = q.to(torch.uint8).reshape(tiles, INT4_TILE, groups, 2, 8, 2)
+    nibbles = (q6[:, :, :, 0] | (q6[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous()
+    by_tile = lambda t: t.reshape(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()  # noqa: E731
+    offsets = zero.float() - 136.0 * scale.float()
+    return nibbles, by_tile(scale.to(torch.bfloat16)), by_tile(offsets)
+
+
+def int4_matmul_fits(x: torch.Tensor) -> bool:
+    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT4_MATMUL_ROWS
+
+
+def int4_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], threads: int) -> torch.Tensor:
+    """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
+    nibbles, scales, offsets = packed
+    rows, k = x.shape
+    n = scales.shape[0] * INT4_TILE
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    done = _library().llmaas_int4_matmul(
+        x.data_ptr(),
+        x.stride(0),
+        rows,
+        k,
+        nibbles.data_ptr(),
+        scales.data_ptr(),
+        offsets.data_ptr(),
+        n,
+        out.data_ptr(),
+        n,
+        threads,
+    )
+    if not done:
+        raise ValueError(f"no native int4 matmul for a {n} x {k} weight")
     return out

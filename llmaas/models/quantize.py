@@ -114,13 +114,12 @@ class Int4Linear(_WeightOnlyLinear):
         q, scale, zero = quantize_int4_groups(linear.weight, group_size)
         self.group_size = group_size
         self._keep_dequantized(dequantize_int4_groups(q, scale, zero).to(dtype), linear.bias)
-        # The kernel: CPU, bf16 activations (its fp32 path is ~30x slower), N a multiple of 16.
-        self.use_int4_kernel = (
-            linear.weight.device.type == "cpu"
-            and dtype == torch.bfloat16
-            and n % 16 == 0
-            and int4_kernel_available()
-        )
+        on_cpu_bf16 = linear.weight.device.type == "cpu" and dtype == torch.bfloat16 and n % 16 == 0
+        # Our kernel (CPU with AVX-512 BF16) up to MAX_INT4_MATMUL_ROWS rows; else torch's int4 kernel
+        # up to INT4_SMALL_BATCH rows (its fp32 path is ~30x slower than a plain matmul).
+        native = on_cpu_bf16 and group_size == cpu_ops.INT4_GROUP and cpu_ops.int4_matmul_available()
+        self.native_int4 = cpu_ops.pack_int4_for_matmul(q, scale, zero) if native else None
+        self.use_int4_kernel = on_cpu_bf16 and not native and int4_kernel_available()
         if self.use_int4_kernel:
             packed_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # two values a byte
             # [K/g, N, 2]: the kernel's layout of scale and zero
@@ -136,6 +135,8 @@ class Int4Linear(_WeightOnlyLinear):
         return cls(linear) if linear.in_features % INT4_GROUP_SIZE == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_int4 is not None and cpu_ops.int4_matmul_fits(x):
+            return self._add_bias(cpu_ops.int4_matmul(x, self.native_int4, torch.get_num_threads()))
         if (
             self.use_int4_kernel
             and x.dim() == 2
