@@ -167,3 +167,70 @@ def test_a_failing_build_falls_back_and_says_why(monkeypatch, tmp_path, caplog):
         assert "building native CPU kernels failed" in caplog.text
     finally:
         build.load_cpu_kernels.cache_clear()
+
+
+needs_decode_matmul = pytest.mark.skipif(
+    not cpu_ops.decode_matmul_available(), reason="the native matmuls need a CPU with AVX-512 BF16"
+)
+
+
+@needs_decode_matmul
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, cpu_ops.MAX_INT4_MATMUL_ROWS])
+@pytest.mark.parametrize("n", [48, 64])  # 48: two tiles and a lone one
+def test_int4_matmul_matches_the_dequantized_weights(rows, n):
+    from llmaas.models.quantize import dequantize_int4_groups, quantize_int4_groups
+
+    torch.manual_seed(rows * n)
+    k = 96  # three groups of 32
+    weight = (torch.randn(n, k) * torch.rand(n, 1) * 2 + torch.randn(n, 1)).to(torch.bfloat16)
+    q, scale, zero = quantize_int4_groups(weight)
+    wide = torch.randn(rows, k + 16).to(torch.bfloat16)
+    x = wide[:, 8 : 8 + k]  # rows with a stride wider than k
+    got = cpu_ops.int4_matmul(x, cpu_ops.pack_int4_for_matmul(q, scale, zero), threads=2)
+    want = x.float() @ dequantize_int4_groups(q, scale, zero).t()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    # fp32 accumulation, one bf16 rounding at the end
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@needs_decode_matmul
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, cpu_ops.MAX_BF16_MATMUL_ROWS])
+@pytest.mark.parametrize("n", [16, 80])  # one lone tile; two pairs and a lone one
+def test_bf16_matmul_matches_torch(rows, n):
+    torch.manual_seed(rows + n)
+    k = 70
+    weight = torch.randn(n, k).to(torch.bfloat16)
+    x = torch.randn(rows, k + 6).to(torch.bfloat16)[:, 3 : 3 + k]
+    got = cpu_ops.bf16_matmul(x, cpu_ops.pack_bf16_for_matmul(weight), threads=2)
+    want = x.float() @ weight.float().t()
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@needs_decode_matmul
+def test_packed_linear_keeps_one_copy_and_matches_at_every_size():
+    from llmaas.models.packed_linear import PackedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    layer = PackedLinear(linear)
+    assert (
+        layer.native.numel() == linear.weight.numel() and not layer.packed.numel() and not layer.plain.numel()
+    )
+    for rows in (
+        1,
+        4,
+        cpu_ops.MAX_BF16_MATMUL_ROWS,
+        cpu_ops.MAX_BF16_MATMUL_ROWS + 1,
+        300,
+    ):  # native, then F.linear
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        torch.testing.assert_close(layer(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_the_kernels_run_on_torchs_openmp_pool():
+    """The library's libgomp is the one torch loaded, not a second thread pool beside it."""
+    assert cpu_ops.available()
+    with open("/proc/self/maps") as maps:
+        gomp = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(gomp) == 1, gomp

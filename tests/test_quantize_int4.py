@@ -9,6 +9,7 @@ from torch import nn
 from llmaas import SamplingParams
 from llmaas.engine.llm_engine import EngineConfig
 from llmaas.errors import InvalidRequestError
+from llmaas.kernels import cpu_ops
 from llmaas.llm import LLM
 from llmaas.models.moe import SparseMoeBlock
 from llmaas.models.quantize import (
@@ -21,10 +22,6 @@ from llmaas.models.quantize import (
     quantize_model,
 )
 from tests.model_factory import make_tiny_checkpoint
-
-needs_kernel = pytest.mark.skipif(
-    not int4_kernel_available(), reason="this torch has no _weight_int4pack_mm_for_cpu"
-)
 
 
 def random_linear(k: int, n: int, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
@@ -57,17 +54,21 @@ def test_int4_linear_matches_dequantized_float_reference(rows):
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
-@needs_kernel
 def test_kernel_and_dequantized_paths_agree():
+    """Whichever int4 kernel this machine uses (ours with AVX-512 BF16, else torch's) against the
+    dequantized weights, at every row count the kernel takes."""
     layer = Int4Linear(random_linear(64, 48, torch.bfloat16))
-    assert layer.use_int4_kernel
-    x = torch.randn(INT4_SMALL_BATCH, 64).to(torch.bfloat16)
-    with torch.no_grad():
-        kernel = layer(x)
-        dequantized = layer._dequantized_linear(x)
-    torch.testing.assert_close(
-        kernel.float(), dequantized.float(), rtol=1e-2, atol=2e-2 * kernel.abs().max().item()
-    )
+    if layer.native_int4 is None and not layer.use_int4_kernel:
+        pytest.skip("no int4 CPU kernel here")
+    rows = cpu_ops.MAX_INT4_MATMUL_ROWS if layer.native_int4 is not None else INT4_SMALL_BATCH
+    for m in range(1, rows + 1):
+        x = torch.randn(m, 64).to(torch.bfloat16)
+        with torch.no_grad():
+            kernel = layer(x)
+            dequantized = layer._dequantized_linear(x)
+        torch.testing.assert_close(
+            kernel.float(), dequantized.float(), rtol=1e-2, atol=2e-2 * kernel.abs().max().item()
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -93,19 +94,20 @@ def test_widths_the_kernel_cannot_take():
     quantize_model(model, "int4")
     assert type(model[0]) is nn.Linear
     # out_features not a multiple of 16: quantized, but the dequantized weights at every batch size
-    assert isinstance(model[1], Int4Linear) and not model[1].use_int4_kernel
+    assert isinstance(model[1], Int4Linear) and not model[1].use_int4_kernel and model[1].native_int4 is None
     x = torch.randn(1, 40).to(torch.bfloat16)
     with torch.no_grad():
         assert model(x).shape == (1, 24)
     # fp32 activations: the kernel would be ~30x slower, so fp32 layers never use it
-    assert not Int4Linear(random_linear(64, 64, torch.float32)).use_int4_kernel
+    fp32 = Int4Linear(random_linear(64, 64, torch.float32))
+    assert not fp32.use_int4_kernel and fp32.native_int4 is None
 
 
 def test_off_cpu_uses_the_dequantized_weights():
     """CUDA has no CPU int4 kernel; a non-CPU weight (meta here: no GPU needed) takes the plain path."""
     lin = nn.Linear(64, 64, device="meta", dtype=torch.bfloat16).requires_grad_(False)
     layer = Int4Linear(lin)
-    assert not layer.use_int4_kernel and layer.dequantized.device.type == "meta"
+    assert not layer.use_int4_kernel and layer.native_int4 is None and layer.plain.device.type == "meta"
     assert layer(torch.empty(1, 64, device="meta", dtype=torch.bfloat16)).shape == (1, 64)
 
 
@@ -146,7 +148,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_engine_int4_same_greedy_tokens_at_batch_1_and_8(model_dir):
-    """Batch 1 decodes through the int4 kernel, batch 8 through the dequantized weights: the same model."""
+    """Batch 1 decodes through an int4 kernel, a batch of 20 through the dequantized weights: one model."""
     llm = LLM(
         config=EngineConfig(
             model=str(model_dir), dtype="bfloat16", quantization="int4", block_size=4, kv_cache_memory=2**21
@@ -155,11 +157,14 @@ def test_engine_int4_same_greedy_tokens_at_batch_1_and_8(model_dir):
     layers = [m for m in llm.engine.model.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 2 * 4  # per layer qkv, o, gate_up, down; lm_head is int8 in groups
     assert type(llm.engine.model.lm_head) is Int8GroupLinear
-    assert all(layer.use_int4_kernel for layer in layers) or not int4_kernel_available()
+    kernels = [layer.native_int4 is not None or layer.use_int4_kernel for layer in layers]
+    assert all(kernels) or not (cpu_ops.decode_matmul_available() or int4_kernel_available())
     prompt = [5, 17, 33, 101, 7]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = llm.generate([prompt], greedy)[0].outputs[0].token_ids
     others = [[9, 250, 14, 3], [77, 78], list(range(10, 40)), [1, 2, 3], [300, 7], [44] * 6, [8, 9]]
+    others += [[i, i + 1, 2 * i] for i in range(60, 72)]  # 20 sequences: more rows than the int4 kernels take
+    assert len(others) + 1 > cpu_ops.MAX_INT4_MATMUL_ROWS
     batched = llm.generate([prompt, *others], greedy)
     assert len(alone) == 12
     assert batched[0].outputs[0].token_ids == alone

@@ -1,4 +1,4 @@
-"""Compile the native CPU kernels (cpu_kernels.cpp, int4_matmul.cpp) once per machine and load it with ctypes.
+"""Compile the native CPU kernels (cpu_kernels.cpp, decode_matmul.cpp) once per machine; load them.
 
 Built with the system C++ compiler (`$CXX`, default g++) at -O3 -march=native, so the library is
 cached per source, flags and CPU under $LLMAAS_HOME/kernels/. No compiler, a failed build or
@@ -24,9 +24,10 @@ from llmaas.paths import llmaas_home
 
 log = logging.getLogger("llmaas.kernels")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "int4_matmul.cpp")]
-# -fopenmp: the int4 matmul's parallel loop. The library then needs libgomp.so.1, which resolves to the
-# copy torch has already loaded (same soname), so it runs on torch's thread pool, not a second one.
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "decode_matmul.cpp")]
+# -fopenmp: the parallel loops of the matmuls and of decode attention. The library then needs
+# libgomp.so.1, which resolves to the copy torch has already loaded (same soname), so it runs on
+# torch's thread pool, not on a second one.
 OPENMP = "-fopenmp"
 FLAGS = [
     "-O3",
@@ -38,7 +39,7 @@ FLAGS = [
     "-fPIC",
     "-pthread",
 ]
-ABI = 5  # llmaas_kernels_abi() of the source this Python code expects
+ABI = 6  # llmaas_kernels_abi() of the source this Python code expects
 
 
 def _compiler() -> str | None:
@@ -64,12 +65,16 @@ def _compile(compiler: str, target: Path) -> None:
         sources = [str(source) for source in SOURCES]
         try:
             try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, *sources], check=True, capture_output=True, text=True)
+                subprocess.run(
+                    [compiler, *FLAGS, "-o", tmp, *sources], check=True, capture_output=True, text=True
+                )
             except subprocess.CalledProcessError as err:
                 # A compiler without OpenMP (clang without libomp): the same kernels on one thread.
                 log.info("building with %s failed, retrying without it: %s", OPENMP, err.stderr[-500:])
                 serial = [flag for flag in FLAGS if flag != OPENMP] + ["-fopenmp-simd"]
-                subprocess.run([compiler, *serial, "-o", tmp, *sources], check=True, capture_output=True, text=True)
+                subprocess.run(
+                    [compiler, *serial, "-o", tmp, *sources], check=True, capture_output=True, text=True
+                )
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

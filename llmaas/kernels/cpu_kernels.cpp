@@ -215,21 +215,27 @@ HeadGroupFn<T> head_group_kernel(int64_t group, int64_t dim) {
 // q: [batch, q_heads, dim] (token stride q_stride); block_tables: [batch, table_width];
 // seq_lens: keys visible to each query; window > 0 keeps only the last `window` keys.
 // out: [batch, q_heads, dim] contiguous. The query heads sharing a kv head are done together, so
-// each key and value row is read once per kv head. Returns false for a shape not compiled in.
+// each key and value row is read once per kv head. The (sequence, kv head) pairs are split over
+// `threads` OpenMP threads (torch's pool: see decode_matmul.cpp). Returns false for a shape not compiled in.
 template <typename T>
 bool paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
                             int64_t num_slots, const int64_t* block_tables, int64_t table_width,
                             const int64_t* seq_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
-                            int64_t dim, int64_t block_size, int64_t window, float scale, T* out) {
+                            int64_t dim, int64_t block_size, int64_t window, float scale, T* out,
+                            int64_t threads) {
     const int64_t group = q_heads / kv_heads;
     const HeadGroupFn<T> kernel = head_group_kernel<T>(group, dim);
     if (kernel == nullptr) return false;
-    std::vector<float> scores;
-    for (int64_t b = 0; b < batch; ++b) {
-        const int64_t len = seq_lens[b];
-        const int64_t first = (window > 0 && len > window) ? len - window : 0;
-        scores.resize(group * (len - first));
-        for (int64_t hk = 0; hk < kv_heads; ++hk) {
+    const int64_t pairs = batch * kv_heads;
+#pragma omp parallel num_threads(threads) if (threads > 1 && pairs > 1)
+    {
+        std::vector<float> scores;
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < pairs; ++pair) {
+            const int64_t b = pair / kv_heads, hk = pair % kv_heads;
+            const int64_t len = seq_lens[b];
+            const int64_t first = (window > 0 && len > window) ? len - window : 0;
+            scores.resize(group * (len - first));
             kernel(q + b * q_stride + hk * group * dim, scale, k_cache + hk * num_slots * dim,
                    v_cache + hk * num_slots * dim, block_tables + b * table_width, block_size, first, len,
                    scores.data(), out + (b * q_heads + hk * group) * dim);
@@ -282,7 +288,7 @@ void int8_group_gemv(const T* x, int64_t x_stride, int64_t rows, int64_t k, cons
 
 extern "C" {
 
-int llmaas_kernels_abi() { return 5; }
+int llmaas_kernels_abi() { return 6; }
 
 void llmaas_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
                      int64_t rows, int64_t dim, float eps) {
@@ -320,16 +326,16 @@ int llmaas_paged_decode_attention(int dtype, const void* q, int64_t q_stride, co
                                    const void* v_cache, int64_t num_slots, const int64_t* block_tables,
                                    int64_t table_width, const int64_t* seq_lens, int64_t batch,
                                    int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                                   int64_t window, float scale, void* out) {
+                                   int64_t window, float scale, void* out, int64_t threads) {
     if (dtype == 1)
         return paged_decode_attention(static_cast<const bf16*>(q), q_stride, static_cast<const bf16*>(k_cache),
                                static_cast<const bf16*>(v_cache), num_slots, block_tables, table_width,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
-                               static_cast<bf16*>(out));
+                               static_cast<bf16*>(out), threads);
     return paged_decode_attention(static_cast<const float*>(q), q_stride, static_cast<const float*>(k_cache),
                                static_cast<const float*>(v_cache), num_slots, block_tables, table_width,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
-                               static_cast<float*>(out));
+                               static_cast<float*>(out), threads);
 }
 
 void llmaas_int8_group_gemv(int dtype, const void* x, int64_t x_stride, int64_t rows, int64_t k,

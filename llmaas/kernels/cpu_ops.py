@@ -34,7 +34,8 @@ _SIGNATURES = {
     "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64],
     "llmaas_int8_group_gemv": [_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64],
     "llmaas_int4_matmul": [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _i64],
-    "llmaas_int4_matmul_available": [],
+    "llmaas_bf16_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
+    "llmaas_decode_matmul_available": [],
     "llmaas_paged_decode_attention": [
         _int,
         _p,
@@ -53,12 +54,14 @@ _SIGNATURES = {
         _i64,
         _f32,
         _p,
+        _i64,
     ],
 }
 _RESULTS = {  # 0: a shape not compiled in, or no AVX-512 BF16 on this CPU
     "llmaas_paged_decode_attention": ctypes.c_int,
     "llmaas_int4_matmul": ctypes.c_int,
-    "llmaas_int4_matmul_available": ctypes.c_int,
+    "llmaas_bf16_matmul": ctypes.c_int,
+    "llmaas_decode_matmul_available": ctypes.c_int,
 }
 ATTENTION_HEAD_DIMS = (64, 128)  # compiled head sizes, with up to MAX_HEAD_GROUP query heads per kv head
 MAX_HEAD_GROUP = 8
@@ -248,6 +251,7 @@ def paged_decode_attention(
         sliding_window or 0,
         scale,
         out.data_ptr(),
+        torch.get_num_threads(),
     )
     if not done:
         raise ValueError(f"no native decode attention for {q_heads} query heads of {head_dim} on {kv_heads}")
@@ -285,18 +289,19 @@ def int8_group_gemv(
     return out
 
 
-# Weight-only int4 matmul (int4_matmul.cpp): groups of 32 inputs, (q - 8) * scale + zero, as Int4Linear.
+# Matmuls for decode-sized steps (decode_matmul.cpp).
+# int4: groups of 32 inputs, (q - 8) * scale + zero, as Int4Linear.
 INT4_GROUP = 32
 INT4_TILE = 16  # output columns per packed tile
 # Rows up to which it beats oneDNN's bf16 GEMM on the dequantized weights (and torch's int4 kernel at
 # 1-4 rows). SmolLM2's 30 layers, 2 threads, distinct weights: 1.1-1.3x torch's int4 at 1-4 rows,
 # 1.8x oneDNN at 5, 1.5x at 8, 1.1x at 16, even at 32, 0.9x at 64 (docs/performance.md).
-MAX_INT4_MATMUL_ROWS = 24
+MAX_INT4_MATMUL_ROWS = 16
 
 
-def int4_matmul_available() -> bool:
-    """The native int4 matmul can run here: kernels built, and the CPU has AVX-512 BF16."""
-    return available() and bool(_library().llmaas_int4_matmul_available())
+def decode_matmul_available() -> bool:
+    """The native int4 and bf16 matmuls can run here: kernels built, and the CPU has AVX-512 BF16."""
+    return available() and bool(_library().llmaas_decode_matmul_available())
 
 
 def pack_int4_for_matmul(
@@ -304,7 +309,7 @@ def pack_int4_for_matmul(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [N, K] in 0..15, scale and zero [N, K/32] -> (nibbles, scales, offsets) in the kernel's layout.
 
-    N must be a multiple of 16 and K of 32. See int4_matmul.cpp for the layout and the offset identity.
+    N must be a multiple of 16 and K of 32. See decode_matmul.cpp for the layout and the offset identity.
     """
     n, k = q.shape
     tiles, groups = n // INT4_TILE, k // INT4_GROUP
@@ -320,7 +325,9 @@ def int4_matmul_fits(x: torch.Tensor) -> bool:
     return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT4_MATMUL_ROWS
 
 
-def int4_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], threads: int) -> torch.Tensor:
+def int4_matmul(
+    x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], threads: int
+) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
     nibbles, scales, offsets = packed
     rows, k = x.shape
@@ -341,4 +348,33 @@ def int4_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch
     )
     if not done:
         raise ValueError(f"no native int4 matmul for a {n} x {k} weight")
+    return out
+
+
+MATMUL_TILE = 16  # bf16: output columns per packed tile
+# Rows up to which the bf16 kernel beats oneDNN's GEMM on the same weights (docs/performance.md).
+MAX_BF16_MATMUL_ROWS = 64
+
+
+def pack_bf16_for_matmul(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> bf16 [N/16, K/2, 16, 2]: per tile of 16 columns, the (k, k+1) pairs of each."""
+    n, k = weight.shape
+    tiles = weight.detach().to(torch.bfloat16).reshape(n // MATMUL_TILE, MATMUL_TILE, k // 2, 2)
+    return tiles.permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_matmul_fits(x: torch.Tensor) -> bool:
+    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_BF16_MATMUL_ROWS
+
+
+def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
+    """x [M, K] bf16 that `bf16_matmul_fits` @ the packed weight [N, K].T -> [M, N] bf16."""
+    rows, k = x.shape
+    n = packed.shape[0] * MATMUL_TILE
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    done = _library().llmaas_bf16_matmul(
+        x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), n, out.data_ptr(), n, threads
+    )
+    if not done:
+        raise ValueError(f"no native bf16 matmul for a {n} x {k} weight")
     return out

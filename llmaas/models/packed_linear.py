@@ -1,9 +1,15 @@
-"""Linear layers with weights pre-packed in oneDNN's blocked layout, for CPU inference.
+"""Linear layers whose weight is kept once, in the layout that is fastest on this CPU.
 
-Why: torch's plain CPU matmul re-reads the weight in its row-major layout every call; pre-packing
-(what inductor's CPU "freezing" does) streams it about twice as fast for single-row decode and ~1.5x
-at batch 32 on this machine (measured: 30 SmolLM2 layers, bf16, 21.7 -> 11.5 ms at m=1).
-Results equal F.linear up to accumulation order. Falls back to nothing where oneDNN is missing.
+Why: torch's plain CPU matmul re-reads the weight in its row-major layout every call. In order of
+preference:
+- bf16 on a CPU with AVX-512 BF16: packed for our decode matmul (`cpu_ops.bf16_matmul`, two inputs of
+  16 columns per vector), used up to MAX_BF16_MATMUL_ROWS rows: 1.2-1.7x oneDNN's packed GEMM on
+  SmolLM2's layers at 1-48 rows. Larger steps (prefills) read the same copy through F.linear on a
+  strided view, which from ~128 rows is as fast as oneDNN's packed layout (docs/performance.md).
+- otherwise oneDNN's blocked layout (what inductor's CPU "freezing" does): about twice as fast as the
+  plain layout for single-row decode and ~1.5x at batch 32 (30 SmolLM2 layers, bf16, 21.7 -> 11.5 ms at m=1);
+- otherwise the plain weight.
+Results equal F.linear up to accumulation order.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmaas.kernels import cpu_ops
 
 _BATCH_HINT = 32  # oneDNN's packing hint; measured to matter little between 1 and 512
 
@@ -40,15 +48,52 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class PackedLinear(nn.Module):
-    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, in_features: int, out_features: int):
-        super().__init__()
-        self.register_buffer("packed_weight", packed)
+def native_matmul_applies(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and n % cpu_ops.MATMUL_TILE == 0
+        and k % 2 == 0
+        and cpu_ops.decode_matmul_available()
+    )
+
+
+class CpuLayoutLinear(nn.Module):
+    """x @ W.T + b with W stored once as `native` (our kernel's layout), `packed` (oneDNN) or `plain`;
+    the two unused buffers are empty."""
+
+    def _store_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        weight = weight.detach()
+        empty = torch.empty(0, device=weight.device)
+        native = cpu_ops.pack_bf16_for_matmul(weight) if native_matmul_applies(weight) else None
+        packed = pack_weight(weight) if native is None else None
+        self.register_buffer("native", native if native is not None else empty)
+        self.register_buffer("packed", packed if packed is not None else empty)
+        self.register_buffer("plain", weight if native is None and packed is None else empty)
         self.bias = bias
-        self.in_features, self.out_features = in_features, out_features
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native.numel():
+            if cpu_ops.bf16_matmul_fits(x):
+                out = cpu_ops.bf16_matmul(x, self.native, torch.get_num_threads())
+                return out + self.bias if self.bias is not None else out
+            # [N/16, K/2, 16, 2] -> [N, K]: a strided view of the same copy
+            weight = self.native.permute(0, 2, 1, 3).flatten(0, 1).flatten(1)
+            return F.linear(x, weight, self.bias)
+        if self.packed.numel():
+            return packed_linear(x, self.packed, self.bias)
+        return F.linear(x, self.plain, self.bias)
+
+
+class PackedLinear(CpuLayoutLinear):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._store_weight(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed_weight, self.bias)
+        return self._linear(x)
 
 
 def replace_linears(model: nn.Module, make) -> int:
@@ -65,10 +110,10 @@ def replace_linears(model: nn.Module, make) -> int:
 
 
 def packed_or_none(linear: nn.Linear) -> PackedLinear | None:
-    packed = pack_weight(linear.weight)
-    if packed is None:
+    """PackedLinear(linear) where a faster layout than the plain one applies, else None."""
+    if not native_matmul_applies(linear.weight) and pack_weight(linear.weight) is None:
         return None
-    return PackedLinear(packed, linear.bias, linear.in_features, linear.out_features)
+    return PackedLinear(linear)
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -21,12 +21,11 @@ The output head gets int8 in groups of 32 under int4 (see quantize_model).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmaas.errors import InvalidRequestError
 from llmaas.kernels import cpu_ops
-from llmaas.models.packed_linear import pack_weight, packed_linear, replace_linears
+from llmaas.models.packed_linear import CpuLayoutLinear, replace_linears
 
 SMALL_BATCH = 4  # rows at or below this use the int8 kernel
 INT4_SMALL_BATCH = 4  # rows at or below this use the int4 kernel (measured: docs/performance.md)
@@ -34,20 +33,15 @@ INT4_GROUP_SIZE = 32
 SUPPORTED = ("int8", "int4")
 
 
-class _WeightOnlyLinear(nn.Module):
-    """What int8 and int4 share: a dequantized copy of the quantized weight for larger batches."""
+class _WeightOnlyLinear(CpuLayoutLinear):
+    """What int8 and int4 share: a dequantized copy of the quantized weight for larger batches, kept in
+    the fastest layout here (packed_linear.CpuLayoutLinear)."""
 
     def _keep_dequantized(self, dequantized: torch.Tensor, bias: torch.Tensor | None) -> None:
-        packed = pack_weight(dequantized)
-        # Larger batches read one copy: the packed one where oneDNN takes it, else the plain one.
-        self.register_buffer("packed", packed if packed is not None else torch.empty(0))
-        self.register_buffer("dequantized", dequantized if packed is None else torch.empty(0))
-        self.bias = bias
+        self._store_weight(dequantized, bias)
 
     def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed.numel():
-            return packed_linear(x, self.packed, self.bias)
-        return F.linear(x, self.dequantized, self.bias)
+        return self._linear(x)
 
     def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out + self.bias if self.bias is not None else out
@@ -117,7 +111,7 @@ class Int4Linear(_WeightOnlyLinear):
         on_cpu_bf16 = linear.weight.device.type == "cpu" and dtype == torch.bfloat16 and n % 16 == 0
         # Our kernel (CPU with AVX-512 BF16) up to MAX_INT4_MATMUL_ROWS rows; else torch's int4 kernel
         # up to INT4_SMALL_BATCH rows (its fp32 path is ~30x slower than a plain matmul).
-        native = on_cpu_bf16 and group_size == cpu_ops.INT4_GROUP and cpu_ops.int4_matmul_available()
+        native = on_cpu_bf16 and group_size == cpu_ops.INT4_GROUP and cpu_ops.decode_matmul_available()
         self.native_int4 = cpu_ops.pack_int4_for_matmul(q, scale, zero) if native else None
         self.use_int4_kernel = on_cpu_bf16 and not native and int4_kernel_available()
         if self.use_int4_kernel:

@@ -1,10 +1,15 @@
-// Weight-only int4 matmul for decode-sized steps (a few to 64 rows) on CPUs with AVX-512 BF16.
+// Matmuls for decode-sized steps (1 to a few dozen rows) on CPUs with AVX-512 BF16: x @ W.T with W
+// either int4 in groups of 32 (llmaas_int4_matmul) or bf16 (llmaas_bf16_matmul), pre-packed.
 //
-// Why: at 5-64 rows oneDNN's bf16 GEMM on the dequantized weights reaches well under half of what the
-// cores can do (~180 of ~440 GFLOP/s at 16 rows), and torch's int4 kernel only wins up to 4 rows. Here
-// the int4 weights are widened to bf16 in registers, once per tile of 32 columns and shared by up to 6
-// rows, and multiplied with `vdpbf16ps` (32 multiply-adds an instruction, fp32 accumulators).
+// Why: at 5-64 rows oneDNN's bf16 GEMM reaches well under half of what the cores can do, at one row
+// it streams weights at a third of the memory's bandwidth, and torch's int4 kernel only wins up to 4
+// rows. Both kernels here keep a block of rows x 32 output columns in fp32 registers and multiply with
+// `vdpbf16ps` (32 multiply-adds an instruction), each weight vector loaded once per block of rows.
 //
+// bf16 weights are packed per tile of 16 output columns as [k / 2][16 columns][2]: one 64-byte vector
+// per pair of inputs, the (k, k+1) pairs vdpbf16ps wants (see pack_bf16_for_matmul in cpu_ops.py).
+//
+// int4: the int4 weights are widened to bf16 in registers, once per tile and shared by up to 6 rows.
 // The weights are groups of 32 input weights with a scale and a zero each (llmaas/models/quantize.py):
 // w = (q - 8) * scale + zero, q in 0..15. The trick that makes widening cheap: the bf16 number with bits
 // 0x4300 | q is exactly 128 + q, so a nibble becomes a bf16 with one AND and one OR (one vpternlog).
@@ -114,6 +119,52 @@ void tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, in
     }
 }
 
+// bf16 weights: rows [0, R) of x against NT consecutive tiles of the packed weight ([tiles, k/2, 32]).
+template <int R, int NT>
+inline void bf16_tiles_times_rows(const bf16* x, int64_t x_stride, int64_t pairs, const bf16* weights,
+                                  int64_t tile, bf16* out, int64_t out_stride) {
+    __m512 acc[R][NT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    const bf16* w = weights + tile * pairs * 32;
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512bh wv[NT];
+        for (int t = 0; t < NT; ++t) wv[t] = (__m512bh)_mm512_loadu_si512(w + (t * pairs + p) * 32);
+        for (int r = 0; r < R; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, x + r * x_stride + 2 * p, 4);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv, wv[t]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t)
+            _mm256_storeu_si256((__m256i*)(out + r * out_stride + (tile + t) * kTile),
+                                (__m256i)_mm512_cvtneps_pbh(acc[r][t]));
+}
+
+constexpr int kBf16RowsPerPass = 8;
+
+template <int NT>
+void bf16_tiles_times_all_rows(const bf16* x, int64_t x_stride, int64_t rows, int64_t pairs, const bf16* weights,
+                               int64_t tile, bf16* out, int64_t out_stride) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kBf16RowsPerPass) {
+        const int64_t left = rows - r0;
+        const bf16* xr = x + r0 * x_stride;
+        bf16* o = out + r0 * out_stride;
+        switch (left < kBf16RowsPerPass ? left : kBf16RowsPerPass) {
+            case 1: bf16_tiles_times_rows<1, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            case 2: bf16_tiles_times_rows<2, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            case 3: bf16_tiles_times_rows<3, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            case 4: bf16_tiles_times_rows<4, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            case 5: bf16_tiles_times_rows<5, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            case 6: bf16_tiles_times_rows<6, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            case 7: bf16_tiles_times_rows<7, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+            default: bf16_tiles_times_rows<8, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
+        }
+    }
+}
+
 inline float bf16_to_float(bf16 v) {
     uint32_t bits = static_cast<uint32_t>(v) << 16;
     float f;
@@ -123,7 +174,7 @@ inline float bf16_to_float(bf16 v) {
 
 }  // namespace
 
-extern "C" int llmaas_int4_matmul_available() { return 1; }
+extern "C" int llmaas_decode_matmul_available() { return 1; }
 
 // out [rows, n] (bf16, row stride out_stride) = x [rows, k] (bf16, row stride x_stride) @ W.T, W the
 // packed int4 weight of n x k (n a multiple of 16, k of 32). Returns 0 if the shape is not supported.
@@ -153,9 +204,31 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     return 1;
 }
 
+// out [rows, n] (bf16) = x [rows, k] (bf16) @ W.T, W the packed bf16 weight of n x k (n a multiple of
+// 16, k of 2). Returns 0 if the shape is not supported.
+extern "C" int llmaas_bf16_matmul(const bf16* x, int64_t x_stride, int64_t rows, int64_t k, const bf16* weights,
+                                  int64_t n, bf16* out, int64_t out_stride, int64_t threads) {
+    if (n % kTile || k % 2 || rows <= 0) return 0;
+    const int64_t tiles = n / kTile, pairs = k / 2;
+    const int64_t tile_pairs = tiles / 2, items = tile_pairs + (tiles % 2);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+    for (int64_t item = 0; item < items; ++item) {
+        if (item < tile_pairs)
+            bf16_tiles_times_all_rows<2>(x, x_stride, rows, pairs, weights, 2 * item, out, out_stride);
+        else
+            bf16_tiles_times_all_rows<1>(x, x_stride, rows, pairs, weights, 2 * tile_pairs, out, out_stride);
+    }
+    return 1;
+}
+
 #else  // no AVX-512 BF16: the caller keeps torch's path
 
-extern "C" int llmaas_int4_matmul_available() { return 0; }
+extern "C" int llmaas_bf16_matmul(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*,
+                                  int64_t, int64_t) {
+    return 0;
+}
+
+extern "C" int llmaas_decode_matmul_available() { return 0; }
 extern "C" int llmaas_int4_matmul(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*, const uint16_t*,
                                   const float*, int64_t, uint16_t*, int64_t, int64_t) {
     return 0;
