@@ -33,7 +33,7 @@ _SIGNATURES = {
     "llmaas_silu_mul": [_int, _p, _i64, _p, _i64, _i64, _i64],
     "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64],
     "llmaas_int8_group_gemv": [_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64],
-    "llmaas_int4_matmul": [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _i64],
+    "llmaas_int4_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "llmaas_bf16_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "llmaas_decode_matmul_available": [],
     "llmaas_paged_decode_attention": [
@@ -304,43 +304,40 @@ def decode_matmul_available() -> bool:
     return available() and bool(_library().llmaas_decode_matmul_available())
 
 
-def pack_int4_for_matmul(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [N, K] in 0..15, scale and zero [N, K/32] -> (nibbles, scales, offsets) in the kernel's layout.
+def pack_int4_for_matmul(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15, scale and zero [N, K/32] -> uint8 [N/16, K/32, 320] in the kernel's layout.
 
+    Per tile of 16 output columns and group: 256 bytes of nibbles, the 16 scales, the 16 zeros (bf16).
     N must be a multiple of 16 and K of 32. See decode_matmul.cpp for the layout and the offset identity.
     """
     n, k = q.shape
     tiles, groups = n // INT4_TILE, k // INT4_GROUP
     # k within a group = 16 * half + 2 * chunk + parity; a byte holds half 0 (low) and half 1 (high)
     q6 = q.to(torch.uint8).reshape(tiles, INT4_TILE, groups, 2, 8, 2)
-    nibbles = (q6[:, :, :, 0] | (q6[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous()
-    by_tile = lambda t: t.reshape(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()  # noqa: E731
-    offsets = zero.float() - 136.0 * scale.float()
-    return nibbles, by_tile(scale.to(torch.bfloat16)), by_tile(offsets)
+    nibbles = (q6[:, :, :, 0] | (q6[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).reshape(tiles, groups, -1)
+
+    def by_tile(t: torch.Tensor) -> torch.Tensor:  # [N, groups] -> bytes [tiles, groups, 32]
+        t = t.to(torch.bfloat16).reshape(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()
+        return t.view(torch.uint8)
+
+    return torch.cat([nibbles, by_tile(scale), by_tile(zero)], dim=-1).contiguous()
 
 
 def int4_matmul_fits(x: torch.Tensor) -> bool:
     return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT4_MATMUL_ROWS
 
 
-def int4_matmul(
-    x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], threads: int
-) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
-    nibbles, scales, offsets = packed
     rows, k = x.shape
-    n = scales.shape[0] * INT4_TILE
+    n = packed.shape[0] * INT4_TILE
     out = torch.empty(rows, n, dtype=torch.bfloat16)
     done = _library().llmaas_int4_matmul(
         x.data_ptr(),
         x.stride(0),
         rows,
         k,
-        nibbles.data_ptr(),
-        scales.data_ptr(),
-        offsets.data_ptr(),
+        packed.data_ptr(),
         n,
         out.data_ptr(),
         n,

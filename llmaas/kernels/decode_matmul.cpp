@@ -15,14 +15,15 @@
 // 0x4300 | q is exactly 128 + q, so a nibble becomes a bf16 with one AND and one OR (one vpternlog).
 // Per group and output column, A = sum_k x_k (128 + q_k) is accumulated, and then
 //     sum_k x_k w_k = scale * A + (zero - 136 * scale) * sum_k x_k,
-// with `offset` = zero - 136 * scale precomputed in fp32 and sum_k x_k per row and group computed once
-// per call. Results equal x @ dequantized.T up to fp32 accumulation order.
+// with sum_k x_k per row and group computed once per call. Results equal x @ dequantized.T up to fp32
+// accumulation order.
 //
-// Packed layout (see pack_int4_for_matmul in llmaas/kernels/cpu_ops.py), per tile of 16 output
-// columns and per group: 8 chunks of 32 bytes; byte 2j + s of chunk c holds, for column j of the tile,
-// the nibble of input 2c + s (low) and of input 16 + 2c + s (high), so that a chunk widened to 16-bit
-// lanes gives the (k, k+1) pairs vdpbf16ps wants for inputs 2c.. and, shifted by 4, 16 + 2c...
-// Scales: bf16 [tiles, groups, 16]; offsets: fp32 [tiles, groups, 16].
+// Packed layout (see pack_int4_for_matmul in llmaas/kernels/cpu_ops.py): one 320-byte block per tile
+// of 16 output columns and group, tile by tile, so that each tile is one stream of memory. A block is
+// 8 chunks of 32 bytes, then the 16 columns' bf16 scales, then their bf16 zeros. Byte 2j + s of chunk c
+// holds, for column j of the tile, the nibble of input 2c + s (low) and of input 16 + 2c + s (high), so
+// that a chunk widened to 16-bit lanes gives the (k, k+1) pairs vdpbf16ps wants for inputs 2c.. and,
+// shifted by 4, 16 + 2c...
 //
 // Threads: the column tiles are split over OpenMP threads. The library is linked against the libgomp
 // that torch has already loaded (same soname), so these loops run on torch's own thread pool.
@@ -39,7 +40,9 @@ namespace {
 using bf16 = uint16_t;
 constexpr int kGroup = 32;              // inputs per scale
 constexpr int kTile = 16;               // output columns per packed tile (one fp32 vector)
-constexpr int kTileGroupBytes = 256;    // 16 columns x 32 inputs x 4 bits
+constexpr int kNibbleBytes = 256;       // 16 columns x 32 inputs x 4 bits
+constexpr int kBlockBytes = kNibbleBytes + 2 * kTile * 2;  // + 16 bf16 scales + 16 bf16 zeros
+constexpr int kPrefetchGroups = 8;      // blocks ahead to prefetch (past a tile's end: harmless)
 constexpr int kMaxRowsPerPass = 6;      // rows whose accumulators stay in registers together
 
 // 16 fp32 lanes from 16 bf16 values.
@@ -51,8 +54,7 @@ inline __m512 widen_bf16(const bf16* p) {
 // x: bf16 rows (stride x_stride); sums: fp32 [R, groups] of each row's group sums.
 template <int R, int NT>
 inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t groups,
-                             const uint8_t* weights, const bf16* scales, const float* offsets, int64_t tile,
-                             bf16* out, int64_t out_stride) {
+                             const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
     __m512 total[R][NT];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < NT; ++t) total[r][t] = _mm512_setzero_ps();
@@ -61,10 +63,14 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
         __m512 acc[R][NT];
         for (int r = 0; r < R; ++r)
             for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < NT; ++t) {  // the hardware prefetcher alone reads ~10% slower (measured)
+            const char* ahead = (const char*)(weights + ((tile + t) * groups + g + kPrefetchGroups) * kBlockBytes);
+            for (int line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
         for (int c = 0; c < 8; ++c) {
             __m512bh w_lo[NT], w_hi[NT];
             for (int t = 0; t < NT; ++t) {
-                const uint8_t* chunk = weights + ((tile + t) * groups + g) * kTileGroupBytes + c * 32;
+                const uint8_t* chunk = weights + ((tile + t) * groups + g) * kBlockBytes + c * 32;
                 const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)chunk));
                 // (raw & 0xF) | 0x4300: truth table 0xEA is (A & B) | C
                 w_lo[t] = (__m512bh)_mm512_ternarylogic_epi32(raw, nibble, bf16_128, 0xEA);
@@ -84,9 +90,9 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
             }
         }
         for (int t = 0; t < NT; ++t) {
-            const int64_t at = ((tile + t) * groups + g) * kTile;
-            const __m512 scale = widen_bf16(scales + at);
-            const __m512 offset = _mm512_loadu_ps(offsets + at);
+            const bf16* scale_zero = (const bf16*)(weights + ((tile + t) * groups + g) * kBlockBytes + kNibbleBytes);
+            const __m512 scale = widen_bf16(scale_zero);
+            const __m512 offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(-136.f), widen_bf16(scale_zero + kTile));
             for (int r = 0; r < R; ++r) {
                 total[r][t] = _mm512_fmadd_ps(scale, acc[r][t], total[r][t]);
                 total[r][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), total[r][t]);
@@ -101,20 +107,19 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
 
 template <int NT>
 void tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t rows, int64_t groups,
-                          const uint8_t* weights, const bf16* scales, const float* offsets, int64_t tile,
-                          bf16* out, int64_t out_stride) {
+                          const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerPass) {
         const int64_t left = rows - r0;
         const bf16* xr = x + r0 * x_stride;
         const float* sr = sums + r0 * groups;
         bf16* o = out + r0 * out_stride;
         switch (left < kMaxRowsPerPass ? left : kMaxRowsPerPass) {
-            case 1: tiles_times_rows<1, NT>(xr, x_stride, sr, groups, weights, scales, offsets, tile, o, out_stride); break;
-            case 2: tiles_times_rows<2, NT>(xr, x_stride, sr, groups, weights, scales, offsets, tile, o, out_stride); break;
-            case 3: tiles_times_rows<3, NT>(xr, x_stride, sr, groups, weights, scales, offsets, tile, o, out_stride); break;
-            case 4: tiles_times_rows<4, NT>(xr, x_stride, sr, groups, weights, scales, offsets, tile, o, out_stride); break;
-            case 5: tiles_times_rows<5, NT>(xr, x_stride, sr, groups, weights, scales, offsets, tile, o, out_stride); break;
-            default: tiles_times_rows<6, NT>(xr, x_stride, sr, groups, weights, scales, offsets, tile, o, out_stride); break;
+            case 1: tiles_times_rows<1, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            case 2: tiles_times_rows<2, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            case 3: tiles_times_rows<3, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            case 4: tiles_times_rows<4, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            case 5: tiles_times_rows<5, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            default: tiles_times_rows<6, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
         }
     }
 }
@@ -179,8 +184,8 @@ extern "C" int llmaas_decode_matmul_available() { return 1; }
 // out [rows, n] (bf16, row stride out_stride) = x [rows, k] (bf16, row stride x_stride) @ W.T, W the
 // packed int4 weight of n x k (n a multiple of 16, k of 32). Returns 0 if the shape is not supported.
 extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows, int64_t k,
-                                  const uint8_t* weights, const bf16* scales, const float* offsets, int64_t n,
-                                  bf16* out, int64_t out_stride, int64_t threads) {
+                                  const uint8_t* weights, int64_t n, bf16* out, int64_t out_stride,
+                                  int64_t threads) {
     if (n % kTile || k % kGroup || rows <= 0) return 0;
     const int64_t groups = k / kGroup, tiles = n / kTile;
     std::vector<float> sums(rows * groups);
@@ -195,11 +200,9 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
     for (int64_t item = 0; item < items; ++item) {
         if (item < pairs)
-            tiles_times_all_rows<2>(x, x_stride, sums.data(), rows, groups, weights, scales, offsets, 2 * item,
-                                    out, out_stride);
+            tiles_times_all_rows<2>(x, x_stride, sums.data(), rows, groups, weights, 2 * item, out, out_stride);
         else
-            tiles_times_all_rows<1>(x, x_stride, sums.data(), rows, groups, weights, scales, offsets, 2 * pairs,
-                                    out, out_stride);
+            tiles_times_all_rows<1>(x, x_stride, sums.data(), rows, groups, weights, 2 * pairs, out, out_stride);
     }
     return 1;
 }
@@ -229,8 +232,8 @@ extern "C" int llmaas_bf16_matmul(const uint16_t*, int64_t, int64_t, int64_t, co
 }
 
 extern "C" int llmaas_decode_matmul_available() { return 0; }
-extern "C" int llmaas_int4_matmul(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*, const uint16_t*,
-                                  const float*, int64_t, uint16_t*, int64_t, int64_t) {
+extern "C" int llmaas_int4_matmul(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*, int64_t, uint16_t*,
+                                  int64_t, int64_t) {
     return 0;
 }
 
