@@ -230,7 +230,7 @@ bool paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, cons
 #pragma omp parallel num_threads(threads) if (threads > 1 && pairs > 1)
     {
         std::vector<float> scores;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (int64_t pair = 0; pair < pairs; ++pair) {
             const int64_t b = pair / kv_heads, hk = pair % kv_heads;
             const int64_t len = seq_lens[b];

@@ -197,7 +197,7 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
         }
     const int64_t pairs = tiles / 2;  // work items: two tiles (32 columns) each, a lone tile at the end
     const int64_t items = pairs + (tiles % 2);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
     for (int64_t item = 0; item < items; ++item) {
         if (item < pairs)
             tiles_times_all_rows<2>(x, x_stride, sums.data(), rows, groups, weights, 2 * item, out, out_stride);
@@ -214,7 +214,7 @@ extern "C" int llmaas_bf16_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     if (n % kTile || k % 2 || rows <= 0) return 0;
     const int64_t tiles = n / kTile, pairs = k / 2;
     const int64_t tile_pairs = tiles / 2, items = tile_pairs + (tiles % 2);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
     for (int64_t item = 0; item < items; ++item) {
         if (item < tile_pairs)
             bf16_tiles_times_all_rows<2>(x, x_stride, rows, pairs, weights, 2 * item, out, out_stride);

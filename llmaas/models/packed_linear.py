@@ -2,10 +2,9 @@
 
 Why: torch's plain CPU matmul re-reads the weight in its row-major layout every call. In order of
 preference:
-- bf16 on a CPU with AVX-512 BF16: packed for our decode matmul (`cpu_ops.bf16_matmul`, two inputs of
-  16 columns per vector), used up to MAX_BF16_MATMUL_ROWS rows: 1.2-1.7x oneDNN's packed GEMM on
-  SmolLM2's layers at 1-48 rows. Larger steps (prefills) read the same copy through F.linear on a
-  strided view, which from ~128 rows is as fast as oneDNN's packed layout (docs/performance.md).
+- bf16 on a CPU with AVX-512 BF16: packed for our matmul (`cpu_ops.bf16_matmul`, two inputs of 16
+  columns per vector), at every batch size: on SmolLM2's layers 1.2-1.7x oneDNN's packed GEMM at 1-48
+  rows, and 1.2x torch's plain F.linear for 512- and 2,048-token prefills (docs/performance.md).
 - otherwise oneDNN's blocked layout (what inductor's CPU "freezing" does): about twice as fast as the
   plain layout for single-row decode and ~1.5x at batch 32 (30 SmolLM2 layers, bf16, 21.7 -> 11.5 ms at m=1);
 - otherwise the plain weight.
@@ -78,9 +77,8 @@ class CpuLayoutLinear(nn.Module):
             if cpu_ops.bf16_matmul_fits(x):
                 out = cpu_ops.bf16_matmul(x, self.native, torch.get_num_threads())
                 return out + self.bias if self.bias is not None else out
-            # [N/16, K/2, 16, 2] -> [N, K]: a strided view of the same copy
-            weight = self.native.permute(0, 2, 1, 3).flatten(0, 1).flatten(1)
-            return F.linear(x, weight, self.bias)
+            # kernels switched off since loading, or an odd input: unpack a copy (slow, but right)
+            return F.linear(x, cpu_ops.unpack_bf16_for_matmul(self.native), self.bias)
         if self.packed.numel():
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.plain, self.bias)
