@@ -94,23 +94,21 @@ def main() -> int:
         f"{args.threads} threads; torch {torch.__version__}; load average at start {load}"
     )
     print(f"- command: `{' '.join([os.path.relpath(sys.executable), *sys.argv])}`")
-    print(
-        f"- ms per pass over {len(layers)} matmuls (GFLOP/s); ratio = contender's time / ours (same weights)\n"
-    )
+    print(f"- ms per pass over {len(layers)} matmuls; time / ours: the contender's over ours, same weights\n")
     print("| rows | contender | ms | GFLOP/s | time / ours |")
     print("|---:|---|---:|---:|---:|")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {k: torch.randn(rows, k, generator=generator).to(torch.bfloat16) for k in (576, 1536)}
         runs = contenders(layers, rows, args.threads)
 
-        def one_pass(fn: Callable) -> float:
+        def one_pass(fn: Callable, inputs: dict[int, torch.Tensor] = inputs) -> float:
             start = time.perf_counter()
             for layer in layers:
                 fn(inputs[layer.k], layer)
             return time.perf_counter() - start
 
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for name, fn in runs.items():  # warm-up
+        for fn in runs.values():  # warm-up
             one_pass(fn)
         for _ in range(args.reps):
             for name, fn in runs.items():
