@@ -104,10 +104,10 @@ def test_fits_refuses_what_the_kernels_do_not_handle():
     assert not cpu_ops.fits(torch.randn(2, 3, 8))
     cache = torch.zeros(2, 4, 4, 64)
     assert cpu_ops.decode_fits(torch.randn(4, 6, 64), cache, torch.zeros(4, 2, dtype=torch.long))
-    many = cpu_ops.MAX_DECODE_BATCH + 1  # torch's batched matmuls win for more rows
     odd_head = torch.randn(2, 6, 48)  # a head size the kernel is not compiled for
     assert not cpu_ops.decode_fits(odd_head, torch.zeros(2, 4, 4, 48), torch.zeros(2, 2, dtype=torch.long))
-    assert not cpu_ops.decode_fits(torch.randn(many, 6, 64), cache, torch.zeros(many, 2, dtype=torch.long))
+    many = 200  # any decode batch: the kernel beats gather + torch's batched matmuls at every size
+    assert cpu_ops.decode_fits(torch.randn(many, 6, 64), cache, torch.zeros(many, 2, dtype=torch.long))
     assert not cpu_ops.decode_fits(
         torch.randn(4, 64, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long)
     )
@@ -230,3 +230,20 @@ def test_the_kernels_run_on_torchs_openmp_pool():
     with open("/proc/self/maps") as maps:
         gomp = {line.split()[-1] for line in maps if "libgomp" in line}
     assert len(gomp) == 1, gomp
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, dim", [(9, 3, 64), (8, 1, 128)])
+def test_paged_decode_attention_over_long_contexts(q_heads, kv_heads, dim):
+    """Hundreds of keys over shuffled 16-slot blocks (the bf16 kernel works 16 keys at a time)."""
+    torch.manual_seed(5)
+    block_size, blocks = 16, 40
+    k_cache = torch.randn(kv_heads, blocks, block_size, dim, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.stack([torch.randperm(blocks - 1)[:24] + 1 for _ in range(3)])
+    lens = torch.tensor([383, 17, 250])
+    q = torch.randn(3, q_heads, dim, dtype=torch.bfloat16)
+    mask = torch.arange(tables.shape[1] * block_size)[None] < lens[:, None]
+    gathered = gather_blocks(k_cache, tables), gather_blocks(v_cache, tables)
+    want = decode_attention(q.float(), *(g.float() for g in gathered), mask[:, None, None, :], dim**-0.5)
+    got = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, None, dim**-0.5)
+    close(got, want, torch.bfloat16)

@@ -1,11 +1,11 @@
-"""Torch-facing wrappers of the native CPU kernels (cpu_kernels.cpp).
+"""Torch-facing wrappers of the native CPU kernels (cpu_kernels.cpp, decode_matmul.cpp).
 
 Each `*_fits` check says whether a call can take the native path: CPU tensors in fp32 or bf16, laid
-out as the kernel expects, steps of at most MAX_TOKENS tokens (larger prefills keep torch's
-multi-threaded ops; the kernels run on one thread, but for the output head's GEMV), and the library
-built. Otherwise the caller uses
-its torch code, which gives the same results up to rounding. `ENABLED = False` turns the native path
-off in this process (tests compare both).
+out as the kernel expects, for the small ops steps of at most MAX_TOKENS tokens (larger prefills keep
+torch's multi-threaded ops), and the library built. Otherwise the caller uses its torch code, which
+gives the same results up to rounding. The small ops run on one thread; decode attention and the
+matmuls on torch's OpenMP threads; the output head's GEMV on threads of its own. `ENABLED = False`
+turns the native path off in this process (tests compare both).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from llmaas.kernels.build import load_cpu_kernels
 
 ENABLED = True
 MAX_TOKENS = 64  # per step; more tokens are a prefill, where torch's threaded ops win
-# Decode attention (one thread, keys read in place) against gather + torch's batched matmuls on two
-# threads, SmolLM2 shapes (9 query heads on 3 kv heads of 64), bf16, 200 keys each, idle machine:
-# 17 vs 165 µs for 1 sequence (150 keys), 73 vs 191 for 4, 152 vs 278 for 8, 305 vs 456 for 16,
-# 636 vs 671 for 32.
-MAX_DECODE_BATCH = 32
-MAX_ATTENDED_KEYS = 32 * 1024  # decode batch x context
+# Decode attention reads keys and values in place from the paged cache, (sequence, kv head) pairs split
+# over the threads; bf16 caches use vdpbf16ps where the CPU has it. Against gather + torch's batched
+# matmuls (SmolLM2 shapes, bf16, two threads): 325 vs 4,684 µs for 16 sequences of 1,100 keys, 308 vs
+# 3,232 for 64 of 200 (docs/performance.md), so it takes every decode batch.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -197,7 +195,6 @@ def decode_fits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
     """q: [batch, q_heads, head_dim], one query per sequence, heads contiguous, a compiled head shape."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
-    keys = batch * block_tables.shape[1] * k_cache.shape[2]
     return (
         q.device.type == "cpu"
         and q.dtype in _DTYPE_CODES
@@ -206,8 +203,6 @@ def decode_fits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
         and head_dim in ATTENTION_HEAD_DIMS
         and q_heads % kv_heads == 0
         and q_heads // kv_heads <= MAX_HEAD_GROUP
-        and batch <= MAX_DECODE_BATCH
-        and keys <= MAX_ATTENDED_KEYS
         and q.stride(2) == 1
         and q.stride(1) == q.shape[2]
         and available()
