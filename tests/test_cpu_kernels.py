@@ -247,3 +247,19 @@ def test_paged_decode_attention_over_long_contexts(q_heads, kv_heads, dim):
     want = decode_attention(q.float(), *(g.float() for g in gathered), mask[:, None, None, :], dim**-0.5)
     got = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, None, dim**-0.5)
     close(got, want, torch.bfloat16)
+
+
+@needs_decode_matmul
+@pytest.mark.parametrize("rows", [1, 2, 3, cpu_ops.MAX_INT8_MATMUL_ROWS])
+def test_int8_matmul_matches_the_dequantized_weights(rows):
+    from llmaas.models.quantize import Int8GroupLinear
+
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 48, bias=False).to(torch.bfloat16).requires_grad_(False)
+    linear.weight[0, :32] = 0.0  # a zero group: q = 0, u = 128
+    layer = Int8GroupLinear(linear)
+    assert layer.qweight.min() == -127 and layer.qweight.max() == 127  # both ends of the range
+    x = torch.randn(rows, 100).to(torch.bfloat16)[:, 2:98]
+    got = cpu_ops.int8_matmul(x, cpu_ops.pack_int8_for_matmul(layer.qweight, layer.group_scales), threads=2)
+    want = x.float() @ layer.dequantized_weight().float().t()
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())

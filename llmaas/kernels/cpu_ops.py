@@ -33,6 +33,7 @@ _SIGNATURES = {
     "llmaas_int8_group_gemv": [_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64],
     "llmaas_int4_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "llmaas_bf16_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
+    "llmaas_int8_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "llmaas_decode_matmul_available": [],
     "llmaas_paged_decode_attention": [
         _int,
@@ -59,6 +60,7 @@ _RESULTS = {  # 0: a shape not compiled in, or no AVX-512 BF16 on this CPU
     "llmaas_paged_decode_attention": ctypes.c_int,
     "llmaas_int4_matmul": ctypes.c_int,
     "llmaas_bf16_matmul": ctypes.c_int,
+    "llmaas_int8_matmul": ctypes.c_int,
     "llmaas_decode_matmul_available": ctypes.c_int,
 }
 ATTENTION_HEAD_DIMS = (64, 128)  # compiled head sizes, with up to MAX_HEAD_GROUP query heads per kv head
@@ -324,23 +326,40 @@ def int4_matmul_fits(x: torch.Tensor) -> bool:
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
+    return _packed_matmul(_library().llmaas_int4_matmul, x, packed, packed.shape[0] * INT4_TILE, threads)
+
+
+def _packed_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, n: int, threads: int) -> torch.Tensor:
     rows, k = x.shape
-    n = packed.shape[0] * INT4_TILE
     out = torch.empty(rows, n, dtype=torch.bfloat16)
-    done = _library().llmaas_int4_matmul(
-        x.data_ptr(),
-        x.stride(0),
-        rows,
-        k,
-        packed.data_ptr(),
-        n,
-        out.data_ptr(),
-        n,
-        threads,
-    )
-    if not done:
-        raise ValueError(f"no native int4 matmul for a {n} x {k} weight")
+    if not kernel(x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), n, out.data_ptr(), n, threads):
+        raise ValueError(f"no native matmul for a {n} x {k} weight")
     return out
+
+
+# int8 in groups of 32 with an fp32 scale each (Int8GroupLinear: the output head under int4), for a
+# few rows: it streams half the bytes of bf16 but multiplies twice (decode_matmul.cpp).
+MAX_INT8_MATMUL_ROWS = 4
+
+
+def pack_int8_for_matmul(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """qweight int8 [N, K], scales fp32 [N, K/32] -> uint8 [N/16, K/32, 576] in the kernel's layout:
+    per tile of 16 columns and group, the (k, k+1) pairs of q + 128 in 16 chunks, then the 16 scales."""
+    n, k = qweight.shape
+    tiles, groups = n // INT4_TILE, k // INT8_GROUP
+    biased = (qweight.to(torch.int16) + 128).to(torch.uint8).reshape(tiles, INT4_TILE, groups, 16, 2)
+    pairs = biased.permute(0, 2, 3, 1, 4).reshape(tiles, groups, -1)
+    by_tile = scales.float().reshape(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()
+    return torch.cat([pairs, by_tile.view(torch.uint8)], dim=-1).contiguous()
+
+
+def int8_matmul_fits(x: torch.Tensor) -> bool:
+    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT8_MATMUL_ROWS
+
+
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
+    """x [M, K] bf16 that `int8_matmul_fits` @ the packed int8-group weight [N, K].T -> [M, N] bf16."""
+    return _packed_matmul(_library().llmaas_int8_matmul, x, packed, packed.shape[0] * INT4_TILE, threads)
 
 
 MATMUL_TILE = 16  # bf16: output columns per packed tile
@@ -372,14 +391,6 @@ def bf16_matmul_fits(x: torch.Tensor) -> bool:
 
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `bf16_matmul_fits` @ the packed weight [N, K].T -> [M, N] bf16."""
-    rows, k = x.shape
-    n = packed.shape[0] * MATMUL_TILE
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
     # a prefill's matmul takes milliseconds: let the server's event loop run meanwhile
-    library = _library() if rows <= MAX_TOKENS else _releasing_gil()
-    done = library.llmaas_bf16_matmul(
-        x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), n, out.data_ptr(), n, threads
-    )
-    if not done:
-        raise ValueError(f"no native bf16 matmul for a {n} x {k} weight")
-    return out
+    library = _library() if x.shape[0] <= MAX_TOKENS else _releasing_gil()
+    return _packed_matmul(library.llmaas_bf16_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)

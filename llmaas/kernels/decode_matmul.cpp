@@ -187,6 +187,97 @@ inline float bf16_to_float(bf16 v) {
     return f;
 }
 
+// int8 weights in groups of 32 with an fp32 scale each (llama.cpp's Q8_0; the output head under int4),
+// for a few rows. Stored as u = q + 128 in 1..255 and split as u = 128 b + m (b = u >> 7, m = u & 127):
+// 0x4300 | m is the bf16 128 + m, and (u & 0x80) << 7 is the bf16 2b, so
+//     sum x q = sum x (128 + m) + 64 * sum x (2b) - 256 * sum x.
+// Two vdpbf16ps per 32 weights instead of one: a good trade where streaming the bytes is what costs.
+// Packed (pack_int8_for_matmul in cpu_ops.py): per tile of 16 columns and group, 16 chunks of 32 bytes
+// (byte 2j + s of chunk c: u of column j, input 2c + s), then the 16 columns' fp32 scales.
+constexpr int kInt8BlockBytes = 16 * 32 + kTile * 4;
+
+template <int R, int NT>
+inline void int8_tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t groups,
+                                  const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
+    __m512 total[R][NT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) total[r][t] = _mm512_setzero_ps();
+    const __m512i low7 = _mm512_set1_epi16(0x007F), high1 = _mm512_set1_epi16(0x0080);
+    const __m512i bf16_128 = _mm512_set1_epi16(0x4300);
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 acc_m[R][NT], acc_b[R][NT];
+        for (int r = 0; r < R; ++r)
+            for (int t = 0; t < NT; ++t) acc_m[r][t] = acc_b[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < NT; ++t) {
+            const char* ahead = (const char*)(weights + ((tile + t) * groups + g + kPrefetchGroups) * kInt8BlockBytes);
+            for (int line = 0; line < kInt8BlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+        for (int c = 0; c < 16; ++c) {
+            __m512bh w_m[NT], w_b[NT];
+            for (int t = 0; t < NT; ++t) {
+                const uint8_t* chunk = weights + ((tile + t) * groups + g) * kInt8BlockBytes + c * 32;
+                const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)chunk));
+                w_m[t] = (__m512bh)_mm512_ternarylogic_epi32(raw, low7, bf16_128, 0xEA);  // (A & B) | C
+                w_b[t] = (__m512bh)_mm512_slli_epi16(_mm512_and_si512(raw, high1), 7);
+            }
+            for (int r = 0; r < R; ++r) {
+                int32_t pair;
+                std::memcpy(&pair, x + r * x_stride + g * kGroup + 2 * c, 4);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+                for (int t = 0; t < NT; ++t) {
+                    acc_m[r][t] = _mm512_dpbf16_ps(acc_m[r][t], xv, w_m[t]);
+                    acc_b[r][t] = _mm512_dpbf16_ps(acc_b[r][t], xv, w_b[t]);
+                }
+            }
+        }
+        for (int t = 0; t < NT; ++t) {
+            const __m512 scale = _mm512_loadu_ps((const float*)(weights + ((tile + t) * groups + g) * kInt8BlockBytes + 512));
+            const __m512 minus_256_scale = _mm512_mul_ps(scale, _mm512_set1_ps(-256.f));
+            for (int r = 0; r < R; ++r) {
+                const __m512 dot = _mm512_fmadd_ps(acc_b[r][t], _mm512_set1_ps(64.f), acc_m[r][t]);
+                total[r][t] = _mm512_fmadd_ps(scale, dot, total[r][t]);
+                total[r][t] = _mm512_fmadd_ps(minus_256_scale, _mm512_set1_ps(sums[r * groups + g]), total[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t)
+            _mm256_storeu_si256((__m256i*)(out + r * out_stride + (tile + t) * kTile),
+                                (__m256i)_mm512_cvtneps_pbh(total[r][t]));
+}
+
+constexpr int kInt8MaxRows = 4;  // registers: 3 x R x NT accumulators
+
+template <int NT>
+void int8_tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t rows, int64_t groups,
+                               const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kInt8MaxRows) {
+        const int64_t left = rows - r0;
+        const bf16* xr = x + r0 * x_stride;
+        const float* sr = sums + r0 * groups;
+        bf16* o = out + r0 * out_stride;
+        switch (left < kInt8MaxRows ? left : kInt8MaxRows) {
+            case 1: int8_tiles_times_rows<1, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            case 2: int8_tiles_times_rows<2, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            case 3: int8_tiles_times_rows<3, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+            default: int8_tiles_times_rows<4, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
+        }
+    }
+}
+
+// sum of each row's groups of 32 inputs, [rows, groups], in fp32 from the bf16 values the products use
+inline std::vector<float> group_sums(const bf16* x, int64_t x_stride, int64_t rows, int64_t groups) {
+    std::vector<float> sums(rows * groups);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+            float s = 0.f;
+            for (int i = 0; i < kGroup; ++i) s += bf16_to_float(x[r * x_stride + g * kGroup + i]);
+            sums[r * groups + g] = s;
+        }
+    return sums;
+}
+
+
 }  // namespace
 
 extern "C" int llmaas_decode_matmul_available() { return 1; }
@@ -198,13 +289,7 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
                                   int64_t threads) {
     if (n % kTile || k % kGroup || rows <= 0) return 0;
     const int64_t groups = k / kGroup, tiles = n / kTile;
-    std::vector<float> sums(rows * groups);
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t g = 0; g < groups; ++g) {
-            float s = 0.f;
-            for (int i = 0; i < kGroup; ++i) s += bf16_to_float(x[r * x_stride + g * kGroup + i]);
-            sums[r * groups + g] = s;
-        }
+    const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
     // work items of 4 tiles (64 columns) for 1-2 rows: more streams and accumulator chains in flight
     // (10-15% faster there); of 2 tiles for more rows, whose accumulators fill the registers
     const int64_t per_item = rows <= 2 ? 4 : 2;
@@ -238,7 +323,30 @@ extern "C" int llmaas_bf16_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     return 1;
 }
 
+// out [rows, n] (bf16) = x [rows, k] (bf16) @ W.T, W the packed int8-group weight of n x k (n a multiple
+// of 16, k of 32). Returns 0 if the shape is not supported.
+extern "C" int llmaas_int8_matmul(const bf16* x, int64_t x_stride, int64_t rows, int64_t k, const uint8_t* weights,
+                                  int64_t n, bf16* out, int64_t out_stride, int64_t threads) {
+    if (n % kTile || k % kGroup || rows <= 0) return 0;
+    const int64_t groups = k / kGroup, tiles = n / kTile;
+    const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
+    const int64_t tile_pairs = tiles / 2, items = tile_pairs + (tiles % 2);
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
+    for (int64_t item = 0; item < items; ++item) {
+        if (item < tile_pairs)
+            int8_tiles_times_all_rows<2>(x, x_stride, sums.data(), rows, groups, weights, 2 * item, out, out_stride);
+        else
+            int8_tiles_times_all_rows<1>(x, x_stride, sums.data(), rows, groups, weights, 2 * tile_pairs, out, out_stride);
+    }
+    return 1;
+}
+
 #else  // no AVX-512 BF16: the caller keeps torch's path
+
+extern "C" int llmaas_int8_matmul(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*, int64_t, uint16_t*,
+                                  int64_t, int64_t) {
+    return 0;
+}
 
 extern "C" int llmaas_bf16_matmul(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*,
                                   int64_t, int64_t) {

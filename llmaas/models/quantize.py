@@ -162,6 +162,13 @@ class Int8GroupLinear(_WeightOnlyLinear):
         self.register_buffer("group_scales", scales.contiguous())
         self.model_dtype = linear.weight.dtype
         self._keep_dequantized(self.dequantized_weight(), linear.bias)
+        native = (
+            linear.weight.device.type == "cpu"
+            and self.model_dtype == torch.bfloat16
+            and n % cpu_ops.INT4_TILE == 0
+            and cpu_ops.decode_matmul_available()
+        )
+        self.native_int8 = cpu_ops.pack_int8_for_matmul(self.qweight, self.group_scales) if native else None
 
     def dequantized_weight(self) -> torch.Tensor:
         """[N, K] in the model dtype: qweight x its group's scale."""
@@ -174,6 +181,8 @@ class Int8GroupLinear(_WeightOnlyLinear):
         return cls(linear) if linear.in_features % cpu_ops.INT8_GROUP == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_int8 is not None and cpu_ops.int8_matmul_fits(x):
+            return self._add_bias(cpu_ops.int8_matmul(x, self.native_int8, torch.get_num_threads()))
         if self.qweight.device.type == "cpu" and cpu_ops.gemv_fits(x):
             out = cpu_ops.int8_group_gemv(x, self.qweight, self.group_scales, torch.get_num_threads())
             return self._add_bias(out)
