@@ -6,7 +6,9 @@ memory as in a real step, run through:
 - int4 weights (groups of 32, as `--quantization int4`): our kernel, and torch's CPU int4 kernel
   (`_weight_int4pack_mm_for_cpu`, which Int4Linear used before; its fp32 path is not timed);
 - bf16 weights: our kernel, oneDNN's GEMM on pre-packed weights (`mkldnn._linear_pointwise`, what the
-  engine used before) and plain `F.linear`.
+  engine used before) and plain `F.linear`;
+then the output head under int4 (int8 in groups of 32, 49,152 x 576) at 1-4 rows: our int8 kernel, the
+int8 GEMV it replaced, and our bf16 kernel on the dequantized weights.
 Contenders run in turns, rep by rep, after a warm-up; the table shows the median time per pass over all
 120 matmuls and each contender's time over ours. Timings are never asserted. Needs a CPU with AVX-512
 BF16 and a C++ compiler; check `uptime` first (a busy machine measures its neighbours).
@@ -75,6 +77,36 @@ def contenders(layers: list[Layer], rows: int, threads: int) -> dict[str, Callab
     return out
 
 
+def print_head_table(threads: int, reps: int, generator: torch.Generator) -> None:
+    """The output head under int4 (int8 in groups of 32): 49,152 x 576 as SmolLM2's, 1 to 4 rows."""
+    from llmaas.models.quantize import Int8GroupLinear
+
+    linear = torch.nn.Linear(576, 49152, bias=False).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(49152, 576, generator=generator) * 0.05)
+    head = Int8GroupLinear(linear)
+    native_bf16 = cpu_ops.pack_bf16_for_matmul(head.dequantized_weight())
+    print("\nOutput head, int8 in groups of 32 (49,152 x 576): ms per call\n")
+    print("| rows | int8 ours | int8 GEMV (before) | bf16 ours |")
+    print("|---:|---:|---:|---:|")
+    for rows in range(1, cpu_ops.MAX_INT8_MATMUL_ROWS + 1):
+        x = torch.randn(rows, 576, generator=generator).to(torch.bfloat16)
+        runs = [
+            lambda x=x: cpu_ops.int8_matmul(x, head.native_int8, threads),
+            lambda x=x: cpu_ops.int8_group_gemv(x, head.qweight, head.group_scales, threads),
+            lambda x=x: cpu_ops.bf16_matmul(x, native_bf16, threads),
+        ]
+        times: list[list[float]] = [[] for _ in runs]
+        for _ in range(reps + 1):  # the first round warms up
+            for i, fn in enumerate(runs):
+                start = time.perf_counter()
+                for _ in range(10):
+                    fn()
+                times[i].append((time.perf_counter() - start) / 10)
+        cells = " | ".join(f"{statistics.median(t[1:]) * 1e3:.2f}" for t in times)
+        print(f"| {rows} | {cells} |", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,2,4,8,16,24,32,64,512,2048", help="comma-separated rows (tokens)")
@@ -121,6 +153,7 @@ def main() -> int:
                 f"| {rows} | {name} | {seconds * 1e3:.2f} | {gflops:.0f} | {seconds / ours:.2f}x |",
                 flush=True,
             )
+    print_head_table(args.threads, args.reps, generator)
     print(f"\nload average at end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
