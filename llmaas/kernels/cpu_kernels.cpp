@@ -228,7 +228,7 @@ alignas(64) const bf16 kZeroRow[128] = {};
 template <int G, int D>
 void head_group_attention_bf16(const bf16* qh, float scale, const bf16* kh, const bf16* vh, const int64_t* table,
                                int64_t block_size, int64_t first, int64_t len, float* scores, bf16* out) {
-    constexpr int kPairs = D / 2, kBlocks = D / 32;  // pairs of d per row; 32-wide vectors per row
+    constexpr int kBlocks = D / 32;  // 32-wide vectors per row
     const int64_t keys = len - first, stride = (keys + 31) / 32 * 32;  // scores row per head
     float* probs_f = scores;                                  // [G][stride] fp32 scores, then exps
     bf16* probs = reinterpret_cast<bf16*>(scores + G * stride);  // [G][stride] rounded probabilities
