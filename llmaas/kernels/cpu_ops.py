@@ -290,9 +290,9 @@ def int8_group_gemv(
 # int4: groups of 32 inputs, (q - 8) * scale + zero, as Int4Linear.
 INT4_GROUP = 32
 INT4_TILE = 16  # output columns per packed tile
-# Rows up to which it beats oneDNN's bf16 GEMM on the dequantized weights (and torch's int4 kernel at
-# 1-4 rows). SmolLM2's 30 layers, 2 threads, distinct weights: 1.1-1.3x torch's int4 at 1-4 rows,
-# 1.8x oneDNN at 5, 1.5x at 8, 1.1x at 16, even at 32, 0.9x at 64 (docs/performance.md).
+# Rows up to which it beats our bf16 matmul on the dequantized weights (the bytes it saves outweigh the
+# widening). SmolLM2's 30 layers, 2 threads, distinct weights: even with torch's int4 kernel at one
+# row, 1.1-1.6x it at 2-16; 1.8x our bf16 at one row, 1.15x at 8, even at 16-24 (docs/performance.md).
 MAX_INT4_MATMUL_ROWS = 16
 
 
@@ -378,8 +378,8 @@ def unpack_bf16_for_matmul(packed: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_matmul_fits(x: torch.Tensor) -> bool:
-    """x: [rows, K] bf16 on the CPU, unit stride along K; any number of rows (it also beats oneDNN's
-    GEMM for prefills: 1.2x at 512 and 2,048 rows on SmolLM2's layers)."""
+    """x: [rows, K] bf16 on the CPU, unit stride along K; any number of rows (on prefills it is as fast
+    as oneDNN's GEMM and 1.1-1.2x plain F.linear on SmolLM2's layers at 512 and 2,048 rows)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16

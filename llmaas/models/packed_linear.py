@@ -3,8 +3,8 @@
 Why: torch's plain CPU matmul re-reads the weight in its row-major layout every call. In order of
 preference:
 - bf16 on a CPU with AVX-512 BF16: packed for our matmul (`cpu_ops.bf16_matmul`, two inputs of 16
-  columns per vector), at every batch size: on SmolLM2's layers 1.2-1.7x oneDNN's packed GEMM at 1-48
-  rows, and 1.2x torch's plain F.linear for 512- and 2,048-token prefills (docs/performance.md).
+  columns per vector), at every batch size: on SmolLM2's layers 1.1-1.6x oneDNN's packed GEMM at 1-64
+  rows, as fast on 512- and 2,048-token prefills, 1.1-2.5x torch's plain F.linear (docs/performance.md).
 - otherwise oneDNN's blocked layout (what inductor's CPU "freezing" does): about twice as fast as the
   plain layout for single-row decode and ~1.5x at batch 32 (30 SmolLM2 layers, bf16, 21.7 -> 11.5 ms at m=1);
 - otherwise the plain weight.
@@ -109,9 +109,8 @@ def replace_linears(model: nn.Module, make) -> int:
 
 def packed_or_none(linear: nn.Linear) -> PackedLinear | None:
     """PackedLinear(linear) where a faster layout than the plain one applies, else None."""
-    if not native_matmul_applies(linear.weight) and pack_weight(linear.weight) is None:
-        return None
-    return PackedLinear(linear)
+    layer = PackedLinear(linear)
+    return None if layer.plain.numel() else layer
 
 
 def pack_linears(model: nn.Module) -> int:

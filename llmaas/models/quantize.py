@@ -16,6 +16,10 @@ dequantizes (q - 8) * scale + zero with zero = lo + 8 * scale. Its limits, and w
 - out_features a multiple of 16: otherwise the layer is quantized but uses the dequantized weights.
 MoE experts are quantized the same way (Experts.quantize_int4), all of one layer's experts or none.
 The output head gets int8 in groups of 32 under int4 (see quantize_model).
+
+On a CPU with AVX-512 BF16 our own kernels (llmaas/kernels/decode_matmul.cpp) take over: int4 up to
+MAX_INT4_MATMUL_ROWS rows instead of torch's kernel (which is then not packed), the int8-group head up
+to MAX_INT8_MATMUL_ROWS, and our bf16 matmul on the dequantized copy for larger steps.
 """
 
 from __future__ import annotations
