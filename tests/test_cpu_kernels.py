@@ -92,7 +92,7 @@ def test_paged_decode_attention_matches_gather_then_attend(dtype, window, q_head
         mask &= positions[None] > (lens - 1 - window)[:, None]
     gathered = gather_blocks(k_cache, tables), gather_blocks(v_cache, tables)
     want = decode_attention(q, *gathered, mask[:, None, None, :], dim**-0.5)
-    assert cpu_ops.decode_fits(q, k_cache, tables)
+    assert cpu_ops.decode_fits(q, k_cache)
     got = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, window, dim**-0.5)
     close(got, want, dtype)
 
@@ -103,14 +103,12 @@ def test_fits_refuses_what_the_kernels_do_not_handle():
     assert not cpu_ops.fits(torch.randn(8, 4).t())  # features not contiguous
     assert not cpu_ops.fits(torch.randn(2, 3, 8))
     cache = torch.zeros(2, 4, 4, 64)
-    assert cpu_ops.decode_fits(torch.randn(4, 6, 64), cache, torch.zeros(4, 2, dtype=torch.long))
+    assert cpu_ops.decode_fits(torch.randn(4, 6, 64), cache)
     odd_head = torch.randn(2, 6, 48)  # a head size the kernel is not compiled for
-    assert not cpu_ops.decode_fits(odd_head, torch.zeros(2, 4, 4, 48), torch.zeros(2, 2, dtype=torch.long))
+    assert not cpu_ops.decode_fits(odd_head, torch.zeros(2, 4, 4, 48))
     many = 200  # any decode batch: the kernel beats gather + torch's batched matmuls at every size
-    assert cpu_ops.decode_fits(torch.randn(many, 6, 64), cache, torch.zeros(many, 2, dtype=torch.long))
-    assert not cpu_ops.decode_fits(
-        torch.randn(4, 64, 6).transpose(1, 2), cache, torch.zeros(4, 2, dtype=torch.long)
-    )
+    assert cpu_ops.decode_fits(torch.randn(many, 6, 64), cache)
+    assert not cpu_ops.decode_fits(torch.randn(4, 64, 6).transpose(1, 2), cache)
 
 
 def generate(llm: LLM, prompts: list[list[int]], enabled: bool, monkeypatch) -> list:
@@ -263,3 +261,33 @@ def test_int8_matmul_matches_the_dequantized_weights(rows):
     got = cpu_ops.int8_matmul(x, cpu_ops.pack_int8_for_matmul(layer.qweight, layer.group_scales), threads=2)
     want = x.float() @ layer.dequantized_weight().float().t()
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@needs_decode_matmul
+@pytest.mark.parametrize("window", [None, 7])
+def test_native_prefill_matches_torch_attention(monkeypatch, window):
+    """Prefill chunks (a fresh prompt, and a chunk after 21 cached tokens) through the decode kernel,
+    one query a row, against torch's SDPA on the same cache."""
+    from llmaas.models.attention import SequenceChunk, attend_cached, build_forward_batch, write_kv_cache
+
+    torch.manual_seed(11)
+    block_size, q_heads, kv_heads, dim = 4, 6, 2, 64
+    k_cache = torch.zeros(kv_heads, 40, block_size, dim, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    prefix = torch.randn(2, kv_heads, 21, dim).to(torch.bfloat16)  # keys and values already cached
+    cached_table = [9, 3, 17, 5, 30, 11, 2, 25, 7]
+    for pos in range(21):
+        slot = cached_table[pos // block_size] * block_size + pos % block_size
+        k_cache.view(kv_heads, -1, dim)[:, slot] = prefix[0, :, pos]
+        v_cache.view(kv_heads, -1, dim)[:, slot] = prefix[1, :, pos]
+    chunks = [SequenceChunk(13, 0, [1, 4, 8, 12]), SequenceChunk(12, 21, cached_table)]
+    batch = build_forward_batch(chunks, block_size, sliding_window=window)
+    tokens = batch.num_tokens
+    q = torch.randn(tokens, q_heads, dim).to(torch.bfloat16)
+    k, v = (torch.randn(tokens, kv_heads, dim).to(torch.bfloat16) for _ in range(2))
+    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+    assert cpu_ops.prefill_fits(q[:13], k_cache)
+    native = attend_cached(q, k, v, k_cache, v_cache, batch, dim**-0.5)
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    torch_path = attend_cached(q, k, v, k_cache, v_cache, batch, dim**-0.5)
+    close(native, torch_path, torch.bfloat16)

@@ -367,14 +367,15 @@ HeadGroupFn<T> head_group_kernel(int64_t group, int64_t dim) {
 }
 
 // One query token per sequence, attending over its cached keys straight from the paged cache.
-// q: [batch, q_heads, dim] (token stride q_stride); block_tables: [batch, table_width];
+// q: [batch, q_heads, dim] (token stride q_stride); block_tables: [batch, *], rows table_stride apart
+// (0: every query reads one table, as the queries of one prefill chunk do);
 // seq_lens: keys visible to each query; window > 0 keeps only the last `window` keys.
 // out: [batch, q_heads, dim] contiguous. The query heads sharing a kv head are done together, so
 // each key and value row is read once per kv head. The (sequence, kv head) pairs are split over
 // `threads` OpenMP threads (torch's pool: see decode_matmul.cpp). Returns false for a shape not compiled in.
 template <typename T>
 bool paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
-                            int64_t num_slots, const int64_t* block_tables, int64_t table_width,
+                            int64_t num_slots, const int64_t* block_tables, int64_t table_stride,
                             const int64_t* seq_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
                             int64_t dim, int64_t block_size, int64_t window, float scale, T* out,
                             int64_t threads) {
@@ -392,7 +393,7 @@ bool paged_decode_attention(const T* q, int64_t q_stride, const T* k_cache, cons
             const int64_t first = (window > 0 && len > window) ? len - window : 0;
             scores.resize(attention_scratch_floats(group, len - first));
             kernel(q + b * q_stride + hk * group * dim, scale, k_cache + hk * num_slots * dim,
-                   v_cache + hk * num_slots * dim, block_tables + b * table_width, block_size, first, len,
+                   v_cache + hk * num_slots * dim, block_tables + b * table_stride, block_size, first, len,
                    scores.data(), out + (b * q_heads + hk * group) * dim);
         }
     }
@@ -479,16 +480,16 @@ void llmaas_rope_write_kv(int dtype, void* q, void* k, const void* v, int64_t to
 
 int llmaas_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache,
                                    const void* v_cache, int64_t num_slots, const int64_t* block_tables,
-                                   int64_t table_width, const int64_t* seq_lens, int64_t batch,
+                                   int64_t table_stride, const int64_t* seq_lens, int64_t batch,
                                    int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                                    int64_t window, float scale, void* out, int64_t threads) {
     if (dtype == 1)
         return paged_decode_attention(static_cast<const bf16*>(q), q_stride, static_cast<const bf16*>(k_cache),
-                               static_cast<const bf16*>(v_cache), num_slots, block_tables, table_width,
+                               static_cast<const bf16*>(v_cache), num_slots, block_tables, table_stride,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
                                static_cast<bf16*>(out), threads);
     return paged_decode_attention(static_cast<const float*>(q), q_stride, static_cast<const float*>(k_cache),
-                               static_cast<const float*>(v_cache), num_slots, block_tables, table_width,
+                               static_cast<const float*>(v_cache), num_slots, block_tables, table_stride,
                                seq_lens, batch, q_heads, kv_heads, dim, block_size, window, scale,
                                static_cast<float*>(out), threads);
 }

@@ -193,7 +193,7 @@ def can_write_kv(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) ->
     )
 
 
-def decode_fits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> bool:
+def decode_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """q: [batch, q_heads, head_dim], one query per sequence, heads contiguous, a compiled head shape."""
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
@@ -211,6 +211,13 @@ def decode_fits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
     )
 
 
+def prefill_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """A prefill chunk's queries [L, q_heads, head_dim] through the decode kernel, one query a row: bf16
+    caches on a CPU with AVX-512 BF16 only (there it beats torch's flash attention 1.4-2.7x; the generic
+    fp32 loop would not)."""
+    return q.dtype == torch.bfloat16 and decode_matmul_available() and decode_fits(q, k_cache)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -222,12 +229,13 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of one query per sequence over its keys, read in place from the paged caches.
 
-    q: [batch, q_heads, head_dim] that `decode_fits`; block_tables: [batch, width] int64;
+    q: [batch, q_heads, head_dim] that `decode_fits`; block_tables: [batch, width] int64, unit stride
+    along width (rows may share memory: an expanded single table);
     seq_lens: [batch] int64, keys each query sees. Returns [batch, q_heads, head_dim].
     """
     batch, q_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
-    tables = block_tables.contiguous()
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     lens = seq_lens.contiguous()
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
     done = _library().llmaas_paged_decode_attention(
@@ -238,7 +246,7 @@ def paged_decode_attention(
         v_cache.data_ptr(),
         k_cache.shape[1] * block_size,
         tables.data_ptr(),
-        tables.shape[1],
+        tables.stride(0),  # 0: every query reads the same table (a prefill's chunk)
         lens.data_ptr(),
         batch,
         q_heads,

@@ -30,6 +30,8 @@ class PrefillSegment:
     context_len: int  # keys visible to the chunk's last token (cached prefix + chunk)
     key_slots: torch.Tensor | None  # [context_len] cache slots; None: the chunk is all the context
     mask: torch.Tensor | None  # [length, context_len] True = may attend; None: plain causal
+    block_table: torch.Tensor  # [blocks] cache blocks holding the context (for the native kernel)
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -116,7 +118,10 @@ def build_forward_batch(
                 key_slots = torch.tensor(_slots(chunk.block_table, block_size, 0, end), device=device)
                 q_pos = torch.arange(begin, end, device=device)
                 mask = _window_mask(q_pos, torch.arange(end, device=device), sliding_window)
-            prefills.append(PrefillSegment(start, chunk.num_new_tokens, end, key_slots, mask))
+            table = torch.tensor(chunk.block_table[: -(-end // block_size)], device=device)
+            prefills.append(
+                PrefillSegment(start, chunk.num_new_tokens, end, key_slots, mask, table, sliding_window)
+            )
         positions.extend(range(begin, end))
         slot_mapping.extend(_slots(chunk.block_table, block_size, begin, end))
     decode = None
@@ -218,6 +223,9 @@ def attend_cached(
     v_flat = v_cache.view(v_cache.shape[0], -1, v_cache.shape[-1])
     for seg in batch.prefills:
         sl = slice(seg.start, seg.start + seg.length)
+        if cpu_ops.prefill_fits(q[sl], k_cache):
+            out[sl] = _native_prefill(q[sl], k_cache, v_cache, seg, scale)
+            continue
         qs = q[sl].transpose(0, 1).unsqueeze(0)
         if seg.key_slots is None:
             ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
@@ -230,9 +238,21 @@ def attend_cached(
     return out
 
 
+def _native_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: PrefillSegment, scale: float
+) -> torch.Tensor:
+    """The chunk's queries as decode queries over the paged cache (its keys are already written):
+    query i sees the first context_len - length + i + 1 keys. On bf16 caches about twice as fast as
+    torch's flash attention at 1,000 tokens (docs/performance.md)."""
+    first = seg.context_len - seg.length
+    lens = torch.arange(first + 1, seg.context_len + 1, device=q.device)
+    tables = seg.block_table.expand(seg.length, -1)  # one table, read with a row stride of 0
+    return cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, seg.sliding_window, scale)
+
+
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float):
     """Decode queries [B, Hq, D]: the native kernel reads the cache in place; else gather, then attend."""
-    if cpu_ops.decode_fits(q, k_cache, d.block_tables):
+    if cpu_ops.decode_fits(q, k_cache):
         return cpu_ops.paged_decode_attention(
             q, k_cache, v_cache, d.block_tables, d.seq_lens, d.sliding_window, scale
         )
