@@ -238,7 +238,9 @@ def paged_decode_attention(
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     lens = seq_lens.contiguous()
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
-    done = _library().llmaas_paged_decode_attention(
+    # a long prefill chunk's attention takes milliseconds: let the server's event loop run meanwhile
+    library = _library() if batch <= MAX_TOKENS else _releasing_gil()
+    done = library.llmaas_paged_decode_attention(
         _DTYPE_CODES[q.dtype],
         q.data_ptr(),
         q.stride(0),
