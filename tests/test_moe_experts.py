@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmaas.kernels import cpu_ops
 from llmaas.models.moe import Experts, SparseMoeBlock, softmax_topk
 from llmaas.models.quantize import quantize_model
 
@@ -119,3 +120,21 @@ def test_int8_experts_stay_close_and_quantize_model_reaches_them():
             got = block.experts(x[:n], ids[:n], weights[:n])
             assert (got - expected[:n]).abs().max() <= 0.02 * expected.abs().max()
         assert block(x).shape == x.shape
+
+
+def test_bf16_experts_packed_for_the_native_matmul_stay_close():
+    """bf16 experts whose shapes the native matmul takes (16-column tiles): packing changes the
+    accumulation order, not the result beyond bf16 rounding."""
+    experts = _experts(hidden=32, inter=16).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 32, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, 6, (7, 2), generator=gen)
+    weights = torch.rand(7, 2, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = experts(x, ids, weights).float()
+        if not experts.pack():
+            return  # neither our matmul nor oneDNN packing here: nothing to compare
+        got = experts(x, ids, weights).float()
+    gate_up, down = experts.converted[0]
+    assert bool(gate_up.native.numel()) == cpu_ops.decode_matmul_available() == bool(down.native.numel())
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
