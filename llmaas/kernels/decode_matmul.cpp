@@ -30,6 +30,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -115,23 +116,33 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
                                 (__m256i)_mm512_cvtneps_pbh(total[r][t]));
 }
 
+// pass(rows_c, r0) over blocks of up to MaxR rows starting at r0, with rows_c a compile-time row count
+// (std::integral_constant), so that each block's accumulators are sized at compile time.
+template <int MaxR, typename Pass>
+void for_row_blocks(int64_t rows, Pass pass) {
+    static_assert(MaxR >= 1 && MaxR <= 8);
+    for (int64_t r0 = 0; r0 < rows; r0 += MaxR) {
+        const int64_t left = rows - r0 < MaxR ? rows - r0 : MaxR;
+        switch (left) {
+            case 1: pass(std::integral_constant<int, 1>{}, r0); break;
+            case 2: if constexpr (MaxR >= 2) pass(std::integral_constant<int, 2>{}, r0); break;
+            case 3: if constexpr (MaxR >= 3) pass(std::integral_constant<int, 3>{}, r0); break;
+            case 4: if constexpr (MaxR >= 4) pass(std::integral_constant<int, 4>{}, r0); break;
+            case 5: if constexpr (MaxR >= 5) pass(std::integral_constant<int, 5>{}, r0); break;
+            case 6: if constexpr (MaxR >= 6) pass(std::integral_constant<int, 6>{}, r0); break;
+            case 7: if constexpr (MaxR >= 7) pass(std::integral_constant<int, 7>{}, r0); break;
+            default: if constexpr (MaxR >= 8) pass(std::integral_constant<int, 8>{}, r0); break;
+        }
+    }
+}
+
 template <int NT>
 void tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t rows, int64_t groups,
                           const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRowsPerPass) {
-        const int64_t left = rows - r0;
-        const bf16* xr = x + r0 * x_stride;
-        const float* sr = sums + r0 * groups;
-        bf16* o = out + r0 * out_stride;
-        switch (left < kMaxRowsPerPass ? left : kMaxRowsPerPass) {
-            case 1: tiles_times_rows<1, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            case 2: tiles_times_rows<2, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            case 3: tiles_times_rows<3, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            case 4: tiles_times_rows<4, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            case 5: tiles_times_rows<5, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            default: tiles_times_rows<6, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-        }
-    }
+    for_row_blocks<kMaxRowsPerPass>(rows, [&](auto r, int64_t r0) {
+        tiles_times_rows<decltype(r)::value, NT>(x + r0 * x_stride, x_stride, sums + r0 * groups, groups, weights,
+                                                 tile, out + r0 * out_stride, out_stride);
+    });
 }
 
 // bf16 weights: rows [0, R) of x against NT consecutive tiles of the packed weight ([tiles, k/2, 32]).
@@ -163,21 +174,10 @@ constexpr int kBf16RowsPerPass = 8;
 template <int NT>
 void bf16_tiles_times_all_rows(const bf16* x, int64_t x_stride, int64_t rows, int64_t pairs, const bf16* weights,
                                int64_t tile, bf16* out, int64_t out_stride) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kBf16RowsPerPass) {
-        const int64_t left = rows - r0;
-        const bf16* xr = x + r0 * x_stride;
-        bf16* o = out + r0 * out_stride;
-        switch (left < kBf16RowsPerPass ? left : kBf16RowsPerPass) {
-            case 1: bf16_tiles_times_rows<1, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            case 2: bf16_tiles_times_rows<2, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            case 3: bf16_tiles_times_rows<3, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            case 4: bf16_tiles_times_rows<4, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            case 5: bf16_tiles_times_rows<5, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            case 6: bf16_tiles_times_rows<6, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            case 7: bf16_tiles_times_rows<7, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-            default: bf16_tiles_times_rows<8, NT>(xr, x_stride, pairs, weights, tile, o, out_stride); break;
-        }
-    }
+    for_row_blocks<kBf16RowsPerPass>(rows, [&](auto r, int64_t r0) {
+        bf16_tiles_times_rows<decltype(r)::value, NT>(x + r0 * x_stride, x_stride, pairs, weights, tile,
+                                                      out + r0 * out_stride, out_stride);
+    });
 }
 
 inline float bf16_to_float(bf16 v) {
@@ -251,18 +251,10 @@ constexpr int kInt8MaxRows = 4;  // registers: 3 x R x NT accumulators
 template <int NT>
 void int8_tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t rows, int64_t groups,
                                const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kInt8MaxRows) {
-        const int64_t left = rows - r0;
-        const bf16* xr = x + r0 * x_stride;
-        const float* sr = sums + r0 * groups;
-        bf16* o = out + r0 * out_stride;
-        switch (left < kInt8MaxRows ? left : kInt8MaxRows) {
-            case 1: int8_tiles_times_rows<1, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            case 2: int8_tiles_times_rows<2, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            case 3: int8_tiles_times_rows<3, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-            default: int8_tiles_times_rows<4, NT>(xr, x_stride, sr, groups, weights, tile, o, out_stride); break;
-        }
-    }
+    for_row_blocks<kInt8MaxRows>(rows, [&](auto r, int64_t r0) {
+        int8_tiles_times_rows<decltype(r)::value, NT>(x + r0 * x_stride, x_stride, sums + r0 * groups, groups,
+                                                      weights, tile, out + r0 * out_stride, out_stride);
+    });
 }
 
 // sum of each row's groups of 32 inputs, [rows, groups], in fp32 from the bf16 values the products use
