@@ -43,12 +43,38 @@ constexpr int kGroup = 32;              // inputs per scale
 constexpr int kTile = 16;               // output columns per packed tile (one fp32 vector)
 constexpr int kNibbleBytes = 256;       // 16 columns x 32 inputs x 4 bits
 constexpr int kBlockBytes = kNibbleBytes + 2 * kTile * 2;  // + 16 bf16 scales + 16 bf16 zeros
-constexpr int kPrefetchGroups = 8;      // blocks ahead to prefetch (past a tile's end: harmless)
+constexpr int kPrefetchGroups = 8;      // blocks ahead to prefetch
 constexpr int kMaxRowsPerPass = 6;      // rows whose accumulators stay in registers together
 
 // 16 fp32 lanes from 16 bf16 values.
 inline __m512 widen_bf16(const bf16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// The block of group g of a tile, when weights hold one `BlockBytes` block per tile and group, tile by
+// tile (the int4 and int8 layouts).
+template <int BlockBytes>
+inline const uint8_t* tile_block(const uint8_t* weights, int64_t tile, int64_t groups, int64_t g) {
+    return weights + (tile * groups + g) * BlockBytes;
+}
+
+// Ask for the blocks kPrefetchGroups groups ahead of g in NT tiles: the hardware prefetcher alone
+// reads ~10% slower (measured). Past a tile's end it fetches the next tile's: harmless.
+template <int BlockBytes, int NT>
+inline void prefetch_ahead(const uint8_t* weights, int64_t tile, int64_t groups, int64_t g) {
+    for (int t = 0; t < NT; ++t) {
+        const char* ahead = (const char*)tile_block<BlockBytes>(weights, tile + t, groups, g + kPrefetchGroups);
+        for (int line = 0; line < BlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+}
+
+// The fp32 results of R rows x NT tiles into bf16 `out`, rounded to nearest even as torch rounds.
+template <int R, int NT>
+inline void store_rows(const __m512 (&total)[R][NT], int64_t tile, bf16* out, int64_t out_stride) {
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t)
+            _mm256_storeu_si256((__m256i*)(out + r * out_stride + (tile + t) * kTile),
+                                (__m256i)_mm512_cvtneps_pbh(total[r][t]));
 }
 
 // Rows [0, R) of x against NT consecutive tiles: out[r, tile columns] for those tiles.
@@ -70,14 +96,11 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
             for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
         for (int r = 0; r < kHi; ++r)
             for (int t = 0; t < NT; ++t) acc_hi[r][t] = _mm512_setzero_ps();
-        for (int t = 0; t < NT; ++t) {  // the hardware prefetcher alone reads ~10% slower (measured)
-            const char* ahead = (const char*)(weights + ((tile + t) * groups + g + kPrefetchGroups) * kBlockBytes);
-            for (int line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        }
+        prefetch_ahead<kBlockBytes, NT>(weights, tile, groups, g);
         for (int c = 0; c < 8; ++c) {
             __m512bh w_lo[NT], w_hi[NT];
             for (int t = 0; t < NT; ++t) {
-                const uint8_t* chunk = weights + ((tile + t) * groups + g) * kBlockBytes + c * 32;
+                const uint8_t* chunk = tile_block<kBlockBytes>(weights, tile + t, groups, g) + c * 32;
                 const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)chunk));
                 // (raw & 0xF) | 0x4300: truth table 0xEA is (A & B) | C
                 w_lo[t] = (__m512bh)_mm512_ternarylogic_epi32(raw, nibble, bf16_128, 0xEA);
@@ -100,7 +123,7 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
             }
         }
         for (int t = 0; t < NT; ++t) {
-            const bf16* scale_zero = (const bf16*)(weights + ((tile + t) * groups + g) * kBlockBytes + kNibbleBytes);
+            const bf16* scale_zero = (const bf16*)(tile_block<kBlockBytes>(weights, tile + t, groups, g) + kNibbleBytes);
             const __m512 scale = widen_bf16(scale_zero);
             const __m512 offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(-136.f), widen_bf16(scale_zero + kTile));
             for (int r = 0; r < R; ++r) {
@@ -110,10 +133,7 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
             }
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < NT; ++t)  // rounded to nearest even, as torch rounds
-            _mm256_storeu_si256((__m256i*)(out + r * out_stride + (tile + t) * kTile),
-                                (__m256i)_mm512_cvtneps_pbh(total[r][t]));
+    store_rows<R, NT>(total, tile, out, out_stride);
 }
 
 // pass(rows_c, r0) over blocks of up to MaxR rows starting at r0, with rows_c a compile-time row count
@@ -163,10 +183,7 @@ inline void bf16_tiles_times_rows(const bf16* x, int64_t x_stride, int64_t pairs
             for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv, wv[t]);
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < NT; ++t)
-            _mm256_storeu_si256((__m256i*)(out + r * out_stride + (tile + t) * kTile),
-                                (__m256i)_mm512_cvtneps_pbh(acc[r][t]));
+    store_rows<R, NT>(acc, tile, out, out_stride);
 }
 
 constexpr int kBf16RowsPerPass = 8;
@@ -178,6 +195,20 @@ void bf16_tiles_times_all_rows(const bf16* x, int64_t x_stride, int64_t rows, in
         bf16_tiles_times_rows<decltype(r)::value, NT>(x + r0 * x_stride, x_stride, pairs, weights, tile,
                                                       out + r0 * out_stride, out_stride);
     });
+}
+
+// fn(tiles_c, tile) over `tiles` tiles in work items of Wide tiles, the tiles left over one by one
+// (tiles_c: the item's tile count at compile time), split over `threads` OpenMP threads.
+template <int Wide, typename Fn>
+void for_tile_items(int64_t tiles, int64_t threads, Fn fn) {
+    const int64_t full = tiles / Wide, items = full + tiles % Wide;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
+    for (int64_t item = 0; item < items; ++item) {
+        if (item < full)
+            fn(std::integral_constant<int, Wide>{}, Wide * item);
+        else
+            fn(std::integral_constant<int, 1>{}, full * Wide + item - full);
+    }
 }
 
 inline float bf16_to_float(bf16 v) {
@@ -208,14 +239,11 @@ inline void int8_tiles_times_rows(const bf16* x, int64_t x_stride, const float* 
         __m512 acc_m[R][NT], acc_b[R][NT];
         for (int r = 0; r < R; ++r)
             for (int t = 0; t < NT; ++t) acc_m[r][t] = acc_b[r][t] = _mm512_setzero_ps();
-        for (int t = 0; t < NT; ++t) {
-            const char* ahead = (const char*)(weights + ((tile + t) * groups + g + kPrefetchGroups) * kInt8BlockBytes);
-            for (int line = 0; line < kInt8BlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        }
+        prefetch_ahead<kInt8BlockBytes, NT>(weights, tile, groups, g);
         for (int c = 0; c < 16; ++c) {
             __m512bh w_m[NT], w_b[NT];
             for (int t = 0; t < NT; ++t) {
-                const uint8_t* chunk = weights + ((tile + t) * groups + g) * kInt8BlockBytes + c * 32;
+                const uint8_t* chunk = tile_block<kInt8BlockBytes>(weights, tile + t, groups, g) + c * 32;
                 const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)chunk));
                 w_m[t] = (__m512bh)_mm512_ternarylogic_epi32(raw, low7, bf16_128, 0xEA);  // (A & B) | C
                 w_b[t] = (__m512bh)_mm512_slli_epi16(_mm512_and_si512(raw, high1), 7);
@@ -231,7 +259,7 @@ inline void int8_tiles_times_rows(const bf16* x, int64_t x_stride, const float* 
             }
         }
         for (int t = 0; t < NT; ++t) {
-            const __m512 scale = _mm512_loadu_ps((const float*)(weights + ((tile + t) * groups + g) * kInt8BlockBytes + 512));
+            const __m512 scale = _mm512_loadu_ps((const float*)(tile_block<kInt8BlockBytes>(weights, tile + t, groups, g) + 512));
             const __m512 minus_256_scale = _mm512_mul_ps(scale, _mm512_set1_ps(-256.f));
             for (int r = 0; r < R; ++r) {
                 const __m512 dot = _mm512_fmadd_ps(acc_b[r][t], _mm512_set1_ps(64.f), acc_m[r][t]);
@@ -240,10 +268,7 @@ inline void int8_tiles_times_rows(const bf16* x, int64_t x_stride, const float* 
             }
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < NT; ++t)
-            _mm256_storeu_si256((__m256i*)(out + r * out_stride + (tile + t) * kTile),
-                                (__m256i)_mm512_cvtneps_pbh(total[r][t]));
+    store_rows<R, NT>(total, tile, out, out_stride);
 }
 
 constexpr int kInt8MaxRows = 4;  // registers: 3 x R x NT accumulators
@@ -282,19 +307,16 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     if (n % kTile || k % kGroup || rows <= 0) return 0;
     const int64_t groups = k / kGroup, tiles = n / kTile;
     const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
-    // work items of 4 tiles (64 columns) for 1-2 rows: more streams and accumulator chains in flight
-    // (10-15% faster there); of 2 tiles for more rows, whose accumulators fill the registers
-    const int64_t per_item = rows <= 2 ? 4 : 2;
-    const int64_t full = tiles / per_item, items = full + (tiles % per_item);
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
-    for (int64_t item = 0; item < items; ++item) {
-        if (item < full && per_item == 4)
-            tiles_times_all_rows<4>(x, x_stride, sums.data(), rows, groups, weights, 4 * item, out, out_stride);
-        else if (item < full)
-            tiles_times_all_rows<2>(x, x_stride, sums.data(), rows, groups, weights, 2 * item, out, out_stride);
-        else
-            tiles_times_all_rows<1>(x, x_stride, sums.data(), rows, groups, weights, full * per_item + item - full, out, out_stride);
-    }
+    auto item = [&](auto nt, int64_t tile) {
+        tiles_times_all_rows<decltype(nt)::value>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
+                                                  out_stride);
+    };
+    // items of 4 tiles (64 columns) for 1-2 rows: more streams and accumulator chains in flight (10-15%
+    // faster there); of 2 tiles for more rows, whose accumulators fill the registers
+    if (rows <= 2)
+        for_tile_items<4>(tiles, threads, item);
+    else
+        for_tile_items<2>(tiles, threads, item);
     return 1;
 }
 
@@ -304,14 +326,9 @@ extern "C" int llmaas_bf16_matmul(const bf16* x, int64_t x_stride, int64_t rows,
                                   int64_t n, bf16* out, int64_t out_stride, int64_t threads) {
     if (n % kTile || k % 2 || rows <= 0) return 0;
     const int64_t tiles = n / kTile, pairs = k / 2;
-    const int64_t tile_pairs = tiles / 2, items = tile_pairs + (tiles % 2);
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
-    for (int64_t item = 0; item < items; ++item) {
-        if (item < tile_pairs)
-            bf16_tiles_times_all_rows<2>(x, x_stride, rows, pairs, weights, 2 * item, out, out_stride);
-        else
-            bf16_tiles_times_all_rows<1>(x, x_stride, rows, pairs, weights, 2 * tile_pairs, out, out_stride);
-    }
+    for_tile_items<2>(tiles, threads, [&](auto nt, int64_t tile) {
+        bf16_tiles_times_all_rows<decltype(nt)::value>(x, x_stride, rows, pairs, weights, tile, out, out_stride);
+    });
     return 1;
 }
 
@@ -322,14 +339,10 @@ extern "C" int llmaas_int8_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     if (n % kTile || k % kGroup || rows <= 0) return 0;
     const int64_t groups = k / kGroup, tiles = n / kTile;
     const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
-    const int64_t tile_pairs = tiles / 2, items = tile_pairs + (tiles % 2);
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && items > 1)
-    for (int64_t item = 0; item < items; ++item) {
-        if (item < tile_pairs)
-            int8_tiles_times_all_rows<2>(x, x_stride, sums.data(), rows, groups, weights, 2 * item, out, out_stride);
-        else
-            int8_tiles_times_all_rows<1>(x, x_stride, sums.data(), rows, groups, weights, 2 * tile_pairs, out, out_stride);
-    }
+    for_tile_items<2>(tiles, threads, [&](auto nt, int64_t tile) {
+        int8_tiles_times_all_rows<decltype(nt)::value>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
+                                                       out_stride);
+    });
     return 1;
 }
 
