@@ -58,22 +58,21 @@ class Layer:
             )
 
 
-def contenders(layers: list[Layer], rows: int, threads: int) -> dict[str, Callable[[torch.Tensor], object]]:
-    out: dict[str, Callable] = {
-        "int4 ours": lambda x, w: cpu_ops.int4_matmul(x, w.native_int4, threads),
-        "bf16 ours": lambda x, w: cpu_ops.bf16_matmul(x, w.native_bf16, threads),
-        "bf16 F.linear": lambda x, w: F.linear(x, w.bf16),
-    }
-    if rows <= cpu_ops.MAX_TOKENS:  # our int4 kernel's wrapper takes decode-sized steps
-        out["int4 torch"] = lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, *w.torch_int4[:1], 32, w.torch_int4[1]
-        )
-    else:
-        del out["int4 ours"]
-    if layers[0].torch_int4 is None:
-        out.pop("int4 torch", None)
+def contenders(
+    layers: list[Layer], rows: int, threads: int
+) -> dict[str, Callable[[torch.Tensor, Layer], object]]:
+    """Each contender's call for this many rows; the int4 kernels only for decode-sized steps."""
+    out: dict[str, Callable] = {}
+    if rows <= cpu_ops.MAX_TOKENS:
+        out["int4 ours"] = lambda x, w: cpu_ops.int4_matmul(x, w.native_int4, threads)
+        if layers[0].torch_int4 is not None:
+            out["int4 torch"] = lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, w.torch_int4[0], 32, w.torch_int4[1]
+            )
+    out["bf16 ours"] = lambda x, w: cpu_ops.bf16_matmul(x, w.native_bf16, threads)
     if layers[0].onednn is not None:
         out["bf16 oneDNN packed"] = lambda x, w: packed_linear(x, w.onednn, None)
+    out["bf16 F.linear"] = lambda x, w: F.linear(x, w.bf16)
     return out
 
 

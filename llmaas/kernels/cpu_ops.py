@@ -298,17 +298,23 @@ def int8_group_gemv(
 
 # Matmuls for decode-sized steps (decode_matmul.cpp).
 # int4: groups of 32 inputs, (q - 8) * scale + zero, as Int4Linear.
+MATMUL_TILE = 16  # output columns per packed tile, in every layout of decode_matmul.cpp
 INT4_GROUP = 32
-INT4_TILE = 16  # output columns per packed tile
 # Rows up to which it beats our bf16 matmul on the dequantized weights (the bytes it saves outweigh the
 # widening). SmolLM2's 30 layers, 2 threads, distinct weights: even with torch's int4 kernel at one
 # row, 1.1-1.6x it at 2-16; 1.8x our bf16 at one row, 1.15x at 8, even at 16-24 (docs/performance.md).
 MAX_INT4_MATMUL_ROWS = 16
 
 
+@functools.cache
+def _decode_matmul_built() -> bool:
+    return bool(_library().llmaas_decode_matmul_available())
+
+
 def decode_matmul_available() -> bool:
-    """The native int4 and bf16 matmuls can run here: kernels built, and the CPU has AVX-512 BF16."""
-    return available() and bool(_library().llmaas_decode_matmul_available())
+    """The native matmuls (and bf16 attention) can run here: kernels built, and the CPU has AVX-512 BF16.
+    Asked per prefill chunk and layer: the library's answer is asked once."""
+    return available() and _decode_matmul_built()
 
 
 def pack_int4_for_matmul(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -318,13 +324,13 @@ def pack_int4_for_matmul(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     N must be a multiple of 16 and K of 32. See decode_matmul.cpp for the layout and the offset identity.
     """
     n, k = q.shape
-    tiles, groups = n // INT4_TILE, k // INT4_GROUP
+    tiles, groups = n // MATMUL_TILE, k // INT4_GROUP
     # k within a group = 16 * half + 2 * chunk + parity; a byte holds half 0 (low) and half 1 (high)
-    q6 = q.to(torch.uint8).reshape(tiles, INT4_TILE, groups, 2, 8, 2)
+    q6 = q.to(torch.uint8).reshape(tiles, MATMUL_TILE, groups, 2, 8, 2)
     nibbles = (q6[:, :, :, 0] | (q6[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).reshape(tiles, groups, -1)
 
     def by_tile(t: torch.Tensor) -> torch.Tensor:  # [N, groups] -> bytes [tiles, groups, 32]
-        t = t.to(torch.bfloat16).reshape(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()
+        t = t.to(torch.bfloat16).reshape(tiles, MATMUL_TILE, groups).permute(0, 2, 1).contiguous()
         return t.view(torch.uint8)
 
     return torch.cat([nibbles, by_tile(scale), by_tile(zero)], dim=-1).contiguous()
@@ -336,7 +342,7 @@ def int4_matmul_fits(x: torch.Tensor) -> bool:
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_library().llmaas_int4_matmul, x, packed, packed.shape[0] * INT4_TILE, threads)
+    return _packed_matmul(_library().llmaas_int4_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def _packed_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, n: int, threads: int) -> torch.Tensor:
@@ -356,10 +362,10 @@ def pack_int8_for_matmul(qweight: torch.Tensor, scales: torch.Tensor) -> torch.T
     """qweight int8 [N, K], scales fp32 [N, K/32] -> uint8 [N/16, K/32, 576] in the kernel's layout:
     per tile of 16 columns and group, the (k, k+1) pairs of q + 128 in 16 chunks, then the 16 scales."""
     n, k = qweight.shape
-    tiles, groups = n // INT4_TILE, k // INT8_GROUP
-    biased = (qweight.to(torch.int16) + 128).to(torch.uint8).reshape(tiles, INT4_TILE, groups, 16, 2)
+    tiles, groups = n // MATMUL_TILE, k // INT8_GROUP
+    biased = (qweight.to(torch.int16) + 128).to(torch.uint8).reshape(tiles, MATMUL_TILE, groups, 16, 2)
     pairs = biased.permute(0, 2, 3, 1, 4).reshape(tiles, groups, -1)
-    by_tile = scales.float().reshape(tiles, INT4_TILE, groups).permute(0, 2, 1).contiguous()
+    by_tile = scales.float().reshape(tiles, MATMUL_TILE, groups).permute(0, 2, 1).contiguous()
     return torch.cat([pairs, by_tile.view(torch.uint8)], dim=-1).contiguous()
 
 
@@ -369,10 +375,7 @@ def int8_matmul_fits(x: torch.Tensor) -> bool:
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int8_matmul_fits` @ the packed int8-group weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_library().llmaas_int8_matmul, x, packed, packed.shape[0] * INT4_TILE, threads)
-
-
-MATMUL_TILE = 16  # bf16: output columns per packed tile
+    return _packed_matmul(_library().llmaas_int8_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def pack_bf16_for_matmul(weight: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,13 @@ class PrefillSegment:
     block_table: torch.Tensor  # [blocks] cache blocks holding the context (for the native kernel)
     sliding_window: int | None = None
 
+    @functools.cached_property
+    def key_counts(self) -> torch.Tensor:
+        """[length] keys each query sees (causal after the cached prefix): for the native kernel,
+        built on first use, once per step for all layers."""
+        first = self.context_len - self.length
+        return torch.arange(first + 1, self.context_len + 1, device=self.block_table.device)
+
 
 @dataclass
 class DecodeBatch:
@@ -244,10 +251,10 @@ def _native_prefill(
     """The chunk's queries as decode queries over the paged cache (its keys are already written):
     query i sees the first context_len - length + i + 1 keys. On bf16 caches about twice as fast as
     torch's flash attention at 1,000 tokens (docs/performance.md)."""
-    first = seg.context_len - seg.length
-    lens = torch.arange(first + 1, seg.context_len + 1, device=q.device)
     tables = seg.block_table.expand(seg.length, -1)  # one table, read with a row stride of 0
-    return cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, seg.sliding_window, scale)
+    return cpu_ops.paged_decode_attention(
+        q, k_cache, v_cache, tables, seg.key_counts, seg.sliding_window, scale
+    )
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float):

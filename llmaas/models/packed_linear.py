@@ -48,6 +48,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def native_matmul_applies(weight: torch.Tensor) -> bool:
+    """Our matmuls take this weight: a bf16 CPU weight of whole 16-column tiles, on AVX-512 BF16."""
     n, k = weight.shape
     return (
         weight.device.type == "cpu"
@@ -75,13 +76,15 @@ class CpuLayoutLinear(nn.Module):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.native.numel():
             if cpu_ops.bf16_matmul_fits(x):
-                out = cpu_ops.bf16_matmul(x, self.native, torch.get_num_threads())
-                return out + self.bias if self.bias is not None else out
+                return self._add_bias(cpu_ops.bf16_matmul(x, self.native, torch.get_num_threads()))
             # kernels switched off since loading, or an odd input: unpack a copy (slow, but right)
             return F.linear(x, cpu_ops.unpack_bf16_for_matmul(self.native), self.bias)
         if self.packed.numel():
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.plain, self.bias)
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out + self.bias if self.bias is not None else out
 
 
 class PackedLinear(CpuLayoutLinear):

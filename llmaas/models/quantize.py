@@ -29,7 +29,7 @@ from torch import nn
 
 from llmaas.errors import InvalidRequestError
 from llmaas.kernels import cpu_ops
-from llmaas.models.packed_linear import CpuLayoutLinear, replace_linears
+from llmaas.models.packed_linear import CpuLayoutLinear, native_matmul_applies, replace_linears
 
 SMALL_BATCH = 4  # rows at or below this use the int8 kernel
 INT4_SMALL_BATCH = 4  # rows at or below this use the int4 kernel (measured: docs/performance.md)
@@ -46,9 +46,6 @@ class _WeightOnlyLinear(CpuLayoutLinear):
 
     def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x)
-
-    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
-        return out + self.bias if self.bias is not None else out
 
 
 class Int8Linear(_WeightOnlyLinear):
@@ -112,12 +109,18 @@ class Int4Linear(_WeightOnlyLinear):
         q, scale, zero = quantize_int4_groups(linear.weight, group_size)
         self.group_size = group_size
         self._keep_dequantized(dequantize_int4_groups(q, scale, zero).to(dtype), linear.bias)
-        on_cpu_bf16 = linear.weight.device.type == "cpu" and dtype == torch.bfloat16 and n % 16 == 0
         # Our kernel (CPU with AVX-512 BF16) up to MAX_INT4_MATMUL_ROWS rows; else torch's int4 kernel
-        # up to INT4_SMALL_BATCH rows (its fp32 path is ~30x slower than a plain matmul).
-        native = on_cpu_bf16 and group_size == cpu_ops.INT4_GROUP and cpu_ops.decode_matmul_available()
+        # up to INT4_SMALL_BATCH rows (CPU, bf16 activations: its fp32 path is ~30x slower than a plain
+        # matmul; N a multiple of 16).
+        native = native_matmul_applies(linear.weight) and group_size == cpu_ops.INT4_GROUP
         self.native_int4 = cpu_ops.pack_int4_for_matmul(q, scale, zero) if native else None
-        self.use_int4_kernel = on_cpu_bf16 and not native and int4_kernel_available()
+        self.use_int4_kernel = (
+            not native
+            and linear.weight.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and n % 16 == 0
+            and int4_kernel_available()
+        )
         if self.use_int4_kernel:
             packed_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # two values a byte
             # [K/g, N, 2]: the kernel's layout of scale and zero
@@ -166,12 +169,7 @@ class Int8GroupLinear(_WeightOnlyLinear):
         self.register_buffer("group_scales", scales.contiguous())
         self.model_dtype = linear.weight.dtype
         self._keep_dequantized(self.dequantized_weight(), linear.bias)
-        native = (
-            linear.weight.device.type == "cpu"
-            and self.model_dtype == torch.bfloat16
-            and n % cpu_ops.INT4_TILE == 0
-            and cpu_ops.decode_matmul_available()
-        )
+        native = native_matmul_applies(linear.weight)
         self.native_int8 = cpu_ops.pack_int8_for_matmul(self.qweight, self.group_scales) if native else None
 
     def dequantized_weight(self) -> torch.Tensor:
