@@ -28,7 +28,7 @@ from llmaas.billing.accounts import check_account_name, create_account, list_acc
 from llmaas.billing.credits import balance, grant, top_up
 from llmaas.billing.db import Database, default_database_url, open_database
 from llmaas.billing.keys import create_key, list_keys, revoke_key
-from llmaas.billing.money import format_usd, shown, usd_to_micros
+from llmaas.billing.money import credit_to_micros, format_usd, shown
 from llmaas.billing.plans import DEFAULT_FREE_GRANT, PLANS, get_plan
 from llmaas.billing.prices import list_prices, price_micros, set_price
 from llmaas.billing.records import account_record, balance_record, credit_record, key_record, price_record
@@ -75,14 +75,6 @@ def _database(args: argparse.Namespace) -> Iterator[Database]:
         yield db
     finally:
         db.close()
-
-
-def _amount(text: str, param: str) -> int:
-    """A positive USD amount as micro-USD, exactly."""
-    micros = usd_to_micros(text, param)
-    if micros <= 0:
-        raise InvalidRequestError(f"'{param}' must be positive: {text}", param=param)
-    return micros
 
 
 def _whole(text: str | None, param: str) -> int | None:
@@ -288,7 +280,7 @@ def _credit_done(args: argparse.Namespace, what: str, entry_id: int, micros: int
 @_verb
 def cmd_credits_grant(args: argparse.Namespace) -> int:
     check_account_name(args.account, "account")
-    micros = _amount(args.amount_usd, "amount_usd")
+    micros = credit_to_micros(args.amount_usd, "amount_usd")
     valid_for = check.expires_in_days(_whole(args.expires_in_days, "expires_in_days"))
     check.note(args.note)
     with _database(args) as db:
@@ -301,7 +293,7 @@ def cmd_credits_grant(args: argparse.Namespace) -> int:
 @_verb
 def cmd_credits_top_up(args: argparse.Namespace) -> int:
     check_account_name(args.account, "account")
-    micros = _amount(args.amount_usd, "amount_usd")
+    micros = credit_to_micros(args.amount_usd, "amount_usd")
     check.note(args.note)
     with _database(args) as db:
         entry = top_up(db, args.account, micros, note=args.note)

@@ -92,6 +92,14 @@ def usd_to_micros(
     return micros
 
 
+def credit_to_micros(amount: str | int | Decimal, param: str = "amount_usd") -> int:
+    """A grant or top-up: a positive amount of at most MAX_AMOUNT_MICROS (the /admin API and the CLI)."""
+    micros = usd_to_micros(amount, param)
+    if micros <= 0:
+        raise InvalidRequestError(f"'{param}' must be positive, got {shown(amount)}", param=param)
+    return micros
+
+
 def _too_large(param: str, maximum: int) -> InvalidRequestError:
     return InvalidRequestError(f"'{param}' may be at most {format_usd(maximum)} USD", param=param)
 
