@@ -381,7 +381,7 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
 def _group_by(text: str | None) -> list[str]:
     if not text:
         return []
-    groups = check.distinct([g.strip() for g in text.split(",")[: len(GROUP_BY) + 1]], "group_by")
+    groups = check.distinct([g.strip() for g in text.split(",", check.MAX_FILTER_VALUES)], "group_by")
     unknown = [g for g in groups if g not in GROUP_BY]
     if unknown:
         raise InvalidRequestError(
