@@ -140,6 +140,16 @@ def _cases() -> list[tuple[str, str, dict | None, dict | None, str]]:
         for v in NUMBERS
     ]
     cases += [("GET", "/admin/credits/" + "x" * 5000, None, None, "account")]
+    cases += [("POST", "/admin/keys", {**key, "expires_in_day": 5}, None, "expires_in_day")]  # misspelt
+    cases += [
+        (
+            "POST",
+            "/admin/credits/bounded/top-up",
+            {"amount_usd": "1", "expires_in_days": 5},
+            None,
+            "expires_in_days",
+        )
+    ]
     cases += [("GET", "/admin/keys", None, {"account": "x" * 5000}, "account")]
     cases += [("GET", "/admin/prices", None, {"model": "x" * 5000}, "model")]
     cases += [("POST", "/admin/keys/key_" + "x" * 5000 + "/revoke", None, None, "key_id")]

@@ -49,7 +49,8 @@ def _fail(exc: LlmaasError) -> int:
 
 
 def _verb(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Project errors become one line on stderr and exit status 2 (also when called without cli.main)."""
+    """Project errors become one line on stderr and exit status 2 (also when called without cli.main);
+    a database failure is one line and exit status 1."""
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -57,6 +58,9 @@ def _verb(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
             return func(args)
         except LlmaasError as exc:
             return _fail(exc)
+        except SQLAlchemyError as exc:  # the database refused (gone, full, ...): one line, not a traceback
+            print(f"llmaas: database error: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+            return 1
 
     return run
 

@@ -13,8 +13,8 @@ Bounds: every money column is a signed 64-bit integer of micro-USD (max ~9.2e18,
 the balance, hold and report queries SUM those columns. So one amount is at most MAX_AMOUNT_MICROS
 ($1e9), an account's unexpired credit at most MAX_ACCOUNT_CREDIT_MICROS ($1e10) and a price at most
 MAX_PRICE_MICROS_PER_M ($100,000 per 1M tokens). An account's balance sums (credit, holds) thus stay
-900 times below the column's limit, and 9,000 maximal amounts still fit in any sum. Text is parsed by `usd_to_micros` alone: plain decimals only, no exponent, sign,
-underscore, NaN or infinity.
+900 times below the column's limit, and 9,000 maximal amounts still fit in any sum. Text is parsed
+by `usd_to_micros` alone: plain decimals only, no exponent, sign, underscore, NaN or infinity.
 """
 
 from __future__ import annotations

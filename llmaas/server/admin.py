@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from llmaas.billing import (
     AuthenticationError,
@@ -85,20 +85,25 @@ Admin = Annotated[ServerBilling, Depends(require_admin)]
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])  # no route without it
 
 # Bodies: pydantic checks the JSON types; every value's bound is checked by billing.operator_input and
-# billing.money (the same checks as the CLI's), before any database work.
+# billing.money (the same checks as the CLI's), before any database work. An unknown field is a 400:
+# a misspelt "expires_in_day" must not quietly create a key that never expires.
 
 
-class AccountCreate(BaseModel):
+class AdminBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AccountCreate(AdminBody):
     name: str
     plan: str = "free"
     free_grant: bool = True
 
 
-class PlanChange(BaseModel):
+class PlanChange(AdminBody):
     plan: str
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(AdminBody):
     account: str
     name: str | None = None
     expires_in_days: int | None = None
@@ -107,13 +112,13 @@ class KeyCreate(BaseModel):
     tokens_per_minute: int | None = None
 
 
-class Credit(BaseModel):
+class Credit(AdminBody):
     amount_usd: str
     expires_in_days: int | None = None  # grants only
     note: str | None = None
 
 
-class PriceSet(BaseModel):
+class PriceSet(AdminBody):
     model: str
     input: str
     cached_input: str
