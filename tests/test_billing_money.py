@@ -235,3 +235,13 @@ def test_usage_report_counts_an_account_named_twice_once(db):
     for bad in (10**15, -1, 2**64, "1e30"):
         with pytest.raises(InvalidRequestError):
             usage_report(db, bad, None)
+
+
+def test_every_plan_limit_is_within_what_an_operator_may_set():
+    """Plans are code, not input, but a key's override and a plan's default share one range."""
+    from llmaas.billing.operator_input import requests_per_minute, tokens_per_minute
+    from llmaas.billing.plans import PLANS
+
+    for plan in PLANS.values():
+        assert requests_per_minute(plan.requests_per_minute) == plan.requests_per_minute
+        assert tokens_per_minute(plan.tokens_per_minute) == plan.tokens_per_minute
