@@ -28,7 +28,7 @@ from llmaas.billing.accounts import check_account_name, create_account, list_acc
 from llmaas.billing.credits import balance, grant, top_up
 from llmaas.billing.db import Database, default_database_url, open_database
 from llmaas.billing.keys import create_key, list_keys, revoke_key
-from llmaas.billing.money import credit_to_micros, format_usd, shown
+from llmaas.billing.money import credit_to_micros, format_usd
 from llmaas.billing.plans import DEFAULT_FREE_GRANT, PLANS, get_plan
 from llmaas.billing.prices import list_prices, price_micros, set_price
 from llmaas.billing.records import account_record, balance_record, credit_record, key_record, price_record
@@ -83,12 +83,7 @@ def _database(args: argparse.Namespace) -> Iterator[Database]:
 
 def _whole(text: str | None, param: str) -> int | None:
     """A whole-number flag, read here rather than by argparse so a bad one is one line naming it."""
-    if text is None:
-        return None
-    stripped = text.strip()
-    if not (stripped.isascii() and stripped.lstrip("-").isdigit()) or len(stripped) > 20:
-        raise InvalidRequestError(f"'{param}' must be a whole number, got {shown(text)}", param=param)
-    return int(stripped)
+    return None if text is None else check.whole_number_text(text, param)
 
 
 def _when(value: datetime | None) -> str:

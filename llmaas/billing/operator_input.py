@@ -81,6 +81,16 @@ def key_id(value: object, param: str = "key_id") -> str:
     return value
 
 
+def whole_number_text(value: str, param: str) -> int:
+    """A whole number written in ASCII digits (optionally '-'), at most 20 characters: '1e3', '1_000',
+    'NaN' and a 100,000-digit number are refused here, before int() sees them."""
+    stripped = value.strip() if isinstance(value, str) else ""
+    digits = stripped.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()) or len(stripped) > 20:
+        raise InvalidRequestError(f"'{param}' must be a whole number, got {shown(value)}", param=param)
+    return int(stripped)
+
+
 def whole_number(value: object, param: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidRequestError(

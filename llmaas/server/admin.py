@@ -312,7 +312,9 @@ def _report_args(request: Request) -> dict[str, Any]:
         )
     limit = None
     if "limit" in q:
-        limit = check.whole_number(_digits(q["limit"], "limit"), "limit", 1, MAX_PAGE_BUCKETS[width])
+        limit = check.whole_number(
+            check.whole_number_text(q["limit"], "limit"), "limit", 1, MAX_PAGE_BUCKETS[width]
+        )
     if "page" in q:  # our cursor: the start of the next bucket, as next_page gave it
         start = max(start, check.epoch_seconds(q["page"], "page"))
     groups = _query_list(request, ("group_by", "group_by[]"), "group_by")
@@ -330,10 +332,6 @@ def _report_args(request: Request) -> dict[str, Any]:
         "projects": projects,
         "limit": limit,
     }
-
-
-def _digits(text: str, param: str) -> int | str:
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else text
 
 
 def _scoped_report(request: Request, args: dict[str, Any]) -> tuple[list, int | None]:
