@@ -1,7 +1,8 @@
 """Operator verbs over the billing library: `llmaas accounts|keys|credits|prices|usage ...`.
 
-Each verb is a short function: parse and check the arguments (amounts through `usd_to_micros`, so
-`10.00` is exact and floats never appear), call the library, print an aligned table or `--json`.
+Each verb is a short function: parse and check the arguments (amounts through money.py, so `10.00` is
+exact and floats never appear; every other bound through operator_input.py, the same checks as the
+/admin API), call the library, print an aligned table or `--json` (records.py: the /admin API's shapes).
 Arguments are checked before the database is opened, and every library call checks before it
 writes, so a bad amount or an unknown account/key/plan writes nothing: it prints one line naming the
 parameter on stderr and returns 2. An API key's secret is printed once, by `keys create`, and nowhere
