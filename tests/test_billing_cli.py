@@ -25,6 +25,8 @@ from llmaas.billing import (
 )
 from llmaas.billing.cli_commands import add_billing_parsers
 
+pytest_plugins = ["tests.billing_services"]  # db_url: SQLite and PostgreSQL
+
 
 @pytest.fixture
 def url(tmp_path):
@@ -397,3 +399,27 @@ def test_keys_create_takes_per_key_limits(cli, db):
     )
     assert (created["requests_per_minute"], created["tokens_per_minute"]) == (7, 900)
     assert verify_key(db, created["secret"]).requests_per_minute == 7
+
+
+def test_the_issue_top_ups_on_sqlite_and_postgresql(db_url, capsys):
+    """`credits top-up NAME 5000000000000` twice overflowed the ledger (SQLite INTEGER, PostgreSQL
+    bigint) and `credits top-up ... 1e30` printed a traceback; now each is one line and exit 2."""
+
+    def run(*argv: str) -> tuple[int, str]:
+        parser = argparse.ArgumentParser(prog="llmaas")
+        add_billing_parsers(parser.add_subparsers(dest="verb", required=True))
+        args = parser.parse_args([*argv, "--database-url", db_url])
+        status = args.func(args)
+        return status, capsys.readouterr().err
+
+    assert run("accounts", "create", "whale", "--no-free-grant")[0] == 0
+    assert run("accounts", "create", "minnow")[0] == 0
+    for amount in ("5000000000000", "5000000000000", "1e30"):
+        status, err = run("credits", "top-up", "whale", amount)
+        assert status == 2 and err.count("\n") == 1 and "(parameter: amount_usd)" in err
+    for _ in range(10):
+        assert run("credits", "top-up", "whale", "1000000000")[0] == 0
+    status, err = run("credits", "grant", "whale", "1")
+    assert status == 2 and "most one account may hold" in err
+    assert run("accounts", "list")[0] == 0
+    assert run("credits", "balance", "minnow")[0] == 0
