@@ -25,6 +25,8 @@ from llmaas.billing import (
 )
 from llmaas.billing.cli_commands import add_billing_parsers
 
+pytest_plugins = ["tests.billing_services"]  # db_url: SQLite and PostgreSQL
+
 
 @pytest.fixture
 def url(tmp_path):
@@ -294,3 +296,130 @@ def test_unopenable_database_is_one_line(capsys, tmp_path):
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "(parameter: database_url)" in err and "hunter2" not in err
+
+
+HUGE = "9" * 100_000
+BAD_AMOUNTS = ["1e30", "NaN", "Infinity", "1_000", "5000000000000", str(2**64), str(-(2**64)), "1e308", HUGE]
+BAD_NUMBERS = [str(2**64), str(-(2**64)), "1e308", "NaN", "100000000", "1_000", "0", HUGE]
+
+
+def _bounds_cases() -> list[tuple[tuple[str, ...], str]]:
+    cases = []
+    for verb in ("grant", "top-up"):
+        cases += [(("credits", verb, "acme", v), "amount_usd") for v in BAD_AMOUNTS]
+        cases += [(("credits", verb, "acme", "1", "--note", v), "note") for v in ("x" * 300, "a\x01b")]
+        cases += [(("credits", verb, "x" * 5000, "1"), "account")]
+    cases += [
+        (("credits", "grant", "acme", "1", "--expires-in-days", v), "expires_in_days") for v in BAD_NUMBERS
+    ]
+    cases += [
+        (("keys", "create", "--account", "acme", "--expires-in-days", v), "expires_in_days")
+        for v in BAD_NUMBERS
+    ]
+    for flag, param in (
+        ("--requests-per-minute", "requests_per_minute"),
+        ("--tokens-per-minute", "tokens_per_minute"),
+    ):
+        cases += [
+            (("keys", "create", "--account", "acme", flag, v), param)
+            for v in [n for n in BAD_NUMBERS if n != "100000000"] + [str(2**70), str(10**10)]
+        ]
+    cases += [(("keys", "create", "--account", "acme", "--name", v), "name") for v in ("x" * 129, "a\x01b")]
+    cases += [(("keys", "create", "--account", "acme", "--models", ",".join(["m"] * 101)), "models")]
+    cases += [(("keys", "create", "--account", "acme", "--models", "x" * 129), "models")]
+    cases += [(("keys", "create", "--account", "x" * 5000), "account")]
+    cases += [(("keys", "list", "--account", "x" * 5000), "account")]
+    cases += [(("keys", "revoke", "key_" + "x" * 5000), "key_id")]
+    cases += [
+        (("accounts", "create", v), "name") for v in ("Admin", "admin", "ACME", "x" * 129, HUGE, "a\x01")
+    ]
+    cases += [(("accounts", "create", "new", "--plan", "x" * 5000), "plan")]
+    cases += [(("accounts", "set-plan", "x" * 5000, "plus"), "account")]
+    cases += [(("credits", "balance", "x" * 5000), "account")]
+    price = ("prices", "set", "m2", "--input", "1", "--cached-input", "0.5")
+    cases += [((*price, "--output", v), "output") for v in BAD_AMOUNTS + ["1000000000000000"]]
+    cases += [
+        ((*price, "--output", "1", "--effective-from", v), "effective_from")
+        for v in ("0001-01-01T00:00:00", "9999-12-31T23:59:59-05:00", "2200-01-01", HUGE)
+    ]
+    cases += [(("prices", "set", "x" * 129, "--input", "1", "--cached-input", "1", "--output", "1"), "model")]
+    cases += [(("prices", "list", "--model", "x" * 129), "model")]
+    cases += [(("usage", "--start", v), "start") for v in ("0001-01-01", "9999-12-31T23:59:59-05:00", HUGE)]
+    cases += [(("usage", "--end", "2200-01-02"), "end")]
+    cases += [(("usage", "--group-by", ",".join(["model"] * 1000)), "group_by")]
+    cases += [(("usage", "--account", "x" * 5000), "account")]
+    return cases
+
+
+@pytest.mark.parametrize(("argv", "param"), _bounds_cases())
+def test_every_flag_is_bounded_one_line_exit_2_and_nothing_written(cli, db, argv, param):
+    """2**64, 1e308, NaN, '1_000', '1e30', huge strings and lists, out-of-range dates: no traceback."""
+    _ok(cli("accounts", "create", "acme"))
+    _ok(cli("prices", "set", "m", "--input", "1", "--cached-input", "0.5", "--output", "2"))
+    before = (list_accounts(db), list_keys(db), list_prices(db), balance(db, "acme"))
+
+    status, out, err = cli(*argv)
+
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("llmaas: error: "), err[:500]
+    assert re.search(rf"\(parameter: {param}(\[\d+\])?\)", err) and len(err) < 400
+    assert (list_accounts(db), list_keys(db), list_prices(db), balance(db, "acme")) == before
+    assert _ok(cli("credits", "balance", "acme"))  # the account still works
+
+
+def test_top_up_bounds_the_account_total(cli, db):
+    """`credits top-up ... 1e30` printed a traceback; two of $5e12 overflowed SQLite's INTEGER."""
+    _ok(cli("accounts", "create", "whale", "--no-free-grant"))
+    for _ in range(10):
+        _ok(cli("credits", "top-up", "whale", "1000000000"))
+    status, _out, err = cli("credits", "top-up", "whale", "0.000001")
+    assert status == 2 and "(parameter: amount_usd)" in err and "most one account may hold" in err
+    assert (
+        json.loads(_ok(cli("credits", "balance", "whale", "--json")))["available_usd"] == "10000000000.000000"
+    )
+    assert "whale" in _ok(cli("accounts", "list"))
+
+
+def test_keys_create_takes_per_key_limits(cli, db):
+    _ok(cli("accounts", "create", "acme"))
+    created = json.loads(
+        _ok(
+            cli(
+                "keys",
+                "create",
+                "--account",
+                "acme",
+                "--requests-per-minute",
+                "7",
+                "--tokens-per-minute",
+                "900",
+                "--json",
+            )
+        )
+    )
+    assert (created["requests_per_minute"], created["tokens_per_minute"]) == (7, 900)
+    assert verify_key(db, created["secret"]).requests_per_minute == 7
+
+
+def test_the_issue_top_ups_on_sqlite_and_postgresql(db_url, capsys):
+    """`credits top-up NAME 5000000000000` twice overflowed the ledger (SQLite INTEGER, PostgreSQL
+    bigint) and `credits top-up ... 1e30` printed a traceback; now each is one line and exit 2."""
+
+    def run(*argv: str) -> tuple[int, str]:
+        parser = argparse.ArgumentParser(prog="llmaas")
+        add_billing_parsers(parser.add_subparsers(dest="verb", required=True))
+        args = parser.parse_args([*argv, "--database-url", db_url])
+        status = args.func(args)
+        return status, capsys.readouterr().err
+
+    assert run("accounts", "create", "whale", "--no-free-grant")[0] == 0
+    assert run("accounts", "create", "minnow")[0] == 0
+    for amount in ("5000000000000", "5000000000000", "1e30"):
+        status, err = run("credits", "top-up", "whale", amount)
+        assert status == 2 and err.count("\n") == 1 and "(parameter: amount_usd)" in err
+    for _ in range(10):
+        assert run("credits", "top-up", "whale", "1000000000")[0] == 0
+    status, err = run("credits", "grant", "whale", "1")
+    assert status == 2 and "most one account may hold" in err
+    assert run("accounts", "list")[0] == 0
+    assert run("credits", "balance", "minnow")[0] == 0

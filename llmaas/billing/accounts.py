@@ -1,4 +1,11 @@
-"""Accounts: a name, a plan, and a free grant when created."""
+"""Accounts: a name, a plan, and a free grant when created.
+
+Names are 1-128 letters, digits, '_', '.' and '-', kept as written but unique ignoring case: `Admin`
+beside `admin` (or `ACME` beside `acme`) would read as the same account in every listing, report and
+log line, so the second is refused. Lookups stay exact (the name is what the API reports as
+project_id). RESERVED_ACCOUNT_NAMES are the server's own accounts: operators cannot create them, in
+any case (`bootstrap` creates them through `create_account(..., reserved=True)`).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,33 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llmaas.billing.db import Database
 from llmaas.billing.errors import NotFoundError
+from llmaas.billing.money import shown
 from llmaas.billing.plans import DEFAULT_FREE_GRANT, FreeGrant, get_plan
 from llmaas.billing.schema import Account, LedgerEntry, utcnow
 from llmaas.errors import InvalidRequestError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+RESERVED_ACCOUNT_NAMES = ("admin",)  # the admin key's account (server/bootstrap.py)
+# PostgreSQL: account creations take this transaction-scoped advisory lock, so two that differ only
+# in case cannot both pass the case-insensitive check (SQLite's BEGIN IMMEDIATE serializes them).
+_CREATE_LOCK = 0x6C6C6D61  # "llma"
+
+
+def check_account_name(name: object, param: str = "name") -> str:
+    """A well-formed account name (for creation and for lookups from the outside), else 400."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidRequestError(
+            "Account names are 1-128 characters of letters, digits, '_', '.' and '-', "
+            f"starting with a letter or digit; got {shown(name)}",
+            param=param,
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -49,15 +72,22 @@ def create_account(
     plan: str = "free",
     free_grant: FreeGrant | None = DEFAULT_FREE_GRANT,
     now: datetime | None = None,
+    *,
+    reserved: bool = False,
 ) -> AccountInfo:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidRequestError(
-            "Account names are 1-128 characters of letters, digits, '_', '.' and '-'", param="name"
-        )
+    """A new account; `reserved` only for the server's own (RESERVED_ACCOUNT_NAMES)."""
+    check_account_name(name)
+    if not reserved and name.lower() in RESERVED_ACCOUNT_NAMES:
+        raise InvalidRequestError(f"The account name {name!r} is reserved", param="name")
     get_plan(plan)
     now = now or utcnow()
     try:
         with db.write() as session:
+            if db.dialect == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
+            same = session.scalar(select(Account.name).where(func.lower(Account.name) == name.lower()))
+            if same is not None:
+                raise InvalidRequestError(f"An account named {same!r} already exists", param="name")
             account = Account(name=name, plan=plan, overdraft_micros=0, created_at=now)
             session.add(account)
             session.flush()

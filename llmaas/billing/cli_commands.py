@@ -1,7 +1,8 @@
 """Operator verbs over the billing library: `llmaas accounts|keys|credits|prices|usage ...`.
 
-Each verb is a short function: parse and check the arguments (amounts through `usd_to_micros`, so
-`10.00` is exact and floats never appear), call the library, print an aligned table or `--json`.
+Each verb is a short function: parse and check the arguments (amounts through money.py, so `10.00` is
+exact and floats never appear; every other bound through operator_input.py, the same checks as the
+/admin API), call the library, print an aligned table or `--json` (records.py: the /admin API's shapes).
 Arguments are checked before the database is opened, and every library call checks before it
 writes, so a bad amount or an unknown account/key/plan writes nothing: it prints one line naming the
 parameter on stderr and returns 2. An API key's secret is printed once, by `keys create`, and nowhere
@@ -18,17 +19,20 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from llmaas.billing.accounts import create_account, list_accounts, set_plan
+from llmaas.billing import operator_input as check
+from llmaas.billing.accounts import check_account_name, create_account, list_accounts, set_plan
 from llmaas.billing.credits import balance, grant, top_up
 from llmaas.billing.db import Database, default_database_url, open_database
 from llmaas.billing.keys import create_key, list_keys, revoke_key
-from llmaas.billing.money import format_usd, usd_to_micros
+from llmaas.billing.money import credit_to_micros, format_usd
 from llmaas.billing.plans import DEFAULT_FREE_GRANT, PLANS, get_plan
-from llmaas.billing.prices import list_prices, set_price
+from llmaas.billing.prices import list_prices, price_micros, set_price
+from llmaas.billing.records import account_record, balance_record, credit_record, key_record, price_record
 from llmaas.billing.schema import utcnow
 from llmaas.billing.usage_report import BUCKET_MINUTES, GROUP_BY, usage_report
 from llmaas.errors import InvalidRequestError, LlmaasError
@@ -46,7 +50,8 @@ def _fail(exc: LlmaasError) -> int:
 
 
 def _verb(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Project errors become one line on stderr and exit status 2 (also when called without cli.main)."""
+    """Project errors become one line on stderr and exit status 2 (also when called without cli.main);
+    a database failure is one line and exit status 1."""
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -54,6 +59,9 @@ def _verb(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
             return func(args)
         except LlmaasError as exc:
             return _fail(exc)
+        except SQLAlchemyError as exc:  # the database refused (gone, full, ...): one line, not a traceback
+            print(f"llmaas: database error: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -74,41 +82,9 @@ def _database(args: argparse.Namespace) -> Iterator[Database]:
         db.close()
 
 
-def _amount(text: str, param: str) -> int:
-    """A positive USD amount as micro-USD, exactly."""
-    micros = usd_to_micros(text, param)
-    if micros <= 0:
-        raise InvalidRequestError(f"'{param}' must be positive: {text}", param=param)
-    return micros
-
-
-def _positive_days(days: int | None, param: str = "expires_in_days") -> timedelta | None:
-    if days is None:
-        return None
-    if days <= 0:
-        raise InvalidRequestError(f"'{param}' must be a positive number of days", param=param)
-    return timedelta(days=days)
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
-def _parse_time(text: str | None, param: str) -> datetime | None:
-    """ISO 8601 date or datetime; without a zone it is UTC."""
-    if text is None:
-        return None
-    try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequestError(
-            f"'{param}' is not an ISO date or datetime: {text!r} (try 2025-01-31 or 2025-01-31T12:00Z)",
-            param=param,
-        ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+def _whole(text: str | None, param: str) -> int | None:
+    """A whole-number flag, read here rather than by argparse so a bad one is one line naming it."""
+    return None if text is None else check.whole_number_text(text, param)
 
 
 def _when(value: datetime | None) -> str:
@@ -140,26 +116,23 @@ def _account_names(db: Database) -> dict[int, str]:
     return {a.id: a.name for a in list_accounts(db)}
 
 
+def _plan(name: str) -> str:
+    return get_plan(check.plan_name(name)).name
+
+
 # ---------------------------------------------------------------- accounts
 
 
 @_verb
 def cmd_accounts_create(args: argparse.Namespace) -> int:
-    get_plan(args.plan)
+    check_account_name(args.name)
+    _plan(args.plan)
     free_grant = None if args.no_free_grant else DEFAULT_FREE_GRANT
     with _database(args) as db:
         info = create_account(db, args.name, plan=args.plan, free_grant=free_grant)
         available = balance(db, info.id).available_micros
     if args.json:
-        _print_json(
-            {
-                "id": info.id,
-                "name": info.name,
-                "plan": info.plan,
-                "created_at": _when(info.created_at),
-                "available_usd": format_usd(available),
-            }
-        )
+        _print_json(account_record(info, available))
     else:
         print(
             f"Created account {info.name} (id {info.id}, plan {info.plan}); "
@@ -173,18 +146,7 @@ def cmd_accounts_list(args: argparse.Namespace) -> int:
     with _database(args) as db:
         rows = [(a, balance(db, a.id).available_micros) for a in list_accounts(db)]
     if args.json:
-        _print_json(
-            [
-                {
-                    "id": a.id,
-                    "name": a.name,
-                    "plan": a.plan,
-                    "created_at": _when(a.created_at),
-                    "available_usd": format_usd(avail),
-                }
-                for a, avail in rows
-            ]
-        )
+        _print_json([account_record(a, avail) for a, avail in rows])
         return 0
     _table(
         ["id", "name", "plan", "created", "available_usd"],
@@ -196,11 +158,12 @@ def cmd_accounts_list(args: argparse.Namespace) -> int:
 
 @_verb
 def cmd_accounts_set_plan(args: argparse.Namespace) -> int:
-    get_plan(args.plan)
+    check_account_name(args.name, "account")
+    _plan(args.plan)
     with _database(args) as db:
         info = set_plan(db, args.name, args.plan)
     if args.json:
-        _print_json({"id": info.id, "name": info.name, "plan": info.plan})
+        _print_json(account_record(info))
     else:
         print(f"Account {info.name} is now on plan {info.plan}")
     return 0
@@ -212,16 +175,22 @@ def cmd_accounts_set_plan(args: argparse.Namespace) -> int:
 def _models(text: str | None) -> list[str] | None:
     if text is None:
         return None
+    if len(text) > check.MAX_ALLOWED_MODELS * (check.MAX_NAME_CHARS + 1):
+        raise InvalidRequestError("'models' is too long", param="models")
     models = [m.strip() for m in text.split(",")]
     if not all(models):
         raise InvalidRequestError("'models' is a comma-separated list of model names", param="models")
-    return models
+    return check.model_list(models)
 
 
 @_verb
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    valid_for = _positive_days(args.expires_in_days)
+    check_account_name(args.account, "account")
+    valid_for = check.expires_in_days(_whole(args.expires_in_days, "expires_in_days"))
     models = _models(args.models)
+    check.text(args.name, "name", required=False)
+    rpm = check.requests_per_minute(_whole(args.requests_per_minute, "requests_per_minute"))
+    tpm = check.tokens_per_minute(_whole(args.tokens_per_minute, "tokens_per_minute"))
     with _database(args) as db:
         new = create_key(
             db,
@@ -229,19 +198,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             name=args.name,
             expires_at=utcnow() + valid_for if valid_for is not None else None,
             allowed_models=models,
+            requests_per_minute=rpm,
+            tokens_per_minute=tpm,
         )
     info = new.info
     if args.json:
-        _print_json(
-            {
-                "id": info.id,
-                "secret": new.secret,
-                "account": args.account,
-                "display_prefix": info.display_prefix,
-                "expires_at": _when(info.expires_at) if info.expires_at else None,
-                "allowed_models": list(info.allowed_models) if info.allowed_models is not None else None,
-            }
-        )
+        _print_json({**key_record(info, args.account), "secret": new.secret})
         print("This secret will not be shown again: store it now.", file=sys.stderr)
         return 0
     models_text = ",".join(info.allowed_models) if info.allowed_models is not None else "all"
@@ -258,38 +220,27 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 @_verb
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    if args.account is not None:
+        check_account_name(args.account, "account")
     with _database(args) as db:
         keys = list_keys(db, args.account)
         names = _account_names(db)
-    records = [
-        {
-            "id": k.id,
-            "prefix": k.display_prefix,
-            "account": names.get(k.account_id, str(k.account_id)),
-            "name": k.name,
-            "models": ",".join(k.allowed_models) if k.allowed_models is not None else None,
-            "created_at": _when(k.created_at),
-            "expires_at": _when(k.expires_at) if k.expires_at else None,
-            "revoked_at": _when(k.revoked_at) if k.revoked_at else None,
-        }
-        for k in keys
-    ]
     if args.json:
-        _print_json(records)
+        _print_json([key_record(k, names.get(k.account_id)) for k in keys])
         return 0
     _table(
         ["id", "prefix", "account", "created", "expires", "revoked", "models"],
         [
             (
-                r["id"],
-                r["prefix"] + "...",
-                r["account"],
-                r["created_at"],
-                r["expires_at"],
-                r["revoked_at"],
-                "all" if r["models"] is None else (r["models"] or "none"),  # [] allows no model
+                k.id,
+                k.display_prefix + "...",
+                names.get(k.account_id, str(k.account_id)),
+                _when(k.created_at),
+                _when(k.expires_at),
+                _when(k.revoked_at),
+                "all" if k.allowed_models is None else (",".join(k.allowed_models) or "none"),  # []: none
             )
-            for r in records
+            for k in keys
         ],
     )
     return 0
@@ -297,10 +248,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 @_verb
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    check.key_id(args.key_id)
     with _database(args) as db:
         info = revoke_key(db, args.key_id)
+        names = _account_names(db)
     if args.json:
-        _print_json({"id": info.id, "revoked_at": _when(info.revoked_at)})
+        _print_json(key_record(info, names.get(info.account_id)))
     else:
         print(f"Revoked API key {info.id} ({info.display_prefix}...) at {_when(info.revoked_at)}")
     return 0
@@ -309,20 +262,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- credits
 
 
-def _balance_record(db: Database, account: str) -> dict[str, str]:
-    b = balance(db, account)
-    return {
-        "account": account,
-        "credit_usd": format_usd(b.credit_micros),
-        "held_usd": format_usd(b.held_micros),
-        "overdraft_usd": format_usd(b.overdraft_micros),
-        "available_usd": format_usd(b.available_micros),
-    }
+def _balance_record(db: Database, account: str) -> dict[str, Any]:
+    return balance_record(account, balance(db, account))
 
 
 def _credit_done(args: argparse.Namespace, what: str, entry_id: int, micros: int, record: dict) -> int:
     if args.json:
-        _print_json({"ledger_entry_id": entry_id, "kind": what, "amount_usd": format_usd(micros), **record})
+        _print_json(credit_record(entry_id, what, micros, record))
     else:
         print(
             f"{what.replace('_', '-').capitalize()} of ${format_usd(micros)} to {args.account} "
@@ -333,8 +279,10 @@ def _credit_done(args: argparse.Namespace, what: str, entry_id: int, micros: int
 
 @_verb
 def cmd_credits_grant(args: argparse.Namespace) -> int:
-    micros = _amount(args.amount_usd, "amount_usd")
-    valid_for = _positive_days(args.expires_in_days)
+    check_account_name(args.account, "account")
+    micros = credit_to_micros(args.amount_usd, "amount_usd")
+    valid_for = check.expires_in_days(_whole(args.expires_in_days, "expires_in_days"))
+    check.note(args.note)
     with _database(args) as db:
         expires = utcnow() + valid_for if valid_for is not None else None
         entry = grant(db, args.account, micros, expires_at=expires, note=args.note)
@@ -344,7 +292,9 @@ def cmd_credits_grant(args: argparse.Namespace) -> int:
 
 @_verb
 def cmd_credits_top_up(args: argparse.Namespace) -> int:
-    micros = _amount(args.amount_usd, "amount_usd")
+    check_account_name(args.account, "account")
+    micros = credit_to_micros(args.amount_usd, "amount_usd")
+    check.note(args.note)
     with _database(args) as db:
         entry = top_up(db, args.account, micros, note=args.note)
         record = _balance_record(db, args.account)
@@ -353,6 +303,7 @@ def cmd_credits_top_up(args: argparse.Namespace) -> int:
 
 @_verb
 def cmd_credits_balance(args: argparse.Namespace) -> int:
+    check_account_name(args.account, "account")
     with _database(args) as db:
         record = _balance_record(db, args.account)
     if args.json:
@@ -367,17 +318,6 @@ def cmd_credits_balance(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- prices
 
 
-def _price_record(p) -> dict[str, object]:
-    return {
-        "id": p.id,
-        "model": p.model,
-        "input_usd_per_1m": format_usd(p.input_micros_per_m),
-        "cached_input_usd_per_1m": format_usd(p.cached_input_micros_per_m),
-        "output_usd_per_1m": format_usd(p.output_micros_per_m),
-        "effective_from": _when(p.effective_from),
-    }
-
-
 @_verb
 def cmd_prices_set(args: argparse.Namespace) -> int:
     # A plug-in (llmaas bench's --from-cost) may fill the three prices from elsewhere first.
@@ -389,9 +329,10 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
         hint = " (or all prices from a bench result: --from-cost)" if fill_prices is not None else ""
         raise InvalidRequestError(f"give --{missing[0].replace('_', '-')}{hint}", missing[0])
     # Check all three before opening the database (set_price checks them too, before writing).
+    check.model_name(args.model)
     for value, param in ((args.input, "input"), (args.cached_input, "cached_input"), (args.output, "output")):
-        usd_to_micros(value, param)
-    effective_from = _parse_time(args.effective_from, "effective_from")
+        price_micros(value, param)
+    effective_from = check.parse_time(args.effective_from, "effective_from")
     with _database(args) as db:
         price = set_price(
             db,
@@ -401,12 +342,12 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
             output_usd=args.output,
             effective_from=effective_from,
         )
-    record = _price_record(price)
+    record = price_record(price)
     if args.json:
         _print_json(record)
     else:
         print(
-            f"Price {price.id} for {price.model} from {record['effective_from']}, USD per 1M tokens: "
+            f"Price {price.id} for {price.model} from {_when(price.effective_from)}, USD per 1M tokens: "
             f"input {record['input_usd_per_1m']}, cached input {record['cached_input_usd_per_1m']}, "
             f"output {record['output_usd_per_1m']}"
         )
@@ -415,8 +356,10 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
 
 @_verb
 def cmd_prices_list(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        check.model_name(args.model)
     with _database(args) as db:
-        records = [_price_record(p) for p in list_prices(db, args.model)]
+        records = [price_record(p) for p in list_prices(db, args.model)]
     if args.json:
         _print_json(records)
         return 0
@@ -438,7 +381,7 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
 def _group_by(text: str | None) -> list[str]:
     if not text:
         return []
-    groups = [g.strip() for g in text.split(",")]
+    groups = check.distinct([g.strip() for g in text.split(",", check.MAX_FILTER_VALUES)], "group_by")
     unknown = [g for g in groups if g not in GROUP_BY]
     if unknown:
         raise InvalidRequestError(
@@ -454,10 +397,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.bucket not in BUCKET_MINUTES:
         raise InvalidRequestError(f"'bucket' must be one of {', '.join(BUCKET_MINUTES)}", param="bucket")
     groups = _group_by(args.group_by)
+    if args.account is not None:
+        check_account_name(args.account, "account")
     # The report works in whole seconds and `end` is exclusive: by default take the next whole second,
     # so a request that finished a moment ago is in.
-    end = _parse_time(args.end, "end") or utcnow().replace(microsecond=0) + timedelta(seconds=1)
-    start = _parse_time(args.start, "start") or end - DEFAULT_LOOKBACK[args.bucket]
+    end = check.parse_time(args.end, "end") or utcnow().replace(microsecond=0) + timedelta(seconds=1)
+    start = check.parse_time(args.start, "start") or end - DEFAULT_LOOKBACK[args.bucket]
     if end <= start:
         raise InvalidRequestError("'end' must be after 'start'", param="end")
     with _database(args) as db:
@@ -582,9 +527,23 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.Argu
     kk = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = _leaf(kk, "create", "create an API key: its secret is printed once", cmd_keys_create, common)
     p.add_argument("--account", required=True, help="account name")
-    p.add_argument("--expires-in-days", type=_int, default=None, help="default: never expires")
+    p.add_argument(
+        "--expires-in-days",
+        default=None,
+        help=f"1 to {check.MAX_EXPIRES_IN_DAYS} (default: never expires)",
+    )
     p.add_argument("--models", default=None, help="comma-separated allow-list (default: every model)")
     p.add_argument("--name", default=None, help="a label for the key")
+    p.add_argument(
+        "--requests-per-minute",
+        default=None,
+        help=f"this key's own limit, 1 to {check.MAX_REQUESTS_PER_MINUTE:,} (default: the plan's)",
+    )
+    p.add_argument(
+        "--tokens-per-minute",
+        default=None,
+        help=f"this key's own limit, 1 to {check.MAX_TOKENS_PER_MINUTE:,} (default: the plan's)",
+    )
     p = _leaf(kk, "list", "list API keys (never their secrets)", cmd_keys_list, common)
     p.add_argument("--account", default=None, help="only this account's keys")
     p = _leaf(kk, "revoke", "revoke an API key at once", cmd_keys_revoke, common)
@@ -595,7 +554,9 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p = _leaf(cc, "grant", "grant free credit, optionally expiring", cmd_credits_grant, common)
     p.add_argument("account")
     p.add_argument("amount_usd", help="USD, exact to the micro-dollar, e.g. 10.00")
-    p.add_argument("--expires-in-days", type=_int, default=None, help="default: never expires")
+    p.add_argument(
+        "--expires-in-days", default=None, help=f"1 to {check.MAX_EXPIRES_IN_DAYS} (default: never expires)"
+    )
     p.add_argument("--note", default=None)
     p = _leaf(cc, "top-up", "add paid credit (never expires)", cmd_credits_top_up, common)
     p.add_argument("account")

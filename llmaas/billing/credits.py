@@ -35,7 +35,7 @@ from llmaas.billing.errors import (
     NotFoundError,
     PriceNotSetError,
 )
-from llmaas.billing.money import format_usd
+from llmaas.billing.money import check_credit_fits, format_usd
 from llmaas.billing.prices import (
     PriceVersion,
     cost_micros,
@@ -158,6 +158,7 @@ def _add_credit(
         raise InvalidRequestError("'amount' must be a positive number of micro-USD", param="amount")
     with db.write() as session:
         row = find_account(session, account, lock=True)
+        check_credit_fits(_balance(session, row, utcnow()).credit_micros, amount_micros)  # money.py bounds
         paid = min(amount_micros, row.overdraft_micros)  # an overdraft is paid first
         row.overdraft_micros -= paid
         entry = LedgerEntry(

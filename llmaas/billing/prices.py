@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session
 
 from llmaas.billing.db import Database
 from llmaas.billing.errors import PriceNotSetError
-from llmaas.billing.money import TOKENS_PER_PRICE_UNIT, round_half_up_div, usd_to_micros
+from llmaas.billing.money import (
+    MAX_PRICE_MICROS_PER_M,
+    TOKENS_PER_PRICE_UNIT,
+    round_half_up_div,
+    usd_to_micros,
+)
+from llmaas.billing.operator_input import model_name, time_in_window
 from llmaas.billing.schema import Price, utcnow
 from llmaas.errors import InvalidRequestError
 
@@ -47,6 +53,11 @@ def _version(row: Price) -> PriceVersion:
     )
 
 
+def price_micros(usd: str | Decimal, param: str) -> int:
+    """A price in USD per 1M tokens as micro-USD per 1M tokens, within MAX_PRICE_MICROS_PER_M."""
+    return usd_to_micros(usd, param, maximum=MAX_PRICE_MICROS_PER_M)
+
+
 def set_price(
     db: Database,
     model: str,
@@ -56,15 +67,17 @@ def set_price(
     output_usd: str | Decimal,
     effective_from: datetime | None = None,
 ) -> PriceVersion:
-    """A new price version for `model`, in USD per 1M tokens (decimal strings or Decimal, not floats)."""
-    if not isinstance(model, str) or not model or len(model) > 128:
-        raise InvalidRequestError("'model' must be a model name", param="model")
+    """A new price version for `model`, in USD per 1M tokens (decimal strings or Decimal, not floats).
+
+    Each price is at most MAX_PRICE_MICROS_PER_M; `effective_from` (naive = UTC) lies in the window of
+    operator_input.time_in_window."""
+    model_name(model)
     row = Price(
         model=model,
-        input_micros_per_m=usd_to_micros(input_usd, "input"),
-        cached_input_micros_per_m=usd_to_micros(cached_input_usd, "cached_input"),
-        output_micros_per_m=usd_to_micros(output_usd, "output"),
-        effective_from=effective_from or utcnow(),
+        input_micros_per_m=price_micros(input_usd, "input"),
+        cached_input_micros_per_m=price_micros(cached_input_usd, "cached_input"),
+        output_micros_per_m=price_micros(output_usd, "output"),
+        effective_from=time_in_window(effective_from, "effective_from") if effective_from else utcnow(),
         created_at=utcnow(),
     )
     try:

@@ -11,21 +11,18 @@ narrow it). group_by: model, api_key_id, project_id (= our account).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from llmaas.billing import (
     AuthenticationError,
     balance,
     create_account,
     create_key,
-    format_usd,
     grant,
     list_accounts,
     list_keys,
@@ -35,9 +32,21 @@ from llmaas.billing import (
     set_price,
     top_up,
     usage_report,
-    usd_to_micros,
+)
+from llmaas.billing import operator_input as check
+from llmaas.billing.accounts import check_account_name
+from llmaas.billing.money import credit_to_micros
+from llmaas.billing.plans import get_plan
+from llmaas.billing.prices import price_micros
+from llmaas.billing.records import (
+    account_record,
+    balance_record,
+    credit_record,
+    key_record,
+    price_record,
 )
 from llmaas.billing.schema import utcnow
+from llmaas.billing.usage_report import BUCKET_MINUTES
 from llmaas.errors import InvalidRequestError, LlmaasError
 from llmaas.server.billing import PRINCIPAL, ServerBilling, bearer
 from llmaas.server.bootstrap import ADMIN_ACCOUNT, is_admin_key
@@ -64,45 +73,37 @@ async def require_admin(request: Request) -> ServerBilling:
     return billing
 
 
-def _json(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return _json(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {k: _json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
+def _plan(name: object) -> str:
+    return get_plan(check.plan_name(name)).name
 
 
-def _usd(micros: int) -> str:
-    return format_usd(micros)
-
-
-def _days(days: int | None, param: str) -> timedelta | None:
-    if days is None:
-        return None
-    if days <= 0:
-        raise InvalidRequestError(f"'{param}' must be a positive number of days", param=param)
-    return timedelta(days=days)
+def _account_names(db) -> dict[int, str]:
+    return {a.id: a.name for a in list_accounts(db)}
 
 
 Admin = Annotated[ServerBilling, Depends(require_admin)]
 admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])  # no route without it
 
+# Bodies: pydantic checks the JSON types; every value's bound is checked by billing.operator_input and
+# billing.money (the same checks as the CLI's), before any database work. An unknown field is a 400:
+# a misspelt "expires_in_day" must not quietly create a key that never expires.
 
-class AccountCreate(BaseModel):
+
+class AdminBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AccountCreate(AdminBody):
     name: str
     plan: str = "free"
     free_grant: bool = True
 
 
-class PlanChange(BaseModel):
+class PlanChange(AdminBody):
     plan: str
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(AdminBody):
     account: str
     name: str | None = None
     expires_in_days: int | None = None
@@ -111,72 +112,76 @@ class KeyCreate(BaseModel):
     tokens_per_minute: int | None = None
 
 
-class Credit(BaseModel):
+class Credit(AdminBody):
     amount_usd: str
     expires_in_days: int | None = None  # grants only
     note: str | None = None
 
 
-class PriceSet(BaseModel):
+class PriceSet(AdminBody):
     model: str
     input: str
     cached_input: str
     output: str
-    effective_from: datetime | None = None
+    effective_from: str | None = None  # ISO 8601; without a zone it is UTC (operator_input.parse_time)
 
 
-def _balance_record(db, account: str) -> dict[str, str]:
-    b = balance(db, account)
-    return {
-        "account": account,
-        "credit_usd": _usd(b.credit_micros),
-        "held_usd": _usd(b.held_micros),
-        "overdraft_usd": _usd(b.overdraft_micros),
-        "available_usd": _usd(b.available_micros),
-    }
-
-
-def _price_record(p) -> dict[str, object]:
-    return {
-        "id": p.id,
-        "model": p.model,
-        "input_usd_per_1m": _usd(p.input_micros_per_m),
-        "cached_input_usd_per_1m": _usd(p.cached_input_micros_per_m),
-        "output_usd_per_1m": _usd(p.output_micros_per_m),
-        "effective_from": p.effective_from.isoformat(),
-    }
+def _balance_record(db, account: str) -> dict[str, Any]:
+    return balance_record(account, balance(db, account))
 
 
 @admin.get("/accounts")
 async def admin_list_accounts(billing: Admin) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": _json(await asyncio.to_thread(list_accounts, billing.db))})
+    def run():
+        return [
+            account_record(a, balance(billing.db, a.id).available_micros) for a in list_accounts(billing.db)
+        ]
+
+    return JSONResponse({"object": "list", "data": await asyncio.to_thread(run)})
 
 
 @admin.post("/accounts")
 async def admin_create_account(body: AccountCreate, billing: Admin):
+    check_account_name(body.name)
+    _plan(body.plan)
+
     def run():
         kwargs = {} if body.free_grant else {"free_grant": None}
-        return create_account(billing.db, body.name, plan=body.plan, **kwargs)
+        info = create_account(billing.db, body.name, plan=body.plan, **kwargs)
+        return account_record(info, balance(billing.db, info.id).available_micros)
 
-    return JSONResponse(_json(await asyncio.to_thread(run)), status_code=201)
+    return JSONResponse(await asyncio.to_thread(run), status_code=201)
 
 
 @admin.post("/accounts/{name}/plan")
 async def admin_set_plan(name: str, body: PlanChange, billing: Admin):
+    check_account_name(name, "account")
+    _plan(body.plan)
     info = await asyncio.to_thread(set_plan, billing.db, name, body.plan)
     billing.keys.forget(account_id=info.id)  # this process applies the new plan at once
-    return JSONResponse(_json(info))
+    return JSONResponse(account_record(info))
 
 
 @admin.get("/keys")
 async def admin_list_keys(billing: Admin, account: str | None = None):
-    keys = await asyncio.to_thread(list_keys, billing.db, account)
-    return JSONResponse({"object": "list", "data": _json(keys)})
+    if account is not None:
+        check_account_name(account, "account")
+
+    def run():
+        names = _account_names(billing.db)
+        return [key_record(k, names.get(k.account_id)) for k in list_keys(billing.db, account)]
+
+    return JSONResponse({"object": "list", "data": await asyncio.to_thread(run)})
 
 
 @admin.post("/keys")
 async def admin_create_key(body: KeyCreate, billing: Admin):
-    valid_for = _days(body.expires_in_days, "expires_in_days")
+    check_account_name(body.account, "account")
+    check.text(body.name, "name", required=False)
+    valid_for = check.expires_in_days(body.expires_in_days)
+    models = check.model_list(body.models)
+    rpm = check.requests_per_minute(body.requests_per_minute)
+    tpm = check.tokens_per_minute(body.tokens_per_minute)
 
     def run():
         return create_key(
@@ -184,63 +189,82 @@ async def admin_create_key(body: KeyCreate, billing: Admin):
             body.account,
             name=body.name,
             expires_at=utcnow() + valid_for if valid_for else None,
-            allowed_models=body.models,
-            requests_per_minute=body.requests_per_minute,
-            tokens_per_minute=body.tokens_per_minute,
+            allowed_models=models,
+            requests_per_minute=rpm,
+            tokens_per_minute=tpm,
         )
 
     new = await asyncio.to_thread(run)
-    return JSONResponse({**_json(new.info), "secret": new.secret}, status_code=201)  # shown once
+    record = {**key_record(new.info, body.account), "secret": new.secret}  # shown once
+    return JSONResponse(record, status_code=201)
 
 
 @admin.post("/keys/{key_id}/revoke")
 async def admin_revoke_key(key_id: str, billing: Admin):
-    info = await asyncio.to_thread(revoke_key, billing.db, key_id)
+    check.key_id(key_id)
+
+    def run():
+        info = revoke_key(billing.db, key_id)
+        return key_record(info, _account_names(billing.db).get(info.account_id))
+
+    record = await asyncio.to_thread(run)
     billing.keys.forget(key_id=key_id)  # other replicas: their next hold re-checks the key
-    return JSONResponse(_json(info))
+    return JSONResponse(record)
 
 
 @admin.get("/credits/{account}")
 async def admin_balance(account: str, billing: Admin):
+    check_account_name(account, "account")
     return JSONResponse(await asyncio.to_thread(_balance_record, billing.db, account))
 
 
 @admin.post("/credits/{account}/grant")
 async def admin_grant(account: str, body: Credit, billing: Admin):
-    micros = usd_to_micros(body.amount_usd, "amount_usd")
-    valid_for = _days(body.expires_in_days, "expires_in_days")
+    check_account_name(account, "account")
+    micros = credit_to_micros(body.amount_usd)
+    valid_for = check.expires_in_days(body.expires_in_days)
+    check.note(body.note)
 
     def run():
         expires = utcnow() + valid_for if valid_for else None
         entry = grant(billing.db, account, micros, expires_at=expires, note=body.note)
-        return {"ledger_entry_id": entry, "kind": "grant", "amount_usd": _usd(micros)} | _balance_record(
-            billing.db, account
-        )
+        return credit_record(entry, "grant", micros, _balance_record(billing.db, account))
 
     return JSONResponse(await asyncio.to_thread(run), status_code=201)
 
 
 @admin.post("/credits/{account}/top-up")
 async def admin_top_up(account: str, body: Credit, billing: Admin):
-    micros = usd_to_micros(body.amount_usd, "amount_usd")
+    check_account_name(account, "account")
+    micros = credit_to_micros(body.amount_usd)
+    if body.expires_in_days is not None:
+        raise InvalidRequestError(
+            "a top-up never expires: 'expires_in_days' is for grants", "expires_in_days"
+        )
+    check.note(body.note)
 
     def run():
         entry = top_up(billing.db, account, micros, note=body.note)
-        return {"ledger_entry_id": entry, "kind": "top_up", "amount_usd": _usd(micros)} | _balance_record(
-            billing.db, account
-        )
+        return credit_record(entry, "top_up", micros, _balance_record(billing.db, account))
 
     return JSONResponse(await asyncio.to_thread(run), status_code=201)
 
 
 @admin.get("/prices")
 async def admin_list_prices(billing: Admin, model: str | None = None):
+    if model is not None:
+        check.model_name(model)
     prices = await asyncio.to_thread(list_prices, billing.db, model)
-    return JSONResponse({"object": "list", "data": [_price_record(p) for p in prices]})
+    return JSONResponse({"object": "list", "data": [price_record(p) for p in prices]})
 
 
 @admin.post("/prices")
 async def admin_set_price(body: PriceSet, billing: Admin):
+    check.model_name(body.model)
+    for value, param in ((body.input, "input"), (body.cached_input, "cached_input"), (body.output, "output")):
+        price_micros(value, param)
+    effective_from = check.parse_time(body.effective_from, "effective_from")
+
     def run():
         return set_price(
             billing.db,
@@ -248,10 +272,10 @@ async def admin_set_price(body: PriceSet, billing: Admin):
             input_usd=body.input,
             cached_input_usd=body.cached_input,
             output_usd=body.output,
-            effective_from=body.effective_from,
+            effective_from=effective_from,
         )
 
-    return JSONResponse(_price_record(await asyncio.to_thread(run)), status_code=201)
+    return JSONResponse(price_record(await asyncio.to_thread(run)), status_code=201)
 
 
 # ------------------------------------------------------------ organization usage (OpenAI's shape)
@@ -260,54 +284,80 @@ organization = APIRouter(prefix="/v1/organization")
 _GROUPS = {"model": "model", "line_item": "model", "api_key_id": "api_key_id", "project_id": "account"}
 
 
+# The most buckets one page may hold (`limit`), per width: OpenAI's own maxima.
+MAX_PAGE_BUCKETS = {"1m": 1440, "1h": 168, "1d": 31}
+_MAX_QUERY_VALUES = 20  # repeated group_by / project_ids parameters
+
+
+def _query_list(request: Request, names: tuple[str, ...], param: str) -> list[str]:
+    """Comma-separated values, also repeated (`a,b` or `x=a&x=b`), bounded and without repeats."""
+    values = [v for name in names for v in request.query_params.getlist(name)]
+    if len(values) > _MAX_QUERY_VALUES:
+        raise InvalidRequestError(f"'{param}' is repeated more than {_MAX_QUERY_VALUES} times", param=param)
+    items = [item for value in values for item in value.split(",", check.MAX_FILTER_VALUES) if item]
+    return check.distinct(items, param)
+
+
 def _report_args(request: Request) -> dict[str, Any]:
+    """The report's query parameters, each bounded (operator_input), before any database work."""
     q = request.query_params
-    try:
-        start = int(q["start_time"])
-        end = int(q["end_time"]) if "end_time" in q else None
-    except KeyError:
-        raise InvalidRequestError("Missing required parameter: 'start_time'.", param="start_time") from None
-    except ValueError:
+    if "start_time" not in q:
+        raise InvalidRequestError("Missing required parameter: 'start_time'.", param="start_time")
+    start = check.epoch_seconds(q["start_time"], "start_time")
+    end = check.epoch_seconds(q["end_time"], "end_time") if "end_time" in q else None
+    width = q.get("bucket_width", "1d")
+    if width not in BUCKET_MINUTES:
         raise InvalidRequestError(
-            "'start_time' and 'end_time' are epoch seconds", param="start_time"
-        ) from None
-    groups = [g for value in q.getlist("group_by") + q.getlist("group_by[]") for g in value.split(",") if g]
+            f"'bucket_width' must be one of {', '.join(BUCKET_MINUTES)}", "bucket_width"
+        )
+    limit = None
+    if "limit" in q:
+        limit = check.whole_number(
+            check.whole_number_text(q["limit"], "limit"), "limit", 1, MAX_PAGE_BUCKETS[width]
+        )
+    if "page" in q:  # our cursor: the start of the next bucket, as next_page gave it
+        start = max(start, check.epoch_seconds(q["page"], "page"))
+    groups = _query_list(request, ("group_by", "group_by[]"), "group_by")
     unknown = [g for g in groups if g not in _GROUPS]
     if unknown:
         raise InvalidRequestError(f"'group_by' takes {', '.join(_GROUPS)}", param="group_by")
+    projects = _query_list(request, ("project_ids", "project_ids[]"), "project_ids")
+    for project in projects:
+        check_account_name(project, "project_ids")
     return {
         "start_time": start,
         "end_time": end,
-        "bucket_width": q.get("bucket_width", "1d"),
-        "group_by": [_GROUPS[g] for g in groups],
-        "projects": [p for value in q.getlist("project_ids") for p in value.split(",") if p],
+        "bucket_width": width,
+        "group_by": list(dict.fromkeys(_GROUPS[g] for g in groups)),
+        "projects": projects,
+        "limit": limit,
     }
 
 
-def _scoped_report(request: Request, args: dict[str, Any]) -> list:
-    """Runs in a thread. The admin key sees every account; any other key only its own."""
+def _scoped_report(request: Request, args: dict[str, Any]) -> tuple[list, int | None]:
+    """Runs in a thread. The admin key sees every account; any other key only its own.
+
+    Returns the buckets of this page and the cursor of the next page (None when this is the last)."""
     billing = _billing(request)
     principal = request.scope.get(PRINCIPAL)
     projects = args.pop("projects")
+    limit = args.pop("limit")
+    end = args["end_time"] if args["end_time"] is not None else int(utcnow().timestamp())
+    next_page = None
+    if limit is not None:
+        width = BUCKET_MINUTES[args["bucket_width"]] * 60
+        page_end = args["start_time"] // width * width + limit * width
+        if page_end < end:
+            end, next_page = page_end, page_end
+    args["end_time"] = end
     if principal is not None and principal.account_name == ADMIN_ACCOUNT:
-        accounts = projects or [None]
+        scope = {"accounts": projects} if projects else {}
     else:
-        own = principal.account_id if principal is not None else billing._account_id(None)
-        accounts = [own]
-    buckets = [usage_report(billing.db, account=a, **args) for a in accounts]
-    if len(buckets) == 1:
-        return buckets[0]
-    merged = buckets[0]
-    for other in buckets[1:]:
-        merged = [dataclasses.replace(b, results=b.results + o.results) for b, o in zip(merged, other)]
-    return merged
+        scope = {"account": principal.account_id if principal is not None else billing._account_id(None)}
+    return usage_report(billing.db, **args, **scope), next_page
 
 
-def _page(data: list) -> dict[str, Any]:
-    return {"object": "page", "data": data, "has_more": False, "next_page": None}
-
-
-def _bucket_page(buckets, result) -> dict[str, Any]:
+def _bucket_page(buckets, next_page: int | None, result) -> dict[str, Any]:
     """OpenAI's page of time buckets, each row of a bucket shaped by `result`."""
     data = [
         {
@@ -318,14 +368,19 @@ def _bucket_page(buckets, result) -> dict[str, Any]:
         }
         for b in buckets
     ]
-    return _page(data)
+    return {
+        "object": "page",
+        "data": data,
+        "has_more": next_page is not None,
+        "next_page": str(next_page) if next_page is not None else None,
+    }
 
 
 @organization.get("/usage/completions")
 async def usage_completions(request: Request) -> JSONResponse:
     args = _report_args(request)
     grouped = set(args["group_by"])
-    buckets = await asyncio.to_thread(_scoped_report, request, args)
+    buckets, next_page = await asyncio.to_thread(_scoped_report, request, args)
 
     def result(row) -> dict[str, Any]:
         return {
@@ -343,14 +398,14 @@ async def usage_completions(request: Request) -> JSONResponse:
             "batch": None,
         }
 
-    return JSONResponse(_bucket_page(buckets, result))
+    return JSONResponse(_bucket_page(buckets, next_page, result))
 
 
 @organization.get("/costs")
 async def costs(request: Request) -> JSONResponse:
     args = _report_args(request)
     grouped = set(args["group_by"])
-    buckets = await asyncio.to_thread(_scoped_report, request, args)
+    buckets, next_page = await asyncio.to_thread(_scoped_report, request, args)
 
     def result(row) -> dict[str, Any]:
         return {
@@ -361,7 +416,7 @@ async def costs(request: Request) -> JSONResponse:
             "api_key_id": row.api_key_id if "api_key_id" in grouped else None,
         }
 
-    return JSONResponse(_bucket_page(buckets, result))
+    return JSONResponse(_bucket_page(buckets, next_page, result))
 
 
 __all__ = ["admin", "organization"]

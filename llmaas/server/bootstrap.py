@@ -48,7 +48,7 @@ def ensure_admin_key(db: Database, env_key: str | None) -> str | None:
     """The admin key's secret when it was created now (to print once), else None."""
     if not _account_exists(db, ADMIN_ACCOUNT):
         try:
-            create_account(db, ADMIN_ACCOUNT, plan="free", free_grant=None)
+            create_account(db, ADMIN_ACCOUNT, plan="free", free_grant=None, reserved=True)
         except InvalidRequestError:  # a replica starting at the same time created it
             pass
     with db.write() as session:
