@@ -148,7 +148,9 @@ def add_holds_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_holds_list)
     p.add_argument("--account", default=None, help="only this account's holds")
     p.add_argument("--all", action="store_true", help="also settled and released holds")
-    p.add_argument("--limit", type=_int, default=100, help=f"at most this many, newest first (1-{MAX_LISTED})")
+    p.add_argument(
+        "--limit", type=_int, default=100, help=f"at most this many, newest first (1-{MAX_LISTED})"
+    )
     p = hh.add_parser(
         "release",
         help="close an open hold now (billed at its last progress checkpoint, else released)",
