@@ -338,3 +338,79 @@ def test_holds_cli_lists_and_releases(db, cli):
         from llmaas.billing.holds import close_hold_by_operator
 
         close_hold_by_operator(db, "req-3")
+
+
+# ------------------------------------------------------------------ the server's checkpointer
+
+
+class _Run:
+    def __init__(self):
+        self.prompt_tokens, self.cached_tokens, self.completion_tokens = 10, 2, 0
+
+
+def test_checkpoints_every_interval_with_at_most_one_write_in_flight():
+    import asyncio
+
+    from llmaas.server.progress import ProgressCheckpoint, ProgressPolicy
+
+    async def scenario() -> list[tuple]:
+        clock = [0.0]
+        writes: list[tuple] = []
+        release = threading.Event()
+
+        def write(request_id: str, prompt: int, cached: int, completion: int) -> bool:
+            release.wait(5)  # a slow database
+            writes.append((request_id, prompt, cached, completion))
+            return True
+
+        checkpoint = ProgressCheckpoint(
+            write, "r1", ProgressPolicy(every_s=5, every_tokens=100), lambda: clock[0]
+        )
+        run = _Run()
+        for tokens in range(1, 100):  # under both intervals: nothing
+            run.completion_tokens = tokens
+            checkpoint(run)
+        clock[0] = 5.0
+        checkpoint(run)  # 5 s passed: one write of 99 tokens
+        for tokens in range(100, 400):  # while it is in flight, nothing else starts
+            run.completion_tokens = tokens
+            checkpoint(run)
+        release.set()
+        while checkpoint.writes < 1:
+            await asyncio.sleep(0.01)
+        run.completion_tokens = 450
+        checkpoint(run)  # 351 tokens since the last: due by count
+        while checkpoint.writes < 2:
+            await asyncio.sleep(0.01)
+        checkpoint.close()
+        run.completion_tokens = 900
+        clock[0] = 100.0
+        checkpoint(run)  # closed: nothing
+        await asyncio.sleep(0.05)
+        return writes
+
+    assert asyncio.run(scenario()) == [("r1", 10, 2, 99), ("r1", 10, 2, 450)]
+
+
+def test_a_failing_checkpoint_never_breaks_the_stream(caplog):
+    import asyncio
+
+    from llmaas.server.progress import ProgressCheckpoint, ProgressPolicy
+
+    async def scenario() -> int:
+        def write(*_args):
+            raise OSError("database unreachable")
+
+        checkpoint = ProgressCheckpoint(write, "r1", ProgressPolicy(every_s=0.05, every_tokens=1))
+        run = _Run()
+        for tokens in range(1, 4):
+            run.completion_tokens = tokens
+            checkpoint(run)
+            await asyncio.sleep(0.05)
+        return checkpoint.writes
+
+    assert asyncio.run(scenario()) == 0
+    assert "database unreachable" in caplog.text
+    for bad in (dict(every_s=0), dict(every_s=float("nan")), dict(every_tokens=0), dict(every_tokens=1.5)):
+        with pytest.raises(InvalidRequestError):
+            ProgressPolicy(**bad)
