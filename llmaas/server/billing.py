@@ -4,6 +4,9 @@ The walk (design.md): bearer -> `verify_key` (BillingMiddleware, every /v1 path)
 `limiter.acquire` + `hold_for_request` (ServerBilling.admit) -> engine, with the plan's priority ->
 `settle` (ServerBilling.finish, through the BillingHook seam, before the last byte / [DONE]) ->
 `usage.cost` in the response. Every database call is synchronous and runs in a worker thread.
+While a request runs, its tokens so far are checkpointed on its hold (`progress_checkpoint`,
+server/progress.py); if this server dies, another replica bills the hold at that checkpoint once this
+instance's lease lapses (server/leases.py, billing/holds.py). Every status is billed for its tokens.
 
 `--no-auth` (auth=False): no key is asked for; everything is billed to the `default` account, with
 no rate limit (a local operator does not rate-limit themself). A model with no price in force is
