@@ -328,6 +328,7 @@ def test_holds_cli_lists_and_releases(db, cli):
         (("holds", "list", "--limit", "0"), "limit"),
         (("holds", "list", "--limit", str(2**64)), "limit"),
         (("holds", "list", "--account", "nobody"), "account"),
+        (("holds", "list", "--account", "a" * 10_000), "account"),
     ):
         status, out, err = cli(*argv)
         assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, argv

@@ -337,6 +337,8 @@ def list_holds(
     now = now or utcnow()
     conditions, params = [], {"limit": _limit(limit)}
     if account is not None:
+        if not isinstance(account, str) or not 0 < len(account) <= MAX_ID_CHARS:
+            raise InvalidRequestError(f"'account' must be 1-{MAX_ID_CHARS} characters", param="account")
         conditions.append("a.name = :account")
         params["account"] = account
     if not include_closed:
