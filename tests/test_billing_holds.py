@@ -415,3 +415,19 @@ def test_a_failing_checkpoint_never_breaks_the_stream(caplog):
     for bad in (dict(every_s=0), dict(every_s=float("nan")), dict(every_tokens=0), dict(every_tokens=1.5)):
         with pytest.raises(InvalidRequestError):
             ProgressPolicy(**bad)
+
+
+def test_the_server_bills_a_failed_request_for_its_tokens(db):
+    """Issue 13 item 1: an engine error mid-stream used to settle `failed` at $0."""
+    from llmaas.server.billing import ServerBilling
+    from llmaas.server.usage import RequestUsage
+
+    _account(db, "default")
+    billing = ServerBilling(db, auth=False, owner="replica-a", hold_ttl_s=60)
+    admission = billing.admit(None, "smol", "req-failed", 10, 100)
+    assert admission.hold.expires_at == admission.hold.created_at + timedelta(seconds=60)
+    assert billing.record_progress("req-failed", 10, 0, 3)
+    usage = RequestUsage("req-failed", "smol", "chat.completions", 10, 0, 51, "failed", (None,))
+    settled = billing.finish(admission, usage)
+    assert (settled.status, settled.completion_tokens, settled.cost_micros) == ("failed", 51, 10 + 102)
+    assert balance(db, "default").available_micros == CREDIT - 112
