@@ -85,14 +85,15 @@ class Stream(threading.Thread):
             pass  # the server died under us
 
 
-def stream_until_checkpointed(db, url: str) -> tuple[Stream, tuple[int, int, int]]:
-    """Start a stream and wait until its hold carries a progress checkpoint; returns it still open."""
+def stream_until_checkpointed(db, url: str, tokens: int = 16) -> tuple[Stream, tuple[int, int, int]]:
+    """Start a stream and wait until its hold carries a checkpoint of `tokens` completion tokens or
+    more (several checkpoints); returns it still open."""
     stream = Stream(url)
     stream.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         open_holds = [h for h in list_holds(db) if h.request_id == stream.request_id]
-        if open_holds and open_holds[0].progress_tokens and open_holds[0].progress_tokens[2] > 0:
+        if open_holds and open_holds[0].progress_tokens and open_holds[0].progress_tokens[2] >= tokens:
             return stream, open_holds[0].progress_tokens
         assert not stream.done, "the stream finished before its first checkpoint was seen"
         time.sleep(0.02)
@@ -150,8 +151,13 @@ def test_kill_9_mid_stream_then_restart_under_a_new_id_bills_the_checkpoint(tmp_
         progress = hold.progress_tokens  # the last checkpoint: nothing writes after the kill
         assert balance(db, "default").held_micros == hold.amount_micros > 0
         assert stream.chunks >= 1
+        killed_at = time.monotonic()
         proc, _ = start(model_dir, db_url, "replica-2")  # a new host: another instance id
         wait_closed(db, stream.request_id, within_s=LEASE_S * 2 + 5)
+        print(
+            f"checkpoint {progress}, {stream.chunks} chunks received, "
+            f"closed {time.monotonic() - killed_at:.1f} s after the kill"
+        )
         assert_billed_once_at(db, stream.request_id, progress, _granted(db))
         assert list_holds(db) == []
     finally:
@@ -178,7 +184,10 @@ def test_postgres_one_replica_dies_the_other_sweeps_its_holds(tmp_path, postgres
         stream.join(10)
         (hold,) = [h for h in list_holds(db) if h.request_id == stream.request_id]
         took = wait_closed(db, stream.request_id, within_s=LEASE_S * 2 + 5)
-        assert took <= LEASE_S * 2 + 5
+        print(
+            f"checkpoint {hold.progress_tokens}, {stream.chunks} chunks received, "
+            f"closed {took:.1f} s after the kill"
+        )
         assert_billed_once_at(db, stream.request_id, hold.progress_tokens, _granted(db))
         # The survivor still serves, and bills normally.
         r = httpx.post(
