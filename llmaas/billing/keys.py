@@ -151,9 +151,14 @@ def check_key_status(
     if revoked_at is not None:
         raise AuthenticationError(f"API key {display_prefix}... has been revoked.")
     expires = read_time(expires_at)
-    if expires is not None and expires <= now:
+    if key_expired(expires, now):
         raise AuthenticationError(f"API key {display_prefix}... has expired.")
     return expires
+
+
+def key_expired(expires_at: datetime | None, now: datetime) -> bool:
+    """A key expires at `expires_at` exactly (None: never)."""
+    return expires_at is not None and expires_at <= now
 
 
 @dataclass(frozen=True)

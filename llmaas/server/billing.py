@@ -52,7 +52,7 @@ from llmaas.billing import (
     settle,
 )
 from llmaas.billing.holds import close_owner_holds
-from llmaas.billing.keys import VerifiedKey, check_key, hash_key
+from llmaas.billing.keys import VerifiedKey, check_key, hash_key, key_expired
 from llmaas.billing.schema import utcnow
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
@@ -113,9 +113,7 @@ class KeyCache:
         if entry is None:
             return None
         verified, fresh_until = entry
-        if self._clock() >= fresh_until or (
-            verified.expires_at is not None and verified.expires_at <= utcnow()
-        ):
+        if self._clock() >= fresh_until or key_expired(verified.expires_at, utcnow()):
             with self._lock:
                 self._entries.pop(key_hash, None)
             return None
