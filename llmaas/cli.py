@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_from_cost_args(add_billing_parsers(sub))  # `prices set --from-cost`: bench fills billing's prices
 
+    from llmaas.billing.cli_holds import add_holds_parser
+
+    add_holds_parser(sub)
+
     from llmaas.distill.cli import add_distill_parsers
 
     add_distill_parsers(sub)

@@ -138,14 +138,17 @@ def test_request_is_billed_at_the_price_in_force_at_admission(db):
     assert usage.price_id == old.id and usage.cost_micros == 1000
 
 
-def test_cancelled_is_billed_and_failed_is_free(db):
+def test_cancelled_and_failed_are_billed_for_their_tokens(db):
+    """A request that failed mid-stream was delivered its tokens: never $0 (issue 13, item 1)."""
     account, _ = _setup(db, 10_000)
     hold_for_request(db, "gone", account.id, "smol", 100, 100)
     hold_for_request(db, "broke", account.id, "smol", 100, 100)
     assert settle(db, "gone", 100, 0, 7, status="cancelled").cost_micros == 114
     failed = settle(db, "broke", 100, 0, 7, status="failed")
-    assert (failed.cost_micros, failed.completion_tokens) == (0, 7)
-    assert balance(db, "acme").available_micros == 10_000 - 114
+    assert (failed.cost_micros, failed.completion_tokens, failed.status) == (114, 7, "failed")
+    assert get_usage(db, "broke").cost_micros == 114
+    assert balance(db, "acme").available_micros == 10_000 - 2 * 114
+    _ledger_consistent(db, account.id)
 
 
 def test_charges_draw_expiring_grants_first(db):

@@ -8,7 +8,11 @@ A library with no HTTP and no torch; the server calls it around every request:
     hold = hold_for_request(db, request_id, who.account_id, model, prompt_tokens, max_tokens,
                             key_id=who.key_id)                # 429 insufficient_quota
     ... engine runs, with priority=who.priority ...
+    record_progress(db, request_id, prompt_tokens, cached_tokens, tokens_so_far)  # every few seconds
     usage = settle(db, request_id, prompt_tokens, cached_tokens, completion_tokens, status="completed")
+
+Holds expire (holds.py): each server instance renews a lease (`renew_lease`), and any replica's
+`sweep_expired_holds` settles the holds of dead instances at their last checkpoint (or releases them).
     limiter.adjust(who.key_id, ..., actual_tokens - estimated_tokens)
 
 See docs/billing.md.
@@ -26,7 +30,6 @@ from llmaas.billing.credits import (
     open_holds,
     place_hold,
     release,
-    release_stale_holds,
     settle,
     top_up,
 )
@@ -39,6 +42,17 @@ from llmaas.billing.errors import (
     NotFoundError,
     PriceNotSetError,
     RateLimitExceededError,
+)
+from llmaas.billing.holds import (
+    HoldView,
+    SweepResult,
+    close_hold,
+    end_lease,
+    list_holds,
+    record_progress,
+    release_stale_holds,
+    renew_lease,
+    sweep_expired_holds,
 )
 from llmaas.billing.keys import KeyInfo, NewKey, Principal, create_key, list_keys, revoke_key, verify_key
 from llmaas.billing.money import format_usd, micros_to_usd, usd_to_micros
@@ -64,6 +78,7 @@ __all__ = [
     "FreeGrant",
     "HoldInfo",
     "HoldStateError",
+    "HoldView",
     "InProcessRateLimiter",
     "InsufficientQuotaError",
     "KeyInfo",
@@ -77,15 +92,18 @@ __all__ = [
     "RateLimitDecision",
     "RateLimitExceededError",
     "RateLimiter",
+    "SweepResult",
     "UsageBucket",
     "UsageInfo",
     "UsageRow",
     "balance",
+    "close_hold",
     "cost_micros",
     "create_account",
     "create_key",
     "current_price",
     "default_database_url",
+    "end_lease",
     "format_usd",
     "get_account",
     "get_plan",
@@ -93,18 +111,22 @@ __all__ = [
     "grant",
     "hold_for_request",
     "list_accounts",
+    "list_holds",
     "list_keys",
     "list_prices",
     "micros_to_usd",
     "open_database",
     "open_holds",
     "place_hold",
+    "record_progress",
     "release",
     "release_stale_holds",
+    "renew_lease",
     "revoke_key",
     "set_plan",
     "set_price",
     "settle",
+    "sweep_expired_holds",
     "top_up",
     "usage_report",
     "usd_to_micros",

@@ -9,9 +9,14 @@ A request's life: `place_hold` at admission reserves its worst-case cost, refusi
 InsufficientQuotaError when `available` cannot cover it; `settle` at the end charges the exact cost
 at the price version the hold captured, closes the hold (its unused rest is free again), and writes
 the request's one usage record and one ledger charge. Both are unique by request id: settling twice
-returns the first record and charges nothing more. `release` closes a hold without a charge (the
-request never reached the engine); `release_stale_holds` releases holds of requests that died with
-their server.
+returns the first record and charges nothing more. Every status is billed for its tokens: a request
+that failed or was cut short pays for what it was delivered, never $0. `release` closes a hold without
+a charge (the request never reached the engine). Holds of requests that died with their server expire
+(holds.py): settled at their last progress checkpoint, or released when they made none.
+
+Each rule is stated once here: "unexpired credit" (`_unexpired_credit_sql`, used by the balance, the
+hold and the draw), a key's status (keys.check_key_status), the charge (`_charge`, used by settle and
+by the expiry of holds).
 
 Concurrency: every check-then-write runs in one transaction that first locks the account row:
 BEGIN IMMEDIATE on SQLite (db.py), SELECT ... FOR UPDATE on PostgreSQL. Holds for one account are
@@ -21,32 +26,37 @@ therefore serialized, whichever process or replica places them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from llmaas.billing.accounts import find_account
 from llmaas.billing.db import Database
 from llmaas.billing.errors import (
-    AuthenticationError,
     HoldStateError,
     InsufficientQuotaError,
     NotFoundError,
     PriceNotSetError,
 )
+from llmaas.billing.keys import check_key_status
 from llmaas.billing.money import check_credit_fits, format_usd
 from llmaas.billing.prices import (
     PriceVersion,
     cost_micros,
     worst_case_cost_micros,
 )
-from llmaas.billing.schema import Account, Hold, LedgerEntry, UsageRecord, utcnow
+from llmaas.billing.schema import Hold, LedgerEntry, UsageRecord, UtcDateTime, utcnow
 from llmaas.billing.sql import Transaction, read_time, transaction
 from llmaas.errors import InvalidRequestError
 
 CREDIT_KINDS = ("grant", "top_up")
-USAGE_STATUSES = ("completed", "cancelled", "failed")
+# completed; cancelled (the client went away); failed (an error ended it); interrupted (its server died:
+# billed at its last progress checkpoint by whichever replica closed the expired hold, holds.py).
+USAGE_STATUSES = ("completed", "cancelled", "failed", "interrupted")
+DEFAULT_HOLD_TTL_S = 3600.0  # a hold's deadline after admission or its last progress checkpoint
+MAX_HOLD_TTL_S = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class HoldInfo:
     status: str
     created_at: datetime | None = None
     price: PriceVersion | None = None  # the version the hold was priced at (from hold_for_request)
+    expires_at: datetime | None = None  # the deadline (admission or last progress + the hold TTL)
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ def _hold_info(h: Hold) -> HoldInfo:
         h.amount_micros,
         h.status,
         h.created_at,
+        expires_at=h.expires_at,
     )
 
 
@@ -116,34 +128,50 @@ def _usage_info(u: UsageRecord) -> UsageInfo:
     )
 
 
-def _unexpired_credit(account_id: int, now: datetime):
+def _unexpired_credit_sql(alias: str, account: str) -> str:
+    """The one definition of "unexpired credit": a grant or top-up of `account` (an SQL expression)
+    with something left that has not expired at `:now`. The balance, the hold and the draw all use it."""
+    kinds = ", ".join(f"'{kind}'" for kind in CREDIT_KINDS)
     return (
-        LedgerEntry.account_id == account_id,
-        LedgerEntry.kind.in_(CREDIT_KINDS),
-        LedgerEntry.remaining_micros > 0,
-        or_(LedgerEntry.expires_at.is_(None), LedgerEntry.expires_at > now),
+        f"{alias}.account_id = {account} AND {alias}.kind IN ({kinds}) AND {alias}.remaining_micros > 0"
+        f" AND ({alias}.expires_at IS NULL OR {alias}.expires_at > :now)"
     )
 
 
-def _balance(session: Session, account: Account, now: datetime) -> Balance:
-    credit = session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.remaining_micros), 0)).where(
-            *_unexpired_credit(account.id, now)
-        )
-    )
-    held = session.scalar(
-        select(func.coalesce(func.sum(Hold.amount_micros), 0)).where(
-            Hold.account_id == account.id, Hold.status == "open"
-        )
-    )
-    credit, held = int(credit), int(held)
-    overdraft = account.overdraft_micros
+# What `available` is made of, for one account row `a`: used by `balance` and by every hold.
+_ACCOUNT_MONEY = f"""
+SELECT a.id AS account_id, a.overdraft_micros AS overdraft,
+       (SELECT COALESCE(SUM(c.remaining_micros), 0) FROM ledger_entries c
+         WHERE {_unexpired_credit_sql("c", "a.id")}) AS credit,
+       (SELECT COALESCE(SUM(h.amount_micros), 0) FROM holds h
+         WHERE h.account_id = a.id AND h.status = 'open') AS held"""
+
+
+def _balance_of(money: dict[str, Any]) -> Balance:
+    credit, held, overdraft = int(money["credit"]), int(money["held"]), int(money["overdraft"])
     return Balance(credit, held, overdraft, credit - held - overdraft)
 
 
 def balance(db: Database, account: int | str, now: datetime | None = None) -> Balance:
-    with db.read() as session:
-        return _balance(session, find_account(session, account), now or utcnow())
+    column = "id" if isinstance(account, int) else "name"
+    with transaction(db, write=False) as tx:
+        money = tx.named(
+            f"{_ACCOUNT_MONEY}\n  FROM accounts a WHERE a.{column} = :account",
+            account=account,
+            now=tx.time(now or utcnow()),
+        )
+    if money is None:
+        raise NotFoundError(f"No account {account!r}", param="account")
+    return _balance_of(money)
+
+
+def _credit_in_session(session: Session, account_id: int) -> int:
+    """The account's unexpired credit, read in the caller's (ORM) transaction."""
+    query = text(
+        "SELECT COALESCE(SUM(c.remaining_micros), 0) FROM ledger_entries c"
+        f" WHERE {_unexpired_credit_sql('c', ':account_id')}"
+    ).bindparams(bindparam("now", type_=UtcDateTime))
+    return int(session.scalar(query, {"account_id": account_id, "now": utcnow()}))
 
 
 def _add_credit(
@@ -158,7 +186,7 @@ def _add_credit(
         raise InvalidRequestError("'amount' must be a positive number of micro-USD", param="amount")
     with db.write() as session:
         row = find_account(session, account, lock=True)
-        check_credit_fits(_balance(session, row, utcnow()).credit_micros, amount_micros)  # money.py bounds
+        check_credit_fits(_credit_in_session(session, row.id), amount_micros)  # money.py bounds
         paid = min(amount_micros, row.overdraft_micros)  # an overdraft is paid first
         row.overdraft_micros -= paid
         entry = LedgerEntry(
@@ -191,32 +219,41 @@ def top_up(db: Database, account: int | str, amount_micros: int, note: str | Non
     return _add_credit(db, account, "top_up", amount_micros, None, note)
 
 
-_HOLD_FACTS = """
-SELECT a.overdraft_micros,
-       (SELECT COALESCE(SUM(c.remaining_micros), 0) FROM ledger_entries c
-         WHERE c.account_id = a.id AND c.kind IN ('grant', 'top_up') AND c.remaining_micros > 0
-           AND (c.expires_at IS NULL OR c.expires_at > :now)),
-       (SELECT COALESCE(SUM(h.amount_micros), 0) FROM holds h
-         WHERE h.account_id = a.id AND h.status = 'open'),
-       (SELECT COUNT(*) FROM holds d WHERE d.request_id = :request_id),
-       k.display_prefix, k.revoked_at, k.expires_at{price_columns}
+_HOLD_FACTS = (
+    _ACCOUNT_MONEY
+    + """,
+       (SELECT COUNT(*) FROM holds d WHERE d.request_id = :request_id) AS duplicates,
+       k.display_prefix AS key_prefix, k.revoked_at AS key_revoked_at, k.expires_at AS key_expires_at{price}
   FROM accounts a
   LEFT JOIN api_keys k ON k.id = :key_id{price_join}
  WHERE a.id = :account_id
 """
+)
 _PRICE_COLUMNS = """,
-       p.id, p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m, p.effective_from"""
+       p.id AS price_id, p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m,
+       p.effective_from"""
 _PRICE_JOIN = """
   LEFT JOIN (SELECT id, input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from
                FROM prices WHERE model = :model AND effective_from <= :now
               ORDER BY effective_from DESC LIMIT 1) p ON 1 = 1"""
-_FACTS_AT_PRICE = _HOLD_FACTS.format(price_columns="", price_join="")
-_FACTS_PRICE_IN_FORCE = _HOLD_FACTS.format(price_columns=_PRICE_COLUMNS, price_join=_PRICE_JOIN)
+_FACTS_AT_PRICE = _HOLD_FACTS.format(price="", price_join="")
+_FACTS_PRICE_IN_FORCE = _HOLD_FACTS.format(price=_PRICE_COLUMNS, price_join=_PRICE_JOIN)
 _INSERT_HOLD = """
-INSERT INTO holds (request_id, account_id, key_id, model, price_id, amount_micros, status, owner, created_at)
-VALUES (:request_id, :account_id, :key_id, :model, :price_id, :amount, 'open', :owner, :now)
+INSERT INTO holds (request_id, account_id, key_id, model, price_id, amount_micros, status, owner, created_at,
+                   expires_at)
+VALUES (:request_id, :account_id, :key_id, :model, :price_id, :amount, 'open', :owner, :now, :expires_at)
 RETURNING id
 """
+
+
+def hold_ttl(ttl_s: float | None) -> timedelta:
+    """A hold's time to live (`None`: the default), checked: 1 s to a week."""
+    ttl_s = DEFAULT_HOLD_TTL_S if ttl_s is None else ttl_s
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 1 <= ttl_s <= MAX_HOLD_TTL_S:
+        raise InvalidRequestError(
+            f"'hold_ttl_s' must be between 1 and {MAX_HOLD_TTL_S:.0f} seconds", param="hold_ttl_s"
+        )
+    return timedelta(seconds=ttl_s)
 
 
 def _hold(
@@ -231,6 +268,7 @@ def _hold(
     key_id: str | None,
     owner: str | None,
     now: datetime,
+    ttl_s: float | None = None,
 ) -> HoldInfo:
     """One transaction: lock the account, read balance + price + key, insert the hold.
 
@@ -239,12 +277,14 @@ def _hold(
     expired -> 401), so a revocation stops the next admission on every replica, whatever an auth cache
     still holds. On PostgreSQL the account row is locked first (FOR UPDATE), and the balance is read by
     the next statement, whose snapshot then includes every hold and charge committed before the lock.
+    The hold's deadline is `now` + `ttl_s` (default DEFAULT_HOLD_TTL_S); progress checkpoints renew it.
     """
+    expires_at = now + hold_ttl(ttl_s)
     with transaction(db, write=True, synchronous=db.durable_holds) as tx:
         if tx.postgres:
             if tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id) is None:
                 raise NotFoundError(f"No account {account_id!r}", param="account")
-        facts = tx.one(
+        facts = tx.named(
             _FACTS_PRICE_IN_FORCE if price is None else _FACTS_AT_PRICE,
             account_id=account_id,
             key_id=key_id,
@@ -254,29 +294,21 @@ def _hold(
         )
         if facts is None:
             raise NotFoundError(f"No account {account_id!r}", param="account")
-        overdraft, credit, held, duplicates, key_prefix, key_revoked, key_expires = facts[:7]
         if key_id is not None:
-            if key_prefix is None:
-                raise AuthenticationError("Incorrect API key provided.")
-            if key_revoked is not None:
-                raise AuthenticationError(f"API key {key_prefix}... has been revoked.")
-            expires = read_time(key_expires)
-            if expires is not None and expires <= now:
-                raise AuthenticationError(f"API key {key_prefix}... has expired.")
+            check_key_status(facts["key_prefix"], facts["key_revoked_at"], facts["key_expires_at"], now)
         if price is None:
-            if facts[7] is None:
+            if facts["price_id"] is None:
                 raise PriceNotSetError(f"No price is set for model {model!r}", param="model")
-            price_id, input_price, cached_price, output_price, since = facts[7:12]
-            price = PriceVersion(price_id, model, input_price, cached_price, output_price, read_time(since))
+            price = _price_version(facts, model)
             amount_micros = worst_case_cost_micros(price, *tokens)
-        available = int(credit) - int(held) - int(overdraft)
+        available = _balance_of(facts).available_micros
         if amount_micros > available:
             raise InsufficientQuotaError(
                 "You exceeded your current quota: this request may cost up to "
                 f"${format_usd(amount_micros)} and the account has "
                 f"${format_usd(max(available, 0))} available."
             )
-        if duplicates:
+        if facts["duplicates"]:
             raise HoldStateError(f"Request {request_id!r} already has a hold", param="request_id")
         (hold_id,) = tx.one(
             _INSERT_HOLD,
@@ -288,9 +320,32 @@ def _hold(
             amount=amount_micros,
             owner=owner,
             now=tx.time(now),
+            expires_at=tx.time(expires_at),
         )
     return HoldInfo(
-        hold_id, request_id, account_id, key_id, price.model, price.id, amount_micros, "open", now, price
+        hold_id,
+        request_id,
+        account_id,
+        key_id,
+        price.model,
+        price.id,
+        amount_micros,
+        "open",
+        now,
+        price,
+        expires_at,
+    )
+
+
+def _price_version(row: dict[str, Any], model: str) -> PriceVersion:
+    """A price version from a row with the prices table's columns (and `price_id`)."""
+    return PriceVersion(
+        row["price_id"],
+        model,
+        row["input_micros_per_m"],
+        row["cached_input_micros_per_m"],
+        row["output_micros_per_m"],
+        read_time(row["effective_from"]),
     )
 
 
@@ -304,6 +359,7 @@ def place_hold(
     key_id: str | None = None,
     owner: str | None = None,
     now: datetime | None = None,
+    ttl_s: float | None = None,
 ) -> HoldInfo:
     """Reserve `amount_micros` for request `request_id`, or raise InsufficientQuotaError (429)."""
     if not isinstance(amount_micros, int) or isinstance(amount_micros, bool) or amount_micros < 0:
@@ -318,6 +374,7 @@ def place_hold(
         key_id=key_id,
         owner=owner,
         now=now or utcnow(),
+        ttl_s=ttl_s,
     )
 
 
@@ -332,10 +389,12 @@ def hold_for_request(
     key_id: str | None = None,
     owner: str | None = None,
     now: datetime | None = None,
+    ttl_s: float | None = None,
 ) -> HoldInfo:
     """Admission in one transaction: the price in force now, the worst-case cost, the hold.
 
     With `key_id`, the key is checked again in the same transaction (revoked or expired -> 401).
+    `ttl_s`: the hold's deadline after admission or its last progress checkpoint (default one hour).
     """
     for value, param in ((prompt_tokens, "prompt_tokens"), (max_completion_tokens, "max_completion_tokens")):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -351,11 +410,13 @@ def hold_for_request(
         key_id=key_id,
         owner=owner,
         now=now or utcnow(),
+        ttl_s=ttl_s,
     )
 
 
-_SETTLE_HOLD = """
-SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at,
+# The terms a request is billed on: its hold's account, key, model, admission time and price version.
+_HOLD_TERMS = """
+SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at AS admitted_at,
        p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m, p.effective_from
   FROM holds h JOIN prices p ON p.id = h.price_id
  WHERE h.request_id = :request_id
@@ -372,10 +433,9 @@ VALUES (:request_id, :account_id, :key_id, :model, :endpoint, :price_id, :prompt
         :cost, :status, :admitted_at, :now, :epoch_minute)
 ON CONFLICT (request_id) DO NOTHING
 """
-_CREDIT_LOTS = """
-SELECT id, remaining_micros FROM ledger_entries
- WHERE account_id = :account_id AND kind IN ('grant', 'top_up') AND remaining_micros > 0
-   AND (expires_at IS NULL OR expires_at > :now)
+_CREDIT_LOTS = f"""
+SELECT id, remaining_micros FROM ledger_entries c
+ WHERE {_unexpired_credit_sql("c", ":account_id")}
  ORDER BY CASE WHEN expires_at IS NULL THEN 1 ELSE 0 END, expires_at, id
 """
 _INSERT_CHARGE = """
@@ -404,6 +464,96 @@ def _draw(tx: Transaction, account_id: int, amount: int, now: datetime) -> None:
         )
 
 
+def _terms_from_admission(tx: Transaction, hold: HoldInfo, now: datetime) -> dict[str, Any] | None:
+    """The billing terms from what `hold_for_request` returned (its row's values are never edited)."""
+    terms = {
+        "account_id": hold.account_id,
+        "key_id": hold.key_id,
+        "model": hold.model,
+        "price_id": hold.price_id,
+        "admitted_at": tx.time(hold.created_at or now),
+    }
+    if hold.price is not None:
+        p = hold.price
+        return terms | {
+            "input_micros_per_m": p.input_micros_per_m,
+            "cached_input_micros_per_m": p.cached_input_micros_per_m,
+            "output_micros_per_m": p.output_micros_per_m,
+            "effective_from": p.effective_from,
+        }
+    price = tx.named(_PRICE_BY_ID, id=hold.price_id)
+    return None if price is None else terms | price
+
+
+def _charge(
+    tx: Transaction,
+    request_id: str,
+    terms: dict[str, Any],
+    tokens: tuple[int, int, int],
+    status: str,
+    endpoint: str | None,
+    now: datetime,
+) -> UsageInfo | None:
+    """The one charge of a request, in the caller's transaction: its usage record, the hold closed,
+    the credits drawn, the ledger charge. None (and nothing written) when it was settled before.
+
+    Every status is billed for its tokens (prompt, cached, completion): a request that failed or was
+    cut short pays for what it was delivered."""
+    prompt, cached, completion = tokens
+    account_id = terms["account_id"]
+    price = _price_version(terms, terms["model"])
+    cost = cost_micros(price, prompt, cached, completion)
+    if tx.postgres:
+        tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id)
+    inserted = tx.run(
+        _INSERT_USAGE,
+        request_id=request_id,
+        account_id=account_id,
+        key_id=terms["key_id"],
+        model=price.model,
+        endpoint=endpoint,
+        price_id=price.id,
+        prompt=prompt,
+        cached=cached,
+        completion=completion,
+        cost=cost,
+        status=status,
+        admitted_at=terms["admitted_at"],
+        now=tx.time(now),
+        epoch_minute=int(now.timestamp()) // 60,
+    )
+    if inserted != 1:
+        return None
+    tx.run(
+        "UPDATE holds SET status = 'settled', closed_at = :now WHERE request_id = :request_id",
+        now=tx.time(now),
+        request_id=request_id,
+    )
+    if cost:
+        _draw(tx, account_id, cost, now)
+    tx.run(
+        _INSERT_CHARGE,
+        account_id=account_id,
+        amount=-cost,
+        request_id=request_id,
+        note=f"{price.model} {status}",
+        now=tx.time(now),
+    )
+    return UsageInfo(
+        request_id,
+        account_id,
+        terms["key_id"],
+        price.model,
+        price.id,
+        prompt,
+        cached,
+        completion,
+        cost,
+        status,
+        now,
+    )
+
+
 def settle(
     db: Database,
     request_id: str,
@@ -418,9 +568,12 @@ def settle(
 ) -> UsageInfo:
     """Charge the exact cost of a held request and write its usage record, exactly once.
 
-    `status`: completed, cancelled (the client went away: billed for what it was sent) or failed
-    (our fault: recorded at cost 0). Settling a request that already has a usage record returns that
-    record unchanged. A hold that was released as stale is still settled: the tokens were served.
+    `status`: completed, cancelled (the client went away), failed (an error ended it) or interrupted
+    (its server died; see holds.py). Every status is billed for the tokens given: what the request
+    was delivered is never free. Settling a request that already has a usage record returns that
+    record unchanged (so a live server settling a request whose expired hold another replica already
+    settled at its last checkpoint charges nothing more). A hold that was released (expired without
+    progress) is still settled: the tokens were served.
 
     One transaction, committed durably before this returns: the usage record (unique by request id:
     a second settle inserts nothing and returns the first record), the hold closed, the credits drawn
@@ -432,80 +585,20 @@ def settle(
     """
     if status not in USAGE_STATUSES:
         raise InvalidRequestError(f"'status' must be one of {', '.join(USAGE_STATUSES)}", param="status")
+    tokens = (prompt_tokens, cached_tokens, completion_tokens)  # checked by cost_micros
     now = now or utcnow()
+    admitted = hold if hold is not None and hold.request_id == request_id else None
     with transaction(db, write=True) as tx:
-        if hold is not None and hold.request_id == request_id and hold.price is not None:
-            # What admission returned: the hold row's own values (never edited), no need to read them.
-            p = hold.price
-            row = (hold.account_id, hold.key_id, hold.model, hold.price_id, tx.time(hold.created_at or now))
-            row += (
-                p.input_micros_per_m,
-                p.cached_input_micros_per_m,
-                p.output_micros_per_m,
-                p.effective_from,
-            )
-        else:
-            row = tx.one(_SETTLE_HOLD, request_id=request_id)
-        if row is None and hold is not None and hold.request_id == request_id:
-            price_row = tx.one(_PRICE_BY_ID, id=hold.price_id)
-            if price_row is not None:
-                admitted = hold.created_at or now
-                row = (hold.account_id, hold.key_id, hold.model, hold.price_id, tx.time(admitted), *price_row)
-        if row is None:
+        terms = None
+        if admitted is None or admitted.price is None:
+            terms = tx.named(_HOLD_TERMS, request_id=request_id)
+        if terms is None and admitted is not None:
+            terms = _terms_from_admission(tx, admitted, now)
+        if terms is None:
             raise NotFoundError(f"No hold for request {request_id!r}", param="request_id")
-        account_id, key_id, model, price_id, admitted_at = row[:5]
-        price = PriceVersion(price_id, model, *row[5:8], read_time(row[8]))
-        cost = cost_micros(price, prompt_tokens, cached_tokens, completion_tokens)
-        if status == "failed":
-            cost = 0
-        if tx.postgres:
-            tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id)
-        inserted = tx.run(
-            _INSERT_USAGE,
-            request_id=request_id,
-            account_id=account_id,
-            key_id=key_id,
-            model=model,
-            endpoint=endpoint,
-            price_id=price_id,
-            prompt=prompt_tokens,
-            cached=cached_tokens,
-            completion=completion_tokens,
-            cost=cost,
-            status=status,
-            admitted_at=admitted_at,
-            now=tx.time(now),
-            epoch_minute=int(now.timestamp()) // 60,
-        )
-        if inserted == 1:
-            tx.run(
-                "UPDATE holds SET status = 'settled', closed_at = :now WHERE request_id = :request_id",
-                now=tx.time(now),
-                request_id=request_id,
-            )
-            if cost:
-                _draw(tx, account_id, cost, now)
-            tx.run(
-                _INSERT_CHARGE,
-                account_id=account_id,
-                amount=-cost,
-                request_id=request_id,
-                note=f"{model} {status}",
-                now=tx.time(now),
-            )
-            return UsageInfo(
-                request_id,
-                account_id,
-                key_id,
-                model,
-                price_id,
-                prompt_tokens,
-                cached_tokens,
-                completion_tokens,
-                cost,
-                status,
-                now,
-            )
+        charged = _charge(tx, request_id, terms, tokens, status, endpoint, now)
+    if charged is not None:
+        return charged
     existing = get_usage(db, request_id)  # settled before: that record stands
     assert existing is not None
     return existing
@@ -525,25 +618,6 @@ def release(db: Database, request_id: str, now: datetime | None = None) -> HoldI
             hold.status = "released"
             hold.closed_at = now or utcnow()
         return _hold_info(hold)
-
-
-def release_stale_holds(
-    db: Database, *, owner: str | None = None, created_before: datetime | None = None
-) -> int:
-    """Release the open holds of requests that died: those of `owner` (a restarted server instance)
-    and/or those older than `created_before`. Returns how many were released."""
-    if owner is None and created_before is None:
-        raise InvalidRequestError("give an owner or a created_before time", param="owner")
-    conditions = [Hold.status == "open"]
-    if owner is not None:
-        conditions.append(Hold.owner == owner)
-    if created_before is not None:
-        conditions.append(Hold.created_at < created_before)
-    with db.write() as session:
-        result = session.execute(
-            update(Hold).where(*conditions).values(status="released", closed_at=utcnow())
-        )
-        return result.rowcount or 0
 
 
 def open_holds(db: Database, account: int | str) -> list[HoldInfo]:

@@ -137,6 +137,30 @@ SELECT k.id, k.account_id, k.display_prefix, k.allowed_models, k.requests_per_mi
 """
 
 
+def check_key_status(
+    display_prefix: str | None, revoked_at: object, expires_at: object, now: datetime
+) -> datetime | None:
+    """The one rule for whether a key may be used: unknown (no row: `display_prefix` None), revoked or
+    expired -> AuthenticationError (401). Takes the columns as read (ORM or driver); returns the expiry.
+
+    Every check of a key's status asks this: `check_key` (auth), `credits._hold` (the re-check at
+    admission), the admin key's check (server/bootstrap.py).
+    """
+    if display_prefix is None:
+        raise AuthenticationError("Incorrect API key provided.")
+    if revoked_at is not None:
+        raise AuthenticationError(f"API key {display_prefix}... has been revoked.")
+    expires = read_time(expires_at)
+    if key_expired(expires, now):
+        raise AuthenticationError(f"API key {display_prefix}... has expired.")
+    return expires
+
+
+def key_expired(expires_at: datetime | None, now: datetime) -> bool:
+    """A key expires at `expires_at` exactly (None: never)."""
+    return expires_at is not None and expires_at <= now
+
+
 @dataclass(frozen=True)
 class VerifiedKey:
     """A key that passed `verify_key`, and until when that answer holds without a revocation."""
@@ -162,13 +186,9 @@ def check_key(
     with transaction(db, write=False) as tx:  # one indexed read, on the driver (sql.py)
         found = tx.one(_KEY_BY_HASH, key_hash=hash_key(secret))
     if found is None:
-        raise AuthenticationError("Incorrect API key provided.")
+        check_key_status(None, None, None, now)
     key_id, account_id, prefix, allowed, rpm, tpm, expires_at, revoked_at, account_name, plan_name = found
-    if revoked_at is not None:
-        raise AuthenticationError(f"API key {prefix}... has been revoked.")
-    expires_at = read_time(expires_at)
-    if expires_at is not None and expires_at <= now:
-        raise AuthenticationError(f"API key {prefix}... has expired.")
+    expires_at = check_key_status(prefix, revoked_at, expires_at, now)
     if isinstance(allowed, str):  # a JSON column: text on SQLite, decoded by psycopg
         allowed = json.loads(allowed)
     if model is not None and allowed is not None and model not in allowed:

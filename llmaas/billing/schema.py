@@ -112,7 +112,10 @@ class LedgerEntry(Base):
 
 class Hold(Base):
     __tablename__ = "holds"
-    __table_args__ = (Index("ix_holds_account_status", "account_id", "status"),)
+    __table_args__ = (
+        Index("ix_holds_account_status", "account_id", "status"),
+        Index("ix_holds_status_expires", "status", "expires_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128), unique=True)
@@ -122,9 +125,31 @@ class Hold(Base):
     price_id: Mapped[int] = mapped_column(ForeignKey("prices.id"))  # the version in force at admission
     amount_micros: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="open")  # open | settled | released
-    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # server instance, for restarts
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # server instance (its lease)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The hold's deadline: admission or the last progress checkpoint + the hold TTL. Past it (or once its
+    # owner's lease lapsed) any replica closes the hold (holds.py). None: a hold from before 0002.
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Tokens produced so far, checkpointed while the request runs, so a crash still bills them.
+    progress_prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Instance(Base):
+    """A server instance's lease: it holds its holds while `lease_until` is in the future.
+
+    Renewed every few seconds by the instance's heartbeat (server/leases.py); ended at a clean exit.
+    """
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # --instance-id, the holds' owner
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    lease_until: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class UsageRecord(Base):
@@ -147,7 +172,7 @@ class UsageRecord(Base):
     cached_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     cost_micros: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16))  # completed | cancelled | failed
+    status: Mapped[str] = mapped_column(String(16))  # completed | cancelled | failed | interrupted
     admitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
     epoch_minute: Mapped[int] = mapped_column(BigInteger)  # finished_at // 60s, for portable bucketing

@@ -48,6 +48,17 @@ class Transaction:
     def all(self, sql: str, **params) -> list[tuple]:
         return self._execute(sql, params).fetchall()
 
+    def named(self, sql: str, **params) -> dict[str, Any] | None:
+        """The first row as {column name: value} (names from the SELECT's aliases), or None."""
+        cursor = self._execute(sql, params)
+        row = cursor.fetchone()
+        return None if row is None else dict(zip((d[0] for d in cursor.description), row))
+
+    def named_all(self, sql: str, **params) -> list[dict[str, Any]]:
+        cursor = self._execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
     def run(self, sql: str, **params) -> int:
         return self._execute(sql, params).rowcount
 
@@ -63,7 +74,7 @@ def read_time(value: Any) -> datetime | None:
         return None
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=timezone.utc)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 @contextmanager

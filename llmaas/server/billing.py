@@ -4,6 +4,9 @@ The walk (design.md): bearer -> `verify_key` (BillingMiddleware, every /v1 path)
 `limiter.acquire` + `hold_for_request` (ServerBilling.admit) -> engine, with the plan's priority ->
 `settle` (ServerBilling.finish, through the BillingHook seam, before the last byte / [DONE]) ->
 `usage.cost` in the response. Every database call is synchronous and runs in a worker thread.
+While a request runs, its tokens so far are checkpointed on its hold (`progress_checkpoint`,
+server/progress.py); if this server dies, another replica bills the hold at that checkpoint once this
+instance's lease lapses (server/leases.py, billing/holds.py). Every status is billed for its tokens.
 
 `--no-auth` (auth=False): no key is asked for; everything is billed to the `default` account, with
 no rate limit (a local operator does not rate-limit themself). A model with no price in force is
@@ -44,15 +47,17 @@ from llmaas.billing import (
     UsageInfo,
     get_account,
     hold_for_request,
+    record_progress,
     release,
-    release_stale_holds,
     settle,
 )
-from llmaas.billing.keys import VerifiedKey, check_key, hash_key
+from llmaas.billing.holds import close_owner_holds
+from llmaas.billing.keys import VerifiedKey, check_key, hash_key, key_expired
 from llmaas.billing.schema import utcnow
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
 from llmaas.server.errors import error_response
+from llmaas.server.progress import ProgressCheckpoint, ProgressPolicy
 from llmaas.server.usage import RequestUsage
 
 log = logging.getLogger("llmaas.server")
@@ -60,6 +65,7 @@ log = logging.getLogger("llmaas.server")
 DEFAULT_ACCOUNT = "default"
 PRINCIPAL = "llmaas.principal"  # ASGI scope keys
 RATE_HEADERS = "llmaas.ratelimit_headers"
+# Every status is billed for its tokens (credits.settle): a failed request was delivered them too.
 SETTLE_STATUS = {"finished": "completed", "aborted": "cancelled", "failed": "failed"}
 
 
@@ -107,9 +113,7 @@ class KeyCache:
         if entry is None:
             return None
         verified, fresh_until = entry
-        if self._clock() >= fresh_until or (
-            verified.expires_at is not None and verified.expires_at <= utcnow()
-        ):
+        if self._clock() >= fresh_until or key_expired(verified.expires_at, utcnow()):
             with self._lock:
                 self._entries.pop(key_hash, None)
             return None
@@ -142,8 +146,15 @@ class ServerBilling:
         owner: str | None = None,
         default_account: str = DEFAULT_ACCOUNT,
         key_cache_ttl_s: float = 5.0,
+        hold_ttl_s: float | None = None,
+        progress: ProgressPolicy | None = None,
     ):
+        """`hold_ttl_s`: a hold's deadline after admission or its last progress checkpoint (default
+        one hour, credits.DEFAULT_HOLD_TTL_S). `progress`: how often a running request's tokens are
+        checkpointed on its hold (default every 5 s or 256 completion tokens, whichever comes first)."""
         self.db = db
+        self.hold_ttl_s = hold_ttl_s
+        self.progress = progress or ProgressPolicy()
         self.keys = KeyCache(key_cache_ttl_s)
         self.limiter = limiter or InProcessRateLimiter()
         self.auth = auth
@@ -152,11 +163,28 @@ class ServerBilling:
         self._default_account_id: int | None = None
 
     def release_previous_holds(self) -> int:
-        """At start: holds this instance (same owner id) left open when it died are released."""
-        released = release_stale_holds(self.db, owner=self.owner)
-        if released:
-            log.warning("released %d open holds left by a previous run of %s", released, self.owner)
-        return released
+        """At start: the holds a previous run of this instance (same owner id) left open are closed,
+        each billed at its last progress checkpoint (or released when it made none). Holds of other
+        instances expire with their lease (server/leases.py). Returns how many were closed."""
+        closed = close_owner_holds(self.db, self.owner)
+        if closed.closed:
+            log.warning(
+                "closed %d open holds left by a previous run of %s: %d billed at their last checkpoint, "
+                "%d released",
+                closed.closed,
+                self.owner,
+                closed.settled,
+                closed.released,
+            )
+        return closed.closed
+
+    def record_progress(self, request_id: str, prompt: int, cached: int, completion: int) -> bool:
+        """Checkpoint a running request's tokens on its hold (sync: call it from a worker thread)."""
+        return record_progress(self.db, request_id, prompt, cached, completion, ttl_s=self.hold_ttl_s)
+
+    def progress_checkpoint(self, request_id: str) -> ProgressCheckpoint:
+        """The checkpointer for one running request (server/progress.py)."""
+        return ProgressCheckpoint(self.record_progress, request_id, self.progress)
 
     # ------------------------------------------------------------ sync (thread)
     def cached_principal(self, secret: str | None) -> Principal | None:
@@ -242,6 +270,7 @@ class ServerBilling:
                 max_completion_tokens,
                 key_id=principal.key_id if principal else None,
                 owner=self.owner,
+                ttl_s=self.hold_ttl_s,
             )
         except LlmaasError as exc:
             self._adjust(admission, -estimated)  # never admitted: give the tokens back

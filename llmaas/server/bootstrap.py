@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import select
 
 from llmaas.billing import (
+    AuthenticationError,
     Database,
     NotFoundError,
     PriceNotSetError,
@@ -25,7 +26,7 @@ from llmaas.billing import (
     create_key,
     current_price,
 )
-from llmaas.billing.keys import KEY_PREFIX, hash_key
+from llmaas.billing.keys import KEY_PREFIX, check_key_status, hash_key
 from llmaas.billing.prices import set_price
 from llmaas.billing.schema import Account, ApiKey, utcnow
 from llmaas.errors import InvalidRequestError
@@ -88,9 +89,13 @@ def is_admin_key(db: Database, secret: str | None) -> bool:
             .join(Account, Account.id == ApiKey.account_id)
             .where(ApiKey.key_hash == hash_key(secret), Account.name == ADMIN_ACCOUNT)
         ).scalar_one_or_none()
-    if row is None or row.revoked_at is not None:
+    if row is None:
         return False
-    return row.expires_at is None or row.expires_at > utcnow()
+    try:
+        check_key_status(row.display_prefix, row.revoked_at, row.expires_at, utcnow())
+    except AuthenticationError:
+        return False
+    return True
 
 
 def bootstrap(

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -67,12 +68,61 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--instance-id",
         default=None,
-        help="owner of this replica's holds; its open holds from a previous run are released at start "
-        "(default: HOST:PORT)",
+        help="owner of this replica's holds and its lease; its open holds from a previous run are closed at "
+        "start (default: HOST:PORT)",
     )
+    _add_hold_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def _bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}: {text!r}")
+        return value
+
+    return parse
+
+
+def _add_hold_args(p: argparse.ArgumentParser) -> None:
+    from llmaas.billing.credits import DEFAULT_HOLD_TTL_S, MAX_HOLD_TTL_S
+    from llmaas.billing.holds import DEFAULT_LEASE_S, MAX_LEASE_S
+    from llmaas.server.progress import MAX_PROGRESS_INTERVAL_S, MAX_PROGRESS_INTERVAL_TOKENS, ProgressPolicy
+
+    g = p.add_argument_group("holds (docs/billing.md, 'Holds expire')")
+    g.add_argument(
+        "--hold-lease-seconds",
+        type=_bounded(float, 1, MAX_LEASE_S),
+        default=DEFAULT_LEASE_S,
+        help="this instance's lease, renewed every third of it; when it lapses (the instance died) any "
+        f"replica closes the instance's open holds (default {DEFAULT_LEASE_S:g})",
+    )
+    g.add_argument(
+        "--hold-ttl-seconds",
+        type=_bounded(float, 1, MAX_HOLD_TTL_S),
+        default=DEFAULT_HOLD_TTL_S,
+        help="a hold's deadline after admission or its last progress checkpoint, even while its owner "
+        f"lives (default {DEFAULT_HOLD_TTL_S:g})",
+    )
+    g.add_argument(
+        "--progress-interval-seconds",
+        type=_bounded(float, 0.05, MAX_PROGRESS_INTERVAL_S),
+        default=ProgressPolicy.every_s,
+        help="checkpoint a running request's tokens on its hold this often, or --progress-interval-tokens, "
+        f"whichever comes first (default {ProgressPolicy.every_s:g}); a crash bills up to the last one",
+    )
+    g.add_argument(
+        "--progress-interval-tokens",
+        type=_bounded(int, 1, MAX_PROGRESS_INTERVAL_TOKENS),
+        default=ProgressPolicy.every_tokens,
+        help=f"see --progress-interval-seconds (default {ProgressPolicy.every_tokens})",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,7 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return AsyncEngine.from_config(configs[name], max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
-    app = create_app(load=load, model_names=names, billing=_billing(args, names))
+    billing, lease = _billing(args, names)
+    app = create_app(load=load, model_names=names, billing=billing)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -112,14 +163,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # shutdown exit 0 too instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    DrainingServer(config, app.state.llmaas.drain, args.shutdown_grace).run()
+    try:
+        DrainingServer(config, app.state.llmaas.drain, args.shutdown_grace).run()
+    finally:
+        lease.stop()  # a clean exit ends the lease: what is still open expires at the next sweep
     return 0
 
 
 def _billing(args: argparse.Namespace, served: list[str]):
+    """The billing database, bootstrap, limiter, ServerBilling, and this instance's started HoldLease."""
     from llmaas.billing import open_database
     from llmaas.server.billing import ServerBilling
     from llmaas.server.bootstrap import bootstrap
+    from llmaas.server.leases import HoldLease
+    from llmaas.server.progress import ProgressPolicy
 
     db = open_database(args.database_url)
     bootstrap(db, served, say=lambda line: print(line, flush=True))
@@ -129,7 +186,14 @@ def _billing(args: argparse.Namespace, served: list[str]):
 
         limiter = RedisRateLimiter.from_url(args.redis_url)
     billing = ServerBilling(
-        db, limiter, auth=not args.no_auth, owner=args.instance_id or f"{args.host}:{args.port}"
+        db,
+        limiter,
+        auth=not args.no_auth,
+        owner=args.instance_id or f"{args.host}:{args.port}",
+        hold_ttl_s=args.hold_ttl_seconds,
+        progress=ProgressPolicy(args.progress_interval_seconds, args.progress_interval_tokens),
     )
     billing.release_previous_holds()
-    return billing
+    lease = HoldLease(db, billing.owner, args.hold_lease_seconds)
+    lease.start()  # the lease before the first request; then a heartbeat and a sweep every third of it
+    return billing, lease

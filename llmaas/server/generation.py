@@ -47,9 +47,13 @@ class EngineRun:
         on_end: Callable[[EngineRun, str], Awaitable[None]],
         priority: int = 0,
         every_step: bool = True,
+        on_progress: Callable[[EngineRun], None] | None = None,
     ):
         """`every_step=False` (a non-streaming response): only the first and the final output of each
-        prompt come back from the engine thread, not one per step."""
+        prompt come back from the engine thread, not one per step. `on_progress(run)`: called on the
+        event loop after each output that did not end its prompt (billing's checkpoints: it must not
+        block)."""
+        self._on_progress = on_progress
         self.engine = engine
         self.prompts = list(prompts)
         self.priority = priority
@@ -81,6 +85,8 @@ class EngineRun:
             if all(self._ended) and not self._all_ended.done():
                 self._all_ended.set_result(None)
         self._queue.put_nowait((index, item))
+        if not ended and self._on_progress is not None:
+            self._on_progress(self)
 
     async def start(self) -> None:
         """Submit every prompt; returns once the engine accepted them all.

@@ -56,8 +56,12 @@ class ServerState:
         its first output (validation errors raise before that). Returns (run, watcher task)."""
         api_key = bearer_token(request)
         admission = await self._admit(request, model, prompts, params, request_id)
+        # The tokens so far, checkpointed on the hold while the request runs (a crash bills them).
+        progress = self.billing.progress_checkpoint(request_id) if admission is not None else None
 
         async def on_end(run: EngineRun, status: str) -> None:
+            if progress is not None:
+                progress.close()
             self._observe(run, model.name, endpoint, status)
             if self.billing_hook is None and admission is None:
                 return
@@ -101,6 +105,7 @@ class ServerState:
             on_end,
             priority=priority,
             every_step=every_step,
+            on_progress=progress,
         )
         watcher = spawn(watch_disconnect(request.receive, run))
         try:
