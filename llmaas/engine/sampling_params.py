@@ -143,14 +143,15 @@ class SamplingParams:
         if vocab_size is not None and self.top_k >= vocab_size:
             self.top_k = 0
         _int_in("n", self.n, 1, MAX_N)
-        if self.max_tokens is not None:
-            _int_in("max_tokens", self.max_tokens, 0, MAX_TOKENS_LIMIT)
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             # A prompt-only request (scoring) exists for its prompt logprobs; without them it does nothing.
             raise InvalidRequestError(
                 "'max_tokens' must be a positive integer; 0 is allowed only with 'prompt_logprobs'",
                 param="max_tokens",
             )
+        if self.max_tokens is not None:
+            low = 0 if self.prompt_logprobs is not None else 1
+            _int_in("max_tokens", self.max_tokens, low, MAX_TOKENS_LIMIT)
         if not -2 <= self.presence_penalty <= 2:
             raise InvalidRequestError("'presence_penalty' must be in [-2, 2]", param="presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:
