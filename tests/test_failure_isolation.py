@@ -243,3 +243,25 @@ def test_async_engine_a_failed_step_ends_every_stream_with_its_tokens(model_dir,
     for out in outs:
         assert out.finished and out.error and "InjectedFault" in out.error
         assert out.completion_tokens >= FAULT_AFTER
+
+
+def test_a_fault_while_aborting_still_ends_the_request_with_its_tokens(model_dir, monkeypatch):
+    engine = make_engine(model_dir)
+    engine.add_request("bad", PROMPTS["bad"], params(1))
+    engine.add_request("a", PROMPTS["a"], params(0))
+    for _ in range(3):
+        engine.step()
+    (seq,) = engine.requests["bad"].seqs
+
+    def broken_flush():
+        raise InjectedFault("flushing the detokenizer failed")
+
+    monkeypatch.setattr(seq.detokenizer, "flush", broken_flush)
+    out = engine.abort_request("bad")
+    assert out.finished and out.error and "InjectedFault" in out.error
+    assert out.completion_tokens == 3 and "bad" not in engine.requests
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert finished["a"].error is None and finished["a"].completion_tokens == MAX_TOKENS
+    assert engine.block_manager.num_used_blocks == 0

@@ -211,13 +211,19 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel now: blocks are freed at once. Returns the final output (tokens so far) or None."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self._finish(seq, "abort")
-        return self._request_output(request)
+        try:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self._finish(seq, "abort")
+            out = self._request_output(request)
+        except Exception as exc:  # e.g. its detokenizer's flush: it still ends, with its tokens so far
+            log.error("aborting request %s failed", request_id, exc_info=exc)
+            return self.fail_requests({request_id: _failure("aborting this request failed", exc)})[0]
+        del self.requests[request_id]
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
