@@ -9,6 +9,11 @@ step, so an add or an abort takes effect within one step and never waits behind 
 Outputs go back to each event loop once per step (one `call_soon_threadsafe` for all the requests of
 a step, not one per request), straight to each request's callback (`submit`), or through a queue
 (`generate`).
+
+A request that fails in the engine ends with its final RequestOutput, `error` set and its tokens so
+far (see llm_engine.py): `generate` yields it like any last output, so callers check `out.error`. A
+step that raises as a whole (a bug outside the runner) ends every request in flight that way too;
+only if even that fails does a request get an EngineDeadError instead of an output.
 """
 
 from __future__ import annotations
@@ -166,9 +171,17 @@ class AsyncEngine:
                 pass
 
     def _fail_all(self, exc: Exception) -> None:
-        for rid in list(self.engine.requests):
-            self.engine.abort_request(rid)
-            self._deliver(EngineDeadError(f"the engine failed while running this request: {exc}"), rid)
+        """The step failed outside the runner: end every request in flight with its tokens so far."""
+        message = f"the engine failed while running this request ({type(exc).__name__}: {str(exc)[:200]})"
+        try:
+            outputs = self.engine.fail_requests(dict.fromkeys(self.engine.requests, message))
+        except Exception:
+            log.exception("failing the requests in flight failed")
+            outputs = []
+        for out in outputs:
+            self._deliver(out, out.request_id)
+        for rid in list(self._streams):  # ending it failed too: no caller may wait forever
+            self._deliver(EngineDeadError(message), rid)
         self._flush()
 
     def _put(self, command: Callable[[], None]) -> bool:

@@ -1,6 +1,13 @@
 """LLMEngine: requests in, tokens out. `step()` is schedule -> run -> postprocess.
 
 Synchronous and single-threaded; `AsyncEngine` drives it from a thread for the HTTP server.
+
+Failure isolation: a fault while handling one sequence (its sampling, prompt logprobs, appending its
+token, stop matching, detokenizing, building its output) fails that sequence's request alone: it ends
+with a finished RequestOutput whose `error` is set, finish_reason "error" on its unfinished choices and
+its token counts so far (see outputs.py). Every other request of the step carries on. Only a fault in
+the forward pass fails the whole step, and then each of its requests ends the same way, with its
+tokens so far; requests not in that step are untouched.
 """
 
 from __future__ import annotations
@@ -64,6 +71,16 @@ class EngineConfig:
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+MAX_ERROR_DETAIL = 200  # characters of the exception's text passed on in RequestOutput.error
+
+
+def _failure(what: str, exc: BaseException) -> str:
+    detail = str(exc)
+    if len(detail) > MAX_ERROR_DETAIL:
+        detail = detail[: MAX_ERROR_DETAIL - 3] + "..."
+    return f"{what} ({type(exc).__name__}: {detail})" if detail else f"{what} ({type(exc).__name__})"
 
 
 @dataclass
@@ -182,7 +199,7 @@ class LLMEngine:
             seq = Sequence(request_id, index, prompt_ids, params, priority=priority, max_tokens=max_tokens)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device)
-                seq.generator.manual_seed(params.seed + index)
+                seq.generator.manual_seed(params.seed + index)  # int64 seed + index < 2**64: in torch's range
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, skip_special_tokens=params.skip_special_tokens
             )
@@ -194,13 +211,19 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel now: blocks are freed at once. Returns the final output (tokens so far) or None."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self._finish(seq, "abort")
-        return self._request_output(request)
+        try:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self._finish(seq, "abort")
+            out = self._request_output(request)
+        except Exception as exc:  # e.g. its detokenizer's flush: it still ends, with its tokens so far
+            log.error("aborting request %s failed", request_id, exc_info=exc)
+            return self.fail_requests({request_id: _failure("aborting this request failed", exc)})[0]
+        del self.requests[request_id]
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -218,28 +241,111 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        results = self.runner.run(chunks)
         self.num_steps += 1
+        try:
+            result = self.runner.run(chunks)
+        except Exception as exc:  # the forward pass: no single request is to blame
+            in_step = {c.seq.request_id for c in chunks}
+            log.exception("forward pass failed; failing the %d request(s) of this step", len(in_step))
+            return self.fail_requests(
+                {rid: _failure("the forward pass of this step failed", exc) for rid in in_step}
+            )
+        failed: dict[str, str] = {}
+        for seq, exc in result.failed.items():
+            self._note_failure(failed, seq.request_id, exc)
         touched: dict[str, _Request] = {}
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_new_tokens
             # Publish filled blocks now: a sequence that finishes below frees its blocks at once.
             self.block_manager.register_full_blocks(seq)
-            if seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+            if (
+                seq.max_tokens == 0
+                and seq.num_computed_tokens == seq.num_tokens
+                and seq.request_id not in failed
+            ):
                 # Prompt-only (scoring): its prefill computed the prompt logprobs; nothing to sample.
-                self._finish(seq, "length")
+                try:
+                    self._finish(seq, "length")
+                except Exception as exc:
+                    self._note_failure(failed, seq.request_id, exc)
+                    continue
                 touched[seq.request_id] = self.requests[seq.request_id]
-        for seq, token, info in results:
-            self._append_token(seq, token, info)
+        for seq, token, info in result.sampled:
+            if seq.request_id in failed:
+                continue
+            try:
+                self._append_token(seq, token, info)
+            except Exception as exc:  # stop matching, detokenizing: this request's fault alone
+                self._note_failure(failed, seq.request_id, exc)
+                continue
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for request in touched.values():
-            out = self._request_output(request)
+            if request.request_id in failed:
+                continue
+            try:
+                out = self._request_output(request)
+            except Exception as exc:
+                self._note_failure(failed, request.request_id, exc)
+                continue
             outputs.append(out)
             if out.finished:
                 del self.requests[request.request_id]
+        if failed:
+            outputs.extend(self.fail_requests(failed))
         return outputs
+
+    @staticmethod
+    def _note_failure(failed: dict[str, str], request_id: str, exc: Exception) -> None:
+        log.error("request %s failed in the engine", request_id, exc_info=exc)
+        failed.setdefault(request_id, _failure("generating this request failed", exc))
+
+    def fail_requests(self, failures: dict[str, str]) -> list[RequestOutput]:
+        """End each request (id -> what went wrong) now: finish_reason "error" on its unfinished
+        choices, its blocks freed, and a final output with `error` and its tokens so far.
+
+        Touches nothing that may be what failed (no detokenizer, no sampler), so it cannot fail itself
+        for the same reason."""
+        outputs = []
+        for request_id, message in failures.items():
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if seq.is_finished:
+                    continue
+                seq.finish_reason, seq.stop_reason = "error", None
+                seq.status = SequenceStatus.FINISHED
+                try:
+                    self.scheduler.remove(seq)
+                except Exception:
+                    log.exception("freeing the blocks of failed request %s failed", request_id)
+            outputs.append(self._failed_output(request, message))
+        return outputs
+
+    @staticmethod
+    def _failed_output(request: _Request, message: str) -> RequestOutput:
+        seqs = request.seqs
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=s.index,
+                    text=s.text[: s.emitted_text_len],  # what was handed out before the fault
+                    token_ids=list(s.output_token_ids),
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+                for s in seqs
+            ],
+            finished=True,
+            prompt_tokens=len(request.prompt_token_ids),
+            cached_tokens=seqs[0].num_cached_prompt_tokens,
+            completion_tokens=sum(len(s.output_token_ids) for s in seqs),
+            error=message,
+        )
 
     def _append_token(self, seq: Sequence, token: int, info: TokenLogprob | None) -> None:
         seq.output_token_ids.append(token)

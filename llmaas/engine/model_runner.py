@@ -1,13 +1,19 @@
 """ModelRunner: owns the model and its KV cache; turns scheduled chunks into one forward pass.
 
 The KV cache is allocated once, at start-up, from a byte budget: memory never grows with traffic.
+
+`run` raises only for a fault that belongs to the whole step (the forward pass, the logits). A fault
+in the work done for one sequence (its prompt logprobs, its sampling) is returned in
+`StepResult.failed` instead, so the engine fails that request alone and the others carry on.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from llmaas.engine.sampler import sample
+from llmaas.engine import sampler
 from llmaas.engine.scheduler import ScheduledChunk
 from llmaas.engine.sequence import Sequence, TokenLogprob
 from llmaas.errors import InvalidRequestError
@@ -16,6 +22,12 @@ from llmaas.models.attention import SequenceChunk, build_forward_batch, is_decod
 
 def is_decode_chunk(chunk: ScheduledChunk) -> bool:
     return is_decode(chunk.num_new_tokens, chunk.seq.num_computed_tokens)
+
+
+@dataclass
+class StepResult:
+    sampled: list[tuple[Sequence, int, TokenLogprob | None]] = field(default_factory=list)
+    failed: dict[Sequence, Exception] = field(default_factory=dict)  # this sequence's request must fail
 
 
 class ModelRunner:
@@ -53,8 +65,9 @@ class ModelRunner:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """One forward over all chunks; returns (seq, token, logprob info) for chunks that sample."""
+    def run(self, chunks: list[ScheduledChunk]) -> StepResult:
+        """One forward over all chunks; (seq, token, logprob info) for the chunks that sample, and the
+        sequences whose own work (prompt logprobs, sampling) failed."""
         ordered = [c for c in chunks if not is_decode_chunk(c)] + [c for c in chunks if is_decode_chunk(c)]
         input_ids: list[int] = []
         seq_chunks: list[SequenceChunk] = []
@@ -70,16 +83,26 @@ class ModelRunner:
                 sampling.append(seq)
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
+        result = StepResult()
         offset = 0
         for c in ordered:
             if c.seq.params.prompt_logprobs is not None:
-                self._prompt_logprobs(c, hidden[offset : offset + c.num_new_tokens])
+                try:
+                    self._prompt_logprobs(c, hidden[offset : offset + c.num_new_tokens])
+                except Exception as exc:
+                    result.failed[c.seq] = exc
             offset += c.num_new_tokens
         if not sampling:
-            return []
+            return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        results = sample(logits, sampling, self.generator)
-        return [(seq, tok, info) for seq, (tok, info) in zip(sampling, results)]
+        try:
+            rows = sampler.sample(logits, sampling, self.generator)
+        except Exception:  # some row's request is at fault: find it, and sample the others
+            rows, faults = sampler.sample_each(logits, sampling, self.generator)
+            for row, exc in faults.items():
+                result.failed[sampling[row]] = exc
+        result.sampled = [(seq, *row) for seq, row in zip(sampling, rows) if row is not None]
+        return result
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the tokens before it (for echo / scoring requests)."""

@@ -4,6 +4,12 @@ Vectorised over the batch where parameters vary per row (temperature, top-k, top
 only for what is inherently per request (penalties over its own tokens, logit_bias, its own seed).
 Seeded rows draw from their own generator, so a seed gives the same text whatever else is batched.
 Logprobs are those of the model's raw distribution (before penalties and temperature).
+
+Failure isolation: `sample` runs the whole batch at once (the common case, no per-row Python beyond
+what is inherently per request). If it raises, the runner calls `sample_each`, which samples row by
+row so that the fault is pinned on the request(s) whose rows raise; every other row still gets its
+token. (In such a step an unseeded row draws from the shared generator twice and a seeded row may
+advance its own generator twice: a seed is reproducible only in steps where nothing failed.)
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(top_ks):
         k_max = min(max(top_ks), logits.shape[-1])
         kth = torch.topk(logits, k_max, dim=-1).values
-        ks = torch.tensor([(k or k_max) - 1 for k in top_ks], device=device).clamp(max=k_max - 1)
+        # clamped in Python: a k beyond the vocabulary must never reach a tensor constructor (int64)
+        ks = torch.tensor([min(k or k_max, k_max) - 1 for k in top_ks], device=device)
         threshold = kth.gather(1, ks.unsqueeze(1))
         no_k = torch.tensor([k == 0 for k in top_ks], device=device).unsqueeze(1)
         logits = logits.masked_fill((logits < threshold) & ~no_k, float("-inf"))
@@ -101,3 +108,19 @@ def sample(
             info = TokenLogprob(token_list[row], float(lp[token_list[row]]), top)
         results.append((token_list[row], info))
     return results
+
+
+def sample_each(
+    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+) -> tuple[list[tuple[int, TokenLogprob | None] | None], dict[int, Exception]]:
+    """The fallback after a batched `sample` raised: one row at a time. Returns the result per row
+    (None where that row failed) and the exception of each failed row."""
+    results: list[tuple[int, TokenLogprob | None] | None] = []
+    failures: dict[int, Exception] = {}
+    for row, seq in enumerate(seqs):
+        try:
+            results.append(sample(logits[row : row + 1], [seq], generator)[0])
+        except Exception as exc:  # this row's request fails alone
+            results.append(None)
+            failures[row] = exc
+    return results, failures

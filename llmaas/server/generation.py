@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 
 from llmaas.engine.async_engine import AsyncEngine
-from llmaas.engine.outputs import RequestOutput
+from llmaas.engine.outputs import RequestFailedError, RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
 
@@ -127,6 +127,9 @@ class EngineRun:
             if isinstance(item, BaseException):
                 self.abort("failed")
                 raise item
+            if item.error is not None:  # failed in the engine; `latest` holds its tokens so far for usage
+                self.abort("failed")
+                raise RequestFailedError(item.error)
             if self.first_token_time is None and item.completion_tokens:
                 self.first_token_time = time.monotonic()
             if item.finished:

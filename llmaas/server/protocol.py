@@ -26,11 +26,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llmaas.engine.sampling_params import MAX_STOP  # noqa: F401  the one stop limit lives in the engine
+
 Float = Annotated[float, Strict()]  # accepts JSON integers, rejects strings, booleans and NaN
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 TokenIds = list[Annotated[int, Strict(), Field(ge=0)]]
-
-MAX_STOP = 4
 
 
 class _Body(BaseModel):

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from llmaas.engine.sampling_params import SamplingParams
+from llmaas.engine.sampling_params import SamplingParams, check_stop
 from llmaas.errors import InvalidRequestError
-from llmaas.server.protocol import MAX_STOP, _SamplingFields
+from llmaas.server.protocol import _SamplingFields
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > MAX_STOP:
-        raise InvalidRequestError(f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
+    check_stop(stops)  # the engine's rule and message, before any tokenizing
     return stops
 
 
