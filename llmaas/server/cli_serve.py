@@ -70,9 +70,43 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="owner of this replica's holds; its open holds from a previous run are released at start "
         "(default: HOST:PORT)",
     )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=None,
+        help="largest request body accepted; larger ones get 413 before they are read (default: 8 MiB, "
+        "room for a 128k-token context in any JSON spelling)",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds a streaming client may read nothing before its request is aborted and billed for "
+        "the tokens so far, like a disconnect (default: 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 2**40:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 2**40, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 86400:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds, got {text}")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,7 +133,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return AsyncEngine.from_config(configs[name], max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
-    app = create_app(load=load, model_names=names, billing=_billing(args, names))
+    limits = {}
+    if args.max_body_bytes is not None:
+        limits["max_body_bytes"] = args.max_body_bytes
+    if args.stream_stall_timeout is not None:
+        limits["stream_stall_timeout_s"] = args.stream_stall_timeout
+    app = create_app(load=load, model_names=names, billing=_billing(args, names), **limits)
     config = uvicorn.Config(
         app,
         host=args.host,
