@@ -211,7 +211,31 @@ def test_content_parts_are_flattened_and_developer_is_system(tok):
 def test_bad_messages_raise_invalid_request(tok, messages, fragment):
     with pytest.raises(InvalidRequestError, match=fragment) as err:
         tok.apply_chat_template(messages)
-    assert err.value.param == "messages"
+    assert err.value.param.startswith("messages")
+
+
+@pytest.mark.parametrize(
+    "part, param, fragment",
+    [
+        ({"type": "text"}, "messages[0].content[1].text", "needs a string 'text'"),
+        ({"type": "text", "text": 5}, "messages[0].content[1].text", "needs a string 'text'"),
+        ({"type": "image_url"}, "messages[0].content[1].type", "got 'image_url'"),
+        ({"text": "no type"}, "messages[0].content[1].type", "got None"),
+        (7, "messages[0].content[1].type", "got int"),
+    ],
+)
+def test_content_part_errors_name_the_part_and_say_what_is_wrong(tok, part, param, fragment):
+    """Regression: {"type": "text"} without "text" said "only text parts are supported, got 'text'"."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "ok"}, part]}]
+    with pytest.raises(InvalidRequestError, match=fragment) as err:
+        tok.apply_chat_template(messages)
+    assert err.value.param == param and "got 'text'" not in err.value.message
+
+
+def test_min_tokens_is_a_lower_bound(tok):
+    for text in ("hello world " * 50, "é" * 300, "\n\n\n" * 40, "<|im_start|>" * 20, "x"):
+        least = tok.min_tokens(text)
+        assert least is not None and 1 <= least <= len(tok.encode(text))
 
 
 def test_assistant_tool_call_without_content_is_allowed(tok):

@@ -127,7 +127,7 @@ def _flatten_content(content: Any, index: int) -> str:
                 continue
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text":
-                shown = repr(kind) if isinstance(part, dict) else f"a {type(part).__name__}"
+                shown = repr(kind) if isinstance(part, dict) else type(part).__name__
                 raise InvalidRequestError(
                     f"{where}: only parts of type 'text' are supported, got {shown}", param=f"{where}.type"
                 )

@@ -91,6 +91,11 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
 def validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    # A union (a string or a list of parts) reports one error per member; the deepest one under the
+    # same field says what was really wrong (the list member's messages[0].content[0].text).
+    field = param_path(tuple(first["loc"])) or ""
+    deeper = [e for e in errors if (param_path(tuple(e["loc"])) or "").startswith(field)]
+    first = max(deeper or [first], key=lambda e: len(param_path(tuple(e["loc"])) or ""))
     if first["type"] == "json_invalid":
         message = (
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload "
