@@ -229,7 +229,7 @@ class Tokenizer:
             for text in TURN_END_TOKENS:
                 if text in chat_template and (tid := token_id(text)) is not None:
                     eos.add(tid)
-        return cls(
+        tokenizer = cls(
             backend,
             bos_token_id=bos,
             eos_token_ids=eos,
@@ -237,6 +237,9 @@ class Tokenizer:
             special_tokens=special,
             name=str(path),
         )
+        # Computed now, while loading: the first request must not pay ~0.3 s holding the GIL for it.
+        tokenizer.min_tokens("")
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:

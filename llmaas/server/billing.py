@@ -53,7 +53,6 @@ from llmaas.billing.schema import utcnow
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
 from llmaas.server.errors import error_response
-from llmaas.server.prompts import context_room
 from llmaas.server.usage import RequestUsage
 
 log = logging.getLogger("llmaas.server")
@@ -218,13 +217,12 @@ class ServerBilling:
         params: SamplingParams,
     ) -> Admission:
         """`admit` the worst case of tokenized prompts: every prompt token, and per prompt
-        n x (max_tokens, or the rest of the context window). `engine` is the LLMEngine (its window)."""
-        room = context_room(engine)
+        n x (max_tokens, or the rest of the context window). `engine` is the LLMEngine (its window:
+        the prompts were checked against it already, server/prompts.py)."""
         prompt_tokens = completion_tokens = 0
         for ids in token_ids:
             prompt_tokens += len(ids)
-            max_tokens = params.max_tokens if params.max_tokens is not None else max(room - len(ids), 0)
-            completion_tokens += params.n * max_tokens
+            completion_tokens += params.n * engine.resolve_max_tokens(len(ids), params)
         self.admit(admission, model, prompt_tokens, completion_tokens)
         admission.prompt_token_ids = token_ids
         return admission

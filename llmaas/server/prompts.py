@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from llmaas.engine.llm_engine import LLMEngine
+from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import ContextLengthExceededError
 
 Prompt = str | list[int]
@@ -23,8 +24,10 @@ def context_room(engine: LLMEngine) -> int:
     return min(engine.max_model_len, engine.block_manager.num_blocks * engine.config.block_size)
 
 
-def tokenize_prompts(engine: LLMEngine, source: PromptSource) -> list[list[int]]:
-    """Token ids of each prompt (texts are tokenized, id lists checked). Raises 400s naming `prompt`."""
+def tokenize_prompts(engine: LLMEngine, source: PromptSource, params: SamplingParams) -> list[list[int]]:
+    """Token ids of each prompt (texts are tokenized, id lists checked), each checked against the
+    context window with `params.max_tokens` (the engine's rule). Raises 400s naming `prompt` or
+    `max_tokens`, before the request's tokens are taken from its rate limit."""
     prompts = source() if callable(source) else source
     room = context_room(engine)
     token_ids = []
@@ -36,5 +39,7 @@ def tokenize_prompts(engine: LLMEngine, source: PromptSource) -> list[list[int]]
                 f"{least} tokens.",
                 param="prompt",
             )
-        token_ids.append(engine.tokenize_prompt(prompt))
+        ids = engine.tokenize_prompt(prompt)
+        engine.resolve_max_tokens(len(ids), params)
+        token_ids.append(ids)
     return token_ids

@@ -128,10 +128,10 @@ class ServerState:
 
         def admit() -> tuple[Admission | None, list[list[int]]]:
             if billing is None:
-                return None, tokenize_prompts(engine, prompts)
+                return None, tokenize_prompts(engine, prompts, params)
             admission = billing.begin(request.scope.get(PRINCIPAL), model.name, request_id)
             request.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
-            token_ids = tokenize_prompts(engine, prompts)
+            token_ids = tokenize_prompts(engine, prompts, params)
             billing.admit_prompts(admission, engine, model.name, token_ids, params)
             request.scope[RATE_HEADERS] = admission.headers
             return admission, token_ids
