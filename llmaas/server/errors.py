@@ -91,11 +91,16 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
 def validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
-    # A union (a string or a list of parts) reports one error per member; the deepest one under the
-    # same field says what was really wrong (the list member's messages[0].content[0].text).
+    # A union (a string or a list of parts) reports one error per member, the string member's first;
+    # a lone surrogate found by another member under the same field is what was really wrong
+    # (messages[0].content[0].text, not "messages[0].content is not a string").
     field = param_path(tuple(first["loc"])) or ""
-    deeper = [e for e in errors if (param_path(tuple(e["loc"])) or "").startswith(field)]
-    first = max(deeper or [first], key=lambda e: len(param_path(tuple(e["loc"])) or ""))
+    unicode = [
+        e
+        for e in errors
+        if e["type"] == "invalid_unicode" and (param_path(tuple(e["loc"])) or "").startswith(field)
+    ]
+    first = unicode[0] if unicode else first
     if first["type"] == "json_invalid":
         message = (
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload "
