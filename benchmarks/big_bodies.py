@@ -278,12 +278,16 @@ def main() -> int:
     for r in runs:
         times = sorted(r.pop("answer_ms", []))
         if times:
-            r["answer_ms_p50_max"] = [statistics.median(times), times[-1]]
+            r["answer_ms_p50_p99_max"] = [
+                round(statistics.median(times), 1),
+                percentile(times, 99),
+                times[-1],
+            ]
         print(json.dumps(r))
     result = runs[1]
     print("\nIssue 13 targets (3 x 20 MB bodies with Content-Length, in parallel):")
     p99, idle_p99 = result["health_p99_ms"], runs[0]["health_p99_ms"]
-    slowest = result["answer_ms_p50_max"][1] if "answer_ms_p50_max" in result else float("inf")
+    slowest = result["answer_ms_p50_p99_max"][2] if "answer_ms_p50_p99_max" in result else float("inf")
     growth = max(result["rss_peak_growth_mb"], result["rss_after_growth_mb"])
     all_413 = result["statuses"] == [413] and not result["errors"]
     target = TARGETS["health_p99_ms"]
@@ -292,8 +296,8 @@ def main() -> int:
     )
     target = TARGETS["time_to_413_ms"]
     passed = verdict(slowest, target) if all_413 else "FAIL"
-    times = result["answer_ms_p50_max"]
-    shown = f"p50 {times[0]} ms, max {times[1]} ms over {3 * result['rounds']} bodies"
+    times = result["answer_ms_p50_p99_max"]
+    shown = f"p50 {times[0]} ms, p99 {times[1]} ms, max {times[2]} ms over {3 * result['rounds']} bodies"
     print(f"  time to 413: {shown} (statuses {result['statuses']}), target < {target:.0f} ms each: {passed}")
     target = TARGETS["rss_growth_mb"]
     print(f"  RSS growth {growth} MB, target < {target:.0f} MB: {verdict(growth, target)}")
