@@ -301,3 +301,34 @@ def test_openapi_documents_the_statuses_really_answered(base_url):
     # What the document says is what the server does.
     r = httpx.post(base_url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
     assert r.status_code == 401
+
+
+# ----------------------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--max-body-bytes", "0"),
+        ("--max-body-bytes", str(2**64)),
+        ("--max-body-bytes", "1e6"),
+        ("--stream-stall-timeout", "0"),
+        ("--stream-stall-timeout", "nan"),
+        ("--stream-stall-timeout", "1e308"),
+    ],
+)
+def test_serve_limits_out_of_range_are_one_line_and_exit_2(flag, value, capsys):
+    from llmaas.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+
+
+def test_serve_limits_parse():
+    from llmaas.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--max-body-bytes", "1048576", "--stream-stall-timeout", "2.5"]
+    )
+    assert args.max_body_bytes == 1048576 and args.stream_stall_timeout == 2.5
