@@ -188,7 +188,7 @@ class ServerBilling:
         """Before any work on the prompt: the key's model allow-list (403) and one request from its
         requests-per-minute bucket (429, or also when its token bucket is in debt).
 
-        A request refused after this (a 400 for its prompt, 429 for its tokens, 402 for the balance)
+        A request refused after this (a 400 for its prompt, 429 for its tokens or its balance)
         keeps that request used: like OpenAI's, the requests-per-minute limit counts attempts, so a
         key cannot make the server tokenize megabytes more often than its rpm allows. Its tokens are
         never taken, or given back.
@@ -234,8 +234,8 @@ class ServerBilling:
         prompt_tokens: int,
         max_completion_tokens: int,
     ) -> Admission:
-        """After `begin`: the tokens from the rate limit, then hold the worst case. Raises 429 / 402
-        before any engine work."""
+        """After `begin`: the tokens from the rate limit, then hold the worst case. Raises 429 (rate
+        limit, or insufficient_quota) before any engine work."""
         principal = admission.principal
         estimated = prompt_tokens + max_completion_tokens
         if principal is not None:
