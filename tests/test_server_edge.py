@@ -287,6 +287,33 @@ def test_a_stream_whose_client_stops_reading_is_aborted_and_billed(base_url, db,
             pass
 
 
+def test_a_stream_buffers_at_most_max_buffered_outputs(engine, monkeypatch):
+    """Before the stall timeout: a stream whose client reads nothing holds at most
+    MAX_BUFFERED_OUTPUTS engine outputs; past that it is aborted like a disconnect."""
+    from llmaas.server import generation
+    from tests.test_server_api import Recorder
+
+    monkeypatch.setattr(generation, "MAX_BUFFERED_OUTPUTS", 32)
+    hook = Recorder()
+    body = json.dumps(
+        {"model": MODEL, "prompt": "hi", "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 16}
+    ).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    with serve(create_app({MODEL: engine}, billing_hook=hook, stream_stall_timeout_s=600)) as url:
+        with connect(url, rcvbuf=4096) as sock:
+            sock.sendall(head.encode() + body)
+            first = b""
+            while b'"id":"' not in first:
+                first += sock.recv(4096)
+            request_id = first.split(b'"id":"')[1].split(b'"')[0].decode()
+            record = hook.wait_for(request_id, timeout=60)  # long before the 600 s stall timeout
+            assert record.status == "aborted" and 0 < record.completion_tokens < 16 * 900
+            assert not engine.call(lambda e: e.has_unfinished_requests()).result(5)
+
+
 # ------------------------------------------------------------------------------------ openapi
 def test_openapi_documents_the_statuses_really_answered(base_url):
     spec = httpx.get(base_url + "/openapi.json").json()
