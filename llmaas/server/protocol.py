@@ -43,21 +43,23 @@ def _valid_unicode(value: str) -> str:
 
 
 def _find_lone_surrogate(value: Any, path: str) -> str | None:
-    """The path of the first string (or key) holding a lone surrogate inside free-form JSON, or None."""
-    if isinstance(value, str):
-        try:
-            _valid_unicode(value)
-        except PydanticCustomError:
-            return path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found = _find_lone_surrogate(key, path) or _find_lone_surrogate(item, f"{path}.{key}")
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            if found := _find_lone_surrogate(item, f"{path}[{i}]"):
-                return found
+    """The path of the first string (or key) holding a lone surrogate inside free-form JSON, or None.
+    Iterative: JSON nests ~1,000 deep, about the interpreter's recursion limit."""
+    pending = [(value, path)]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                pending.append((inner, f"{where}.{key}"))
+                pending.append((key, f"{where} (a key)"))
+        elif isinstance(item, list):
+            pending.extend((inner, f"{where}[{i}]") for i, inner in reversed(list(enumerate(item))))
     return None
 
 
