@@ -36,8 +36,8 @@ def _valid_unicode(value: str) -> str:
         except UnicodeEncodeError as exc:
             raise PydanticCustomError(
                 "invalid_unicode",
-                "not valid Unicode: a lone surrogate (U+{code:04X}) at character {position}",
-                {"code": ord(value[exc.start]), "position": exc.start},
+                "not valid Unicode: a lone surrogate (U+{code}) at character {position}",
+                {"code": f"{ord(value[exc.start]):04X}", "position": exc.start},
             ) from None
     return value
 
