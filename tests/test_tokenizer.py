@@ -321,3 +321,12 @@ def test_incremental_detokenizer_special_tokens_and_truncated_end(tok):
     detok = IncrementalDetokenizer(tok)
     assert detok.add_many(partial) == ""
     assert detok.flush() == tok.decode(partial)
+
+
+def test_long_texts_tokenize_the_same_off_the_gil(tok):
+    """Long texts go through the batch call (which releases the GIL): the same ids as `encode`."""
+    from llmaas.models.tokenizer import _LONG_TEXT
+
+    text = ("Hello, wörld! <|im_start|> 123 \n\t" * (_LONG_TEXT // 10))[: 3 * _LONG_TEXT]
+    assert len(text) > _LONG_TEXT
+    assert tok.encode(text) == tok.backend.encode(text, add_special_tokens=False).ids

@@ -250,8 +250,10 @@ class Tokenizer:
         """Token ids of `text`. Special tokens written in the text (e.g. from a chat template) are matched."""
         if len(text) > _LONG_TEXT:
             # `encode` keeps the GIL for the whole call (measured: 0.8 s for 650k characters, during
-            # which the server's event loop got 12 turns); `encode_batch` releases it, same ids.
-            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            # which the server's event loop got 12 turns); the batch calls release it, same ids. The
+            # fast one (tokenizers >= 0.21) skips character offsets: half the memory (46 vs 85 MB here).
+            batch = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
+            return batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
