@@ -296,7 +296,15 @@ def test_a_stream_buffers_at_most_max_buffered_outputs(engine, monkeypatch):
     monkeypatch.setattr(generation, "MAX_BUFFERED_OUTPUTS", 32)
     hook = Recorder()
     body = json.dumps(
-        {"model": MODEL, "prompt": "hi", "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 16}
+        {
+            "model": MODEL,
+            "prompt": "hi",
+            "max_tokens": 900,
+            "ignore_eos": True,
+            "stream": True,
+            "n": 16,
+            "logprobs": 20,  # ~20 MB of events in all: the socket buffers (4 MB) fill, the client reads none
+        }
     ).encode()
     head = (
         "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
