@@ -424,7 +424,7 @@ def test_the_server_bills_a_failed_request_for_its_tokens(db):
 
     _account(db, "default")
     billing = ServerBilling(db, auth=False, owner="replica-a", hold_ttl_s=60)
-    admission = billing.admit(None, "smol", "req-failed", 10, 100)
+    admission = billing.admit(billing.begin(None, "smol", "req-failed"), "smol", 10, 100)
     assert admission.hold.expires_at == admission.hold.created_at + timedelta(seconds=60)
     assert billing.record_progress("req-failed", 10, 0, 3)
     usage = RequestUsage("req-failed", "smol", "chat.completions", 10, 0, 51, "failed", (None,))

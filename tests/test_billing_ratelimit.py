@@ -137,3 +137,22 @@ def test_peek_reads_the_buckets_and_takes_nothing(limiter):
         seen = lim.peek("k-peek", 5, 1000)
     assert seen.remaining_requests == 4 and seen.remaining_tokens in (700, 701)
     assert seen.headers["x-ratelimit-limit-requests"] == "5" and "retry-after" not in seen.headers
+
+
+def test_the_request_then_its_tokens_in_two_steps(limiter):
+    """The server takes the request before any work on the prompt (tokens=0), then its tokens once
+    counted (requests=0); the second step never takes a request, and is refused for tokens only."""
+    lim, _ = limiter
+    first = lim.acquire("two-step", 2, 1000, 0)
+    assert first.remaining_requests == 1 and first.remaining_tokens == 1000
+    second = lim.acquire("two-step", 2, 1000, 600, requests=0)
+    assert second.remaining_requests == 1 and second.remaining_tokens == 400
+    lim.acquire("two-step", 2, 1000, 0)  # the last request of the minute
+    with pytest.raises(RateLimitExceededError) as info:
+        lim.acquire("two-step", 2, 1000, 500, requests=0)  # no request needed; too few tokens
+    assert "tokens per minute" in info.value.message
+    assert 5 < info.value.retry_after_s <= 7  # 100 tokens at 1000/60 per second
+    assert lim.acquire("two-step", 2, 1000, 300, requests=0).remaining_requests == 0
+    with pytest.raises(RateLimitExceededError) as info:
+        lim.acquire("two-step", 2, 1000, 0)
+    assert "requests per minute" in info.value.message

@@ -211,7 +211,31 @@ def test_content_parts_are_flattened_and_developer_is_system(tok):
 def test_bad_messages_raise_invalid_request(tok, messages, fragment):
     with pytest.raises(InvalidRequestError, match=fragment) as err:
         tok.apply_chat_template(messages)
-    assert err.value.param == "messages"
+    assert err.value.param.startswith("messages")
+
+
+@pytest.mark.parametrize(
+    "part, param, fragment",
+    [
+        ({"type": "text"}, "messages[0].content[1].text", "needs a string 'text'"),
+        ({"type": "text", "text": 5}, "messages[0].content[1].text", "needs a string 'text'"),
+        ({"type": "image_url"}, "messages[0].content[1].type", "got 'image_url'"),
+        ({"text": "no type"}, "messages[0].content[1].type", "got None"),
+        (7, "messages[0].content[1].type", "got int"),
+    ],
+)
+def test_content_part_errors_name_the_part_and_say_what_is_wrong(tok, part, param, fragment):
+    """Regression: {"type": "text"} without "text" said "only text parts are supported, got 'text'"."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "ok"}, part]}]
+    with pytest.raises(InvalidRequestError, match=fragment) as err:
+        tok.apply_chat_template(messages)
+    assert err.value.param == param and "got 'text'" not in err.value.message
+
+
+def test_min_tokens_is_a_lower_bound(tok):
+    for text in ("hello world " * 50, "é" * 300, "\n\n\n" * 40, "<|im_start|>" * 20, "x"):
+        least = tok.min_tokens(text)
+        assert least is not None and 1 <= least <= len(tok.encode(text))
 
 
 def test_assistant_tool_call_without_content_is_allowed(tok):
@@ -297,3 +321,12 @@ def test_incremental_detokenizer_special_tokens_and_truncated_end(tok):
     detok = IncrementalDetokenizer(tok)
     assert detok.add_many(partial) == ""
     assert detok.flush() == tok.decode(partial)
+
+
+def test_long_texts_tokenize_the_same_off_the_gil(tok):
+    """Long texts go through the batch call (which releases the GIL): the same ids as `encode`."""
+    from llmaas.models.tokenizer import _LONG_TEXT
+
+    text = ("Hello, wörld! <|im_start|> 123 \n\t" * (_LONG_TEXT // 10))[: 3 * _LONG_TEXT]
+    assert len(text) > _LONG_TEXT
+    assert tok.encode(text) == tok.backend.encode(text, add_special_tokens=False).ids

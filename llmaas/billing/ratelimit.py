@@ -2,8 +2,10 @@
 
 Each bucket holds up to a minute's allowance and refills continuously at limit/60 per second, so a
 key may burst its whole minute and then proceeds at the steady rate. `acquire` takes one request
-and the request's estimated tokens from both buckets or from neither; `adjust` corrects the token
-bucket at settle by (actual - estimated) tokens, which may leave it below zero for a while.
+and the request's estimated tokens from both buckets or from neither (or, in two steps, the request
+before any work on the prompt and its tokens once they are counted: `requests=0` for the second);
+`adjust` corrects the token bucket at settle by (actual - estimated) tokens, which may leave it below
+zero for a while.
 
 Two implementations behind one interface: InProcessRateLimiter (one server process) and
 RedisRateLimiter (ratelimit_redis.py: several processes share the buckets). Both return a
@@ -44,6 +46,7 @@ class RateLimitDecision:
     remaining_tokens: int
     reset_tokens_s: float
     retry_after_s: float | None  # when refused: until both buckets can cover it; None if they never can
+    refused_for_requests: bool = False  # refused because the request bucket was empty
 
     @property
     def headers(self) -> dict[str, str]:
@@ -68,6 +71,7 @@ def decide(
     requests_per_minute: int,
     tokens_per_minute: int,
     tokens: int,
+    requests: int = 1,
 ) -> RateLimitDecision:
     """A decision from bucket levels after the attempt (shared by both implementations)."""
     request_rate = requests_per_minute / 60.0
@@ -79,7 +83,7 @@ def decide(
         else:
             retry = max(
                 0.0,
-                (1 - request_level) / request_rate,
+                (requests - request_level) / request_rate,
                 (tokens - token_level) / token_rate,
             )
     return RateLimitDecision(
@@ -91,10 +95,11 @@ def decide(
         remaining_tokens=max(0, math.floor(token_level)),
         reset_tokens_s=max(0.0, (tokens_per_minute - token_level) / token_rate),
         retry_after_s=retry,
+        refused_for_requests=not allowed and request_level < requests,
     )
 
 
-def check_limits(requests_per_minute: int, tokens_per_minute: int, tokens: int) -> None:
+def check_limits(requests_per_minute: int, tokens_per_minute: int, tokens: int, requests: int = 1) -> None:
     for value, param in (
         (requests_per_minute, "requests_per_minute"),
         (tokens_per_minute, "tokens_per_minute"),
@@ -103,6 +108,8 @@ def check_limits(requests_per_minute: int, tokens_per_minute: int, tokens: int) 
             raise InvalidRequestError(f"'{param}' must be a positive integer", param=param)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise InvalidRequestError("'tokens' must be a non-negative integer", param="tokens")
+    if requests not in (0, 1):
+        raise InvalidRequestError("'requests' must be 0 or 1", param="requests")
 
 
 def raise_if_refused(decision: RateLimitDecision) -> RateLimitDecision:
@@ -113,7 +120,7 @@ def raise_if_refused(decision: RateLimitDecision) -> RateLimitDecision:
             f"Request too large: it needs more tokens than this key's limit of "
             f"{decision.limit_tokens} tokens per minute."
         )
-    elif decision.remaining_requests < 1:
+    elif decision.refused_for_requests:
         message = f"Rate limit reached: {decision.limit_requests} requests per minute."
     else:
         message = f"Rate limit reached: {decision.limit_tokens} tokens per minute."
@@ -122,9 +129,10 @@ def raise_if_refused(decision: RateLimitDecision) -> RateLimitDecision:
 
 class RateLimiter(Protocol):
     def acquire(
-        self, key_id: str, requests_per_minute: int, tokens_per_minute: int, tokens: int
+        self, key_id: str, requests_per_minute: int, tokens_per_minute: int, tokens: int, requests: int = 1
     ) -> RateLimitDecision:
-        """Take 1 request and `tokens` from the key's buckets, or refuse (raise RateLimitExceededError)."""
+        """Take `requests` (1, or 0 when the request was taken earlier) and `tokens` from the key's
+        buckets, or refuse (raise RateLimitExceededError)."""
         ...
 
     def adjust(self, key_id: str, requests_per_minute: int, tokens_per_minute: int, token_delta: int) -> None:
@@ -163,16 +171,18 @@ class InProcessRateLimiter:
         return b
 
     def acquire(
-        self, key_id: str, requests_per_minute: int, tokens_per_minute: int, tokens: int
+        self, key_id: str, requests_per_minute: int, tokens_per_minute: int, tokens: int, requests: int = 1
     ) -> RateLimitDecision:
-        check_limits(requests_per_minute, tokens_per_minute, tokens)
+        check_limits(requests_per_minute, tokens_per_minute, tokens, requests)
         with self._lock:
             b = self._refilled(key_id, requests_per_minute, tokens_per_minute)
-            allowed = b.requests >= 1 and b.tokens >= tokens
+            allowed = b.requests >= requests and b.tokens >= tokens
             if allowed:
-                b.requests -= 1
+                b.requests -= requests
                 b.tokens -= tokens
-            decision = decide(allowed, b.requests, b.tokens, requests_per_minute, tokens_per_minute, tokens)
+            decision = decide(
+                allowed, b.requests, b.tokens, requests_per_minute, tokens_per_minute, tokens, requests
+            )
         return raise_if_refused(decision)
 
     def adjust(self, key_id: str, requests_per_minute: int, tokens_per_minute: int, token_delta: int) -> None:

@@ -11,8 +11,9 @@ import redis
 from llmaas.billing.ratelimit import RateLimitDecision, check_limits, decide, raise_if_refused
 
 # KEYS[1]: the key's bucket hash. ARGV: rpm, tpm, tokens, mode ("take", "adjust": tokens is the delta
-# to subtract, or "peek": read only). Returns {allowed, request_level, token_level} as strings (Lua
-# numbers are doubles; a number reply would be truncated to an integer).
+# to subtract, or "peek": read only), requests to take (1, or 0 when taken earlier). Returns
+# {allowed, request_level, token_level} as strings (Lua numbers are doubles; a number reply would be
+# truncated to an integer).
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -27,9 +28,10 @@ local elapsed = math.max(0, now - at)
 r = math.min(rpm, r + elapsed * rpm / 60)
 tk = math.min(tpm, tk + elapsed * tpm / 60)
 local allowed = 1
+local requests = tonumber(ARGV[5]) or 1
 if ARGV[4] == 'take' then
-  if r >= 1 and tk >= tokens then
-    r = r - 1
+  if r >= requests and tk >= tokens then
+    r = r - requests
     tk = tk - tokens
   else
     allowed = 0
@@ -55,16 +57,21 @@ class RedisRateLimiter:
     def from_url(cls, url: str, prefix: str = "llmaas:ratelimit:") -> RedisRateLimiter:
         return cls(redis.Redis.from_url(url), prefix)
 
-    def _run(self, key_id: str, rpm: int, tpm: int, tokens: int, mode: str) -> tuple[bool, float, float]:
-        allowed, r, tk = self._script(keys=[self._prefix + key_id], args=[rpm, tpm, tokens, mode])
+    def _run(
+        self, key_id: str, rpm: int, tpm: int, tokens: int, mode: str, requests: int = 1
+    ) -> tuple[bool, float, float]:
+        args = [rpm, tpm, tokens, mode, requests]
+        allowed, r, tk = self._script(keys=[self._prefix + key_id], args=args)
         return allowed in (b"1", "1"), float(r), float(tk)
 
     def acquire(
-        self, key_id: str, requests_per_minute: int, tokens_per_minute: int, tokens: int
+        self, key_id: str, requests_per_minute: int, tokens_per_minute: int, tokens: int, requests: int = 1
     ) -> RateLimitDecision:
-        check_limits(requests_per_minute, tokens_per_minute, tokens)
-        allowed, r, tk = self._run(key_id, requests_per_minute, tokens_per_minute, tokens, "take")
-        return raise_if_refused(decide(allowed, r, tk, requests_per_minute, tokens_per_minute, tokens))
+        check_limits(requests_per_minute, tokens_per_minute, tokens, requests)
+        allowed, r, tk = self._run(key_id, requests_per_minute, tokens_per_minute, tokens, "take", requests)
+        return raise_if_refused(
+            decide(allowed, r, tk, requests_per_minute, tokens_per_minute, tokens, requests)
+        )
 
     def adjust(self, key_id: str, requests_per_minute: int, tokens_per_minute: int, token_delta: int) -> None:
         self._run(key_id, requests_per_minute, tokens_per_minute, token_delta, "adjust")

@@ -15,12 +15,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from llmaas.engine.async_engine import AsyncEngine
 from llmaas.server import admin, chat, completions
 from llmaas.server.billing import BillingMiddleware, ServerBilling
+from llmaas.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from llmaas.server.draining import DrainMiddleware
 from llmaas.server.errors import error_body, install_error_handlers
 from llmaas.server.metrics import HttpMetricsMiddleware
+from llmaas.server.openapi import document_statuses
 from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
 from llmaas.server.registry import ModelRegistry, ServedModel
 from llmaas.server.state import ServerState
+from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook
 
 log = logging.getLogger("llmaas.server")
@@ -63,6 +66,8 @@ def create_app(
     model_names: list[str] | tuple[str, ...] = (),
     billing_hook: BillingHook | None = None,
     billing: ServerBilling | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    stream_stall_timeout_s: float = DEFAULT_STREAM_STALL_TIMEOUT_S,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engines` (served name -> AsyncEngine, already loaded).
 
@@ -72,11 +77,15 @@ def create_app(
 
     With `billing`, every /v1 request is authenticated, rate limited, held and settled
     (server/billing.py); without it nothing is billed (`billing_hook` still sees every request).
+
+    A body over `max_body_bytes` is refused 413 before it is read (body_limit.py); a stream whose
+    client reads nothing for `stream_stall_timeout_s` is aborted and billed like a disconnect
+    (streaming.py).
     """
     registry = ModelRegistry([*model_names, *(engines or {})])
     for name, engine in (engines or {}).items():
         registry.add(name, engine)
-    state = ServerState(registry, billing_hook, billing)
+    state = ServerState(registry, billing_hook, billing, stream_stall_timeout_s=stream_stall_timeout_s)
 
     async def load_all() -> None:
         for name in model_names:
@@ -109,6 +118,7 @@ def create_app(
     if billing is not None:
         app.add_middleware(BillingMiddleware, billing=billing)
     app.add_middleware(DrainMiddleware, drain=state.drain)  # outside billing: a refused request is not billed
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # before anything reads the body
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
 
     def card(model: ServedModel) -> dict:
@@ -159,15 +169,11 @@ def create_app(
         return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     def openapi() -> dict:
-        # FastAPI documents a 422 for every body; this server answers 400 instead (errors.py).
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            for path in schema["paths"].values():
-                for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
-            app.openapi_schema = schema
+            app.openapi_schema = document_statuses(
+                schema, billing=billing is not None, auth=billing is not None and billing.auth
+            )
         return app.openapi_schema
 
     app.openapi = openapi

@@ -1,7 +1,8 @@
 """Billing around every request: auth, rate limit and hold at admission, settle at the end.
 
-The walk (design.md): bearer -> `verify_key` (BillingMiddleware, every /v1 path) -> after tokenizing,
-`limiter.acquire` + `hold_for_request` (ServerBilling.admit) -> engine, with the plan's priority ->
+The walk (design.md): bearer -> `verify_key` (BillingMiddleware, every /v1 path) -> one request from
+the rate limit (ServerBilling.begin) -> the prompt's CPU work (server/prompts.py) -> its tokens from
+the rate limit + `hold_for_request` (ServerBilling.admit) -> engine, with the plan's priority ->
 `settle` (ServerBilling.finish, through the BillingHook seam, before the last byte / [DONE]) ->
 `usage.cost` in the response. Every database call is synchronous and runs in a worker thread.
 While a request runs, its tokens so far are checkpointed on its hold (`progress_checkpoint`,
@@ -33,7 +34,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from llmaas.billing import (
@@ -212,58 +212,74 @@ class ServerBilling:
             self._default_account_id = get_account(self.db, self.default_account).id
         return self._default_account_id
 
-    def admit_prompts(
-        self,
-        principal: Principal | None,
-        engine,
-        model: str,
-        request_id: str,
-        prompts: Sequence[str | list[int]],
-        params: SamplingParams,
-    ) -> Admission:
-        """Tokenize the prompts (once: the engine then gets these ids), then `admit` their worst case:
-        every prompt token, and per prompt n x (max_tokens, or the rest of the context window).
+    def begin(self, principal: Principal | None, model: str, request_id: str) -> Admission:
+        """Before any work on the prompt: the key's model allow-list (403) and one request from its
+        requests-per-minute bucket (429, or also when its token bucket is in debt).
 
-        `engine` is the LLMEngine (its tokenizer and window); raises 400 for an empty or invalid prompt.
+        A request refused after this (a 400 for its prompt, 429 for its tokens or its balance)
+        keeps that request used: like OpenAI's, the requests-per-minute limit counts attempts, so a
+        key cannot make the server tokenize megabytes more often than its rpm allows. Its tokens are
+        never taken, or given back.
         """
-        room = min(engine.max_model_len, engine.block_manager.num_blocks * engine.config.block_size)
-        token_ids = [engine.tokenize_prompt(prompt) for prompt in prompts]
-        prompt_tokens = completion_tokens = 0
-        for ids in token_ids:
-            prompt_tokens += len(ids)
-            max_tokens = params.max_tokens if params.max_tokens is not None else max(room - len(ids), 0)
-            completion_tokens += params.n * max_tokens
-        admission = self.admit(principal, model, request_id, prompt_tokens, completion_tokens)
-        admission.prompt_token_ids = token_ids
-        return admission
-
-    def admit(
-        self,
-        principal: Principal | None,
-        model: str,
-        request_id: str,
-        prompt_tokens: int,
-        max_completion_tokens: int,
-    ) -> Admission:
-        """Allow-list, rate limit, then hold the worst case. Raises 403 / 429 before any work."""
         if (
             principal is not None
             and principal.allowed_models is not None
             and model not in principal.allowed_models
         ):
             raise ModelNotAllowedError(f"This API key may not use model {model!r}.", param="model")
-        estimated = prompt_tokens + max_completion_tokens
-        admission = Admission(request_id, self._account_id(principal), principal, estimated)
+        admission = Admission(request_id, self._account_id(principal), principal, 0)
         if principal is not None:
             decision = self.limiter.acquire(
-                principal.key_id, principal.requests_per_minute, principal.tokens_per_minute, estimated
+                principal.key_id, principal.requests_per_minute, principal.tokens_per_minute, 0
             )
             admission.headers = decision.headers
             admission.priority = principal.priority
+        return admission
+
+    def admit_prompts(
+        self,
+        admission: Admission,
+        engine,
+        model: str,
+        token_ids: list[list[int]],
+        params: SamplingParams,
+    ) -> Admission:
+        """`admit` the worst case of tokenized prompts: every prompt token, and per prompt
+        n x (max_tokens, or the rest of the context window). `engine` is the LLMEngine (its window:
+        the prompts were checked against it already, server/prompts.py)."""
+        prompt_tokens = completion_tokens = 0
+        for ids in token_ids:
+            prompt_tokens += len(ids)
+            completion_tokens += params.n * engine.resolve_max_tokens(len(ids), params)
+        self.admit(admission, model, prompt_tokens, completion_tokens)
+        admission.prompt_token_ids = token_ids
+        return admission
+
+    def admit(
+        self,
+        admission: Admission,
+        model: str,
+        prompt_tokens: int,
+        max_completion_tokens: int,
+    ) -> Admission:
+        """After `begin`: the tokens from the rate limit, then hold the worst case. Raises 429 (rate
+        limit, or insufficient_quota) before any engine work."""
+        principal = admission.principal
+        estimated = prompt_tokens + max_completion_tokens
+        if principal is not None:
+            decision = self.limiter.acquire(
+                principal.key_id,
+                principal.requests_per_minute,
+                principal.tokens_per_minute,
+                estimated,
+                requests=0,  # taken by `begin`
+            )
+            admission.headers = decision.headers
+        admission.estimated_tokens = estimated
         try:
             admission.hold = hold_for_request(
                 self.db,
-                request_id,
+                admission.request_id,
                 admission.account_id,
                 model,
                 prompt_tokens,

@@ -34,10 +34,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     }
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    tokenizer = model.engine.engine.tokenizer
+
+    def render() -> list[str]:  # CPU work: in a worker thread, after the rate-limit slot (state.py)
+        return [tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])]
+
     with params_named(names):
-        prompt = model.engine.engine.tokenizer.apply_chat_template(
-            [m.model_dump(exclude_none=True) for m in body.messages]
-        )
         params = sampling_params(
             body,
             max_tokens=max_tokens,
@@ -68,7 +70,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return await respond(
         request,
         model,
-        [prompt],
+        render,
         params,
         body,
         endpoint="chat.completions",

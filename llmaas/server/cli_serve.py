@@ -72,6 +72,20 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "start (default: HOST:PORT)",
     )
     _add_hold_args(p)
+    p.add_argument(
+        "--max-body-bytes",
+        type=_bounded(int, 1, 2**40),
+        default=None,
+        help="largest request body accepted; larger ones get 413 before they are read (default: 8 MiB, "
+        "room for a 128k-token context in any JSON spelling)",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=_bounded(float, 0.001, 86400),
+        default=None,
+        help="seconds a streaming client may read nothing before its request is aborted and billed for "
+        "the tokens so far, like a disconnect (default: 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -150,7 +164,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
     billing, lease = _billing(args, names)
-    app = create_app(load=load, model_names=names, billing=billing)
+    limits = {}
+    if args.max_body_bytes is not None:
+        limits["max_body_bytes"] = args.max_body_bytes
+    if args.stream_stall_timeout is not None:
+        limits["stream_stall_timeout_s"] = args.stream_stall_timeout
+    app = create_app(load=load, model_names=names, billing=billing, **limits)
     config = uvicorn.Config(
         app,
         host=args.host,

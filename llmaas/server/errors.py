@@ -27,8 +27,30 @@ class ModelLoadingError(LlmaasError):
     code = "model_loading"
 
 
+def printable(text: str) -> str:
+    """`text` with any lone surrogate escaped: a response body must encode as UTF-8 whatever a client sent."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    param = printable(param) if param is not None else None
+    return {"error": {"message": printable(message), "type": type_, "param": param, "code": code}}
+
+
+def _shown(value: Any) -> str:
+    """A short JSON excerpt of a rejected value (never the whole of a multi-megabyte string or list)."""
+    if isinstance(value, str):
+        value = value[:80]
+    elif isinstance(value, (list, tuple)):
+        value = list(value[:10])
+    elif isinstance(value, dict):
+        value = dict(list(value.items())[:10])
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
 
 
 def error_response(exc: LlmaasError) -> JSONResponse:
@@ -69,6 +91,16 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
 def validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    # A union (a string or a list of parts) reports one error per member, the string member's first;
+    # a lone surrogate found by another member under the same field is what was really wrong
+    # (messages[0].content[0].text, not "messages[0].content is not a string").
+    field = param_path(tuple(first["loc"])) or ""
+    unicode = [
+        e
+        for e in errors
+        if e["type"] == "invalid_unicode" and (param_path(tuple(e["loc"])) or "").startswith(field)
+    ]
+    first = unicode[0] if unicode else first
     if first["type"] == "json_invalid":
         message = (
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload "
@@ -85,17 +117,17 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
             error_body(message, "invalid_request_error", param, "unknown_parameter"), status_code=400
         )
+    if first["type"] == "invalid_unicode":
+        message = f"Invalid value for '{param}': {first['msg']}. Send text as valid UTF-8."
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param, "invalid_unicode"), status_code=400
+        )
     if first["type"] == "missing":
         message = f"Missing required parameter: '{param}'." if param else "The request body is missing."
     elif param is None:
         message = f"The request body must be a JSON object: {first['msg']}."
     else:
-        got = first.get("input")
-        try:
-            shown = json.dumps(got)[:80]
-        except (TypeError, ValueError):
-            shown = repr(got)[:80]
-        message = f"Invalid value for '{param}': {first['msg']} (got {shown})."
+        message = f"Invalid value for '{param}': {first['msg']} (got {_shown(first.get('input'))})."
     return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
 

@@ -23,6 +23,10 @@ from llmaas.errors import LlmaasError
 log = logging.getLogger("llmaas.server")
 
 _ABORTED = object()
+# Outputs a stream may hold that its client has not taken yet (one per engine step). A client that
+# reads nothing is aborted after the stall timeout (streaming.py); this bounds the memory before that
+# on an engine faster than MAX_BUFFERED_OUTPUTS / timeout steps per second.
+MAX_BUFFERED_OUTPUTS = 1024
 _background: set[asyncio.Task] = set()  # strong references to fire-and-forget tasks
 
 
@@ -87,6 +91,11 @@ class EngineRun:
         self._queue.put_nowait((index, item))
         if not ended and self._on_progress is not None:
             self._on_progress(self)
+        if self._queue.qsize() > MAX_BUFFERED_OUTPUTS and self.status is None:
+            log.warning(
+                "%s: %d outputs unread by the client; aborted", self.request_ids[0], self._queue.qsize()
+            )
+            self.abort()  # billed for the tokens so far, like a disconnect
 
     async def start(self) -> None:
         """Submit every prompt; returns once the engine accepted them all.

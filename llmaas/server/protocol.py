@@ -14,20 +14,57 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     Strict,
     StrictBool,
     StrictInt,
-    StrictStr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from llmaas.engine.sampling_params import MAX_STOP  # noqa: F401  the one stop limit lives in the engine
 
+def _valid_unicode(value: str) -> str:
+    """JSON may spell a lone surrogate (\\ud800); no tokenizer, template or database can take one."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "not valid Unicode: a lone surrogate (U+{code}) at character {position}",
+                {"code": f"{ord(value[exc.start]):04X}", "position": exc.start},
+            ) from None
+    return value
+
+
+def _find_lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate inside free-form JSON, or None.
+    Iterative: JSON nests ~1,000 deep, about the interpreter's recursion limit."""
+    pending = [(value, path)]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                pending.append((inner, f"{where}.{key}"))
+                pending.append((key, f"{where} (a key)"))
+        elif isinstance(item, list):
+            pending.extend((inner, f"{where}[{i}]") for i, inner in reversed(list(enumerate(item))))
+    return None
+
+
+# Every string a client sends may reach a tokenizer, a chat template, a stop matcher or the ledger.
+Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
 Float = Annotated[float, Strict()]  # accepts JSON integers, rejects strings, booleans and NaN
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 TokenIds = list[Annotated[int, Strict(), Field(ge=0)]]
@@ -47,34 +84,48 @@ def unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_parameter", message)
 
 
-class ContentPart(BaseModel):
+class _FreeForm(BaseModel):
+    """A body part whose unknown fields pass through (to the chat template): they must be valid Unicode."""
+
     model_config = ConfigDict(extra="allow")
-    type: StrictStr
-    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _extras_are_unicode(self):
+        if self.model_extra and (where := _find_lone_surrogate(self.model_extra, "")):
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "'{field}' is not valid Unicode: it holds a lone surrogate",
+                {"field": where[1:]},
+            )
+        return self
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ... reach the chat template
+class ContentPart(_FreeForm):
+    type: Text
+    text: Text | None = None
+
+
+class ChatMessage(_FreeForm):  # extras (tool_calls, tool_call_id, ...) reach the chat template
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class _SamplingFields(_Body):
     """Fields shared by chat and completions; the last four are extensions (vLLM's names)."""
 
-    model: StrictStr
+    model: Text
     temperature: Float | None = Field(None, ge=0, le=2)
     top_p: Float | None = Field(None, ge=0, le=1)
     n: StrictInt | None = Field(None, ge=1, le=128)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: Seed | None = None
     presence_penalty: Float | None = Field(None, ge=-2, le=2)
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, Float] | None = None
+    logit_bias: dict[Text, Float] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     top_k: StrictInt | None = Field(None, ge=-1, description="extension: sample from the k most likely")
     min_p: Float | None = Field(None, ge=0, le=1, description="extension: drop tokens below min_p * p(top)")
     repetition_penalty: Float | None = Field(None, gt=0, description="extension: divide repeated logits")
@@ -91,26 +142,26 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     # Harmless: accepted, no effect (this server keeps no stored completions; prefix caching is automatic).
-    metadata: dict[StrictStr, StrictStr] | None = Field(None, description=_NO_EFFECT)
+    metadata: dict[Text, Text] | None = Field(None, description=_NO_EFFECT)
     store: StrictBool | None = Field(None, description=_NO_EFFECT)
     parallel_tool_calls: StrictBool | None = Field(None, description=_NO_EFFECT + " (no tools)")
-    safety_identifier: StrictStr | None = Field(None, description=_NO_EFFECT)
-    prompt_cache_key: StrictStr | None = Field(None, description=_NO_EFFECT + " (prefix caching: automatic)")
-    prediction: dict[StrictStr, Any] | None = Field(None, description=_NO_EFFECT + " (no speculation)")
+    safety_identifier: Text | None = Field(None, description=_NO_EFFECT)
+    prompt_cache_key: Text | None = Field(None, description=_NO_EFFECT + " (prefix caching: automatic)")
+    prediction: dict[Text, Any] | None = Field(None, description=_NO_EFFECT + " (no speculation)")
     # Not supported: refused unless absent or set to the value that asks for nothing.
     tools: list[Any] | None = Field(None, description="not supported (no function calling): null or []")
     functions: list[Any] | None = Field(None, description="not supported (no function calling): null or []")
     tool_choice: Any = Field(None, description='not supported: null, "none" or "auto" (there are no tools)')
     function_call: Any = Field(None, description='not supported: null, "none" or "auto"')
-    response_format: dict[StrictStr, Any] | None = Field(
+    response_format: dict[Text, Any] | None = Field(
         None, description='only {"type": "text"}: output cannot be constrained to JSON'
     )
     audio: Any = Field(None, description="not supported: null")
-    modalities: list[StrictStr] | None = Field(None, description='only ["text"]')
+    modalities: list[Text] | None = Field(None, description='only ["text"]')
     reasoning_effort: Any = Field(None, description="not supported: null (the models do not reason)")
     verbosity: Any = Field(None, description="not supported: null")
     web_search_options: Any = Field(None, description="not supported: null")
-    service_tier: StrictStr | None = Field(None, description='"auto" or "default" (one tier here)')
+    service_tier: Text | None = Field(None, description='"auto" or "default" (one tier here)')
 
     @field_validator("tools", "functions")
     @classmethod
@@ -172,12 +223,12 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: StrictInt | None = Field(16, ge=0, description="0 only with echo: score the prompt")
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool | None = False
     best_of: StrictInt | None = Field(None, ge=1, le=128)
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
 
 
 # ------------------------------------------------------------------ responses (documentation only)

@@ -6,7 +6,7 @@ The endpoint supplies only what differs: how outputs become SSE events, the usag
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ from llmaas.errors import LlmaasError
 from llmaas.server import responses as R
 from llmaas.server.errors import rename_param
 from llmaas.server.generation import ClientDisconnected, EngineRun
+from llmaas.server.prompts import PromptSource
 from llmaas.server.protocol import _SamplingFields
 from llmaas.server.registry import ServedModel
 from llmaas.server.state import ServerState
@@ -51,7 +52,7 @@ def run_usage(run: EngineRun) -> dict[str, Any]:
 async def respond(
     request: Request,
     model: ServedModel,
-    prompts: Sequence[str | list[int]],
+    prompts: PromptSource,
     params: SamplingParams,
     body: _SamplingFields,
     *,
@@ -88,7 +89,8 @@ async def respond(
                 return None
             return event(usage_chunk(request_id, created, run_usage(run)))
 
-        return sse_response(guarded(run, watcher, events(run, request_id, created), final))
+        body_events = guarded(run, watcher, events(run, request_id, created), final)
+        return sse_response(body_events, run, state.stream_stall_timeout_s)
     try:
         async for _ in run.outputs():
             pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Sequence
 
 from fastapi import Request
 
@@ -14,7 +13,9 @@ from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBill
 from llmaas.server.draining import Drain
 from llmaas.server.generation import EngineRun, spawn, watch_disconnect
 from llmaas.server.metrics import Metrics
+from llmaas.server.prompts import PromptSource, tokenize_prompts
 from llmaas.server.registry import ModelRegistry, ServedModel
+from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook, RequestUsage
 
 log = logging.getLogger("llmaas.server")
@@ -34,8 +35,11 @@ class ServerState:
         registry: ModelRegistry,
         billing_hook: BillingHook | None = None,
         billing: ServerBilling | None = None,
+        *,
+        stream_stall_timeout_s: float = DEFAULT_STREAM_STALL_TIMEOUT_S,
     ):
         self.registry = registry
+        self.stream_stall_timeout_s = stream_stall_timeout_s  # streaming.py: a client that reads nothing
         self.metrics = Metrics()
         self.drain = Drain()  # set to draining on SIGTERM (`llmaas serve`)
         self.billing_hook = billing_hook
@@ -45,7 +49,7 @@ class ServerState:
         self,
         request: Request,
         model: ServedModel,
-        prompts: Sequence[str | list[int]],
+        prompts: PromptSource,
         params: SamplingParams,
         request_id: str,
         endpoint: str,
@@ -55,7 +59,7 @@ class ServerState:
         """Submit the engine requests and watch for the client leaving; returns once every prompt has
         its first output (validation errors raise before that). Returns (run, watcher task)."""
         api_key = bearer_token(request)
-        admission = await self._admit(request, model, prompts, params, request_id)
+        admission, token_ids = await self._admit(request, model, prompts, params, request_id)
         # The tokens so far, checkpointed on the hold while the request runs (a crash bills them).
         progress = self.billing.progress_checkpoint(request_id) if admission is not None else None
 
@@ -95,11 +99,9 @@ class ServerState:
                 log.exception("billing hook failed for %s", request_id)
 
         priority = admission.priority if admission is not None else 0
-        if admission is not None:
-            prompts = admission.prompt_token_ids  # tokenized once, for the hold; the engine reuses them
         run = EngineRun(
             model.engine,
-            prompts,
+            token_ids,  # tokenized once, for the hold; the engine reuses them
             params,
             request_id,
             on_end,
@@ -119,25 +121,27 @@ class ServerState:
         self,
         request: Request,
         model: ServedModel,
-        prompts: Sequence[str | list[int]],
+        prompts: PromptSource,
         params: SamplingParams,
         request_id: str,
-    ) -> Admission | None:
-        """Rate limit and hold the worst-case cost (ServerBilling.admit_prompts, in a thread). The
-        prompts are tokenized there once; the engine then gets `admission.prompt_token_ids`."""
-        if self.billing is None:
-            return None
-        admission = await asyncio.to_thread(
-            self.billing.admit_prompts,
-            request.scope.get(PRINCIPAL),
-            model.engine.engine,
-            model.name,
-            request_id,
-            prompts,
-            params,
-        )
-        request.scope[RATE_HEADERS] = admission.headers
-        return admission
+    ) -> tuple[Admission | None, list[list[int]]]:
+        """In one worker thread, in this order: one request from the rate limit (ServerBilling.begin),
+        the prompts' CPU work (template, tokenizer: server/prompts.py), then their tokens from the rate
+        limit and the hold of the worst-case cost (ServerBilling.admit_prompts). Without billing, only
+        the prompts' work. Returns (admission or None, token ids of each prompt)."""
+        billing, engine = self.billing, model.engine.engine
+
+        def admit() -> tuple[Admission | None, list[list[int]]]:
+            if billing is None:
+                return None, tokenize_prompts(engine, prompts, params)
+            admission = billing.begin(request.scope.get(PRINCIPAL), model.name, request_id)
+            request.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
+            token_ids = tokenize_prompts(engine, prompts, params)
+            billing.admit_prompts(admission, engine, model.name, token_ids, params)
+            request.scope[RATE_HEADERS] = admission.headers
+            return admission, token_ids
+
+        return await asyncio.to_thread(admit)
 
     def _observe(self, run: EngineRun, model: str, endpoint: str, status: str) -> None:
         m = self.metrics
