@@ -15,6 +15,7 @@ started again under a NEW instance id. One run (a module fixture); each test che
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -159,24 +160,28 @@ HOSTILE_FIELDS = {
 }
 
 
-def _bad_body(rng: random.Random) -> tuple[str, str]:
-    roll = rng.random()
-    if roll < 0.1:
-        return "/v1/chat/completions", "".join(chr(rng.randint(0, 0x7F)) for _ in range(rng.randint(1, 200)))
-    if roll < 0.2:
-        return "/v1/completions", json.dumps({"model": "tiny", "prompt": ["x"] * rng.choice([300, 5000])})
-    if roll < 0.3:
-        return "/v1/completions", json.dumps({"model": "tiny", "prompt": "\ud800", "max_tokens": 3})
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": rng.random() < 0.5}
-    name = rng.choice(sorted(HOSTILE_FIELDS))
-    body[name] = rng.choice(HOSTILE_FIELDS[name])
-    return "/v1/chat/completions", json.dumps(body)
+def _bad_bodies(rng: random.Random) -> list[tuple[str, str]]:
+    """Every hostile kind, in a seeded order, each several times: a run meets all of them."""
+    hello = {"model": "tiny", "messages": HELLO, "max_tokens": 4}
+    bodies = [
+        ("/v1/chat/completions", "".join(chr(rng.randint(0, 0x7F)) for _ in range(rng.randint(1, 200))))
+        for _ in range(3)
+    ]
+    bodies += [("/v1/completions", json.dumps({"model": "tiny", "prompt": ["x"] * n})) for n in (300, 5000)]
+    bodies += [("/v1/completions", json.dumps({"model": "tiny", "prompt": "\ud800", "max_tokens": 3}))]
+    for name, values in HOSTILE_FIELDS.items():
+        for value in values:
+            for stream in (False, True):
+                bodies.append(("/v1/chat/completions", json.dumps({**hello, "stream": stream, name: value})))
+    rng.shuffle(bodies)
+    return bodies
 
 
 def bad_worker(chaos: Chaos, deadline: float, seed: int) -> None:
     rng = random.Random(seed)
+    bodies = itertools.cycle(_bad_bodies(rng))
     while time.monotonic() < deadline:
-        path, body = _bad_body(rng)
+        path, body = next(bodies)
         try:
             outcome = _send(chaos.url(rng), chaos.keys[rng.choice(ACCOUNTS)], path, body)
         except NoByte:
@@ -184,7 +189,7 @@ def bad_worker(chaos: Chaos, deadline: float, seed: int) -> None:
         outcome.kind = "bad"
         outcome.body = body[:300]
         chaos.record(outcome)
-        time.sleep(rng.uniform(0, 0.2))
+        time.sleep(rng.uniform(0, 0.1))
 
 
 def hangup_worker(chaos: Chaos, deadline: float, seed: int) -> None:

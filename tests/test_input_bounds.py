@@ -296,16 +296,6 @@ def test_every_route_is_in_the_table():
     assert len(_cases()) > 2000
 
 
-def test_the_server_still_serves_everyone_after_the_table(server):
-    """Last in the module: no case left the server, the ledger or an account listing broken."""
-    headers = {"Authorization": f"Bearer {server.customer}"}
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert server.client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
-    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    assert server.client.get("/admin/accounts", headers=admin).status_code == 200
-    assert server.client.get("/health").status_code == 200
-
-
 MONEY_FIELDS = [
     ("/admin/credits/{account}/grant", "amount_usd"),
     ("/admin/credits/{account}/top-up", "amount_usd"),
@@ -330,3 +320,13 @@ def test_no_account_name_differs_from_admin_by_case_only(server):
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     r = server.client.post("/admin/accounts", json={"name": "Admin"}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+
+
+def test_the_server_still_serves_everyone_after_the_table(server):
+    """Last in the module: no case left the server, the ledger or an account listing broken."""
+    headers = {"Authorization": f"Bearer {server.customer}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert server.client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert server.client.get("/admin/accounts", headers=admin).status_code == 200
+    assert server.client.get("/health").status_code == 200
