@@ -174,7 +174,10 @@ def _bad_bodies(rng: random.Random) -> list[tuple[str, str]]:
             for stream in (False, True):
                 bodies.append(("/v1/chat/completions", json.dumps({**hello, "stream": stream, name: value})))
     rng.shuffle(bodies)
-    return bodies
+    # The one that took a whole engine step down (item 1) comes every fifth, so every run meets it
+    # while good requests share the step.
+    killer = ("/v1/chat/completions", json.dumps({**hello, "top_k": 2**64}))
+    return [b for i, body in enumerate(bodies) for b in ([killer, body] if i % 4 == 0 else [body])]
 
 
 def bad_worker(chaos: Chaos, deadline: float, seed: int) -> None:
