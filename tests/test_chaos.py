@@ -19,6 +19,9 @@ import itertools
 import json
 import os
 import random
+import shlex
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,13 +33,15 @@ from sqlalchemy import func, select
 from llmaas.billing import FreeGrant, balance, create_account, create_key, get_usage, open_database, set_price
 from llmaas.billing.schema import Hold, LedgerEntry, UsageRecord
 from tests.model_factory import make_tiny_checkpoint
-from tests.test_server_replicas import start
+from tests.test_server_cli import LAUNCH, free_port
 
 pytest_plugins = ["tests.billing_services"]  # postgres_url, redis_prefix
 
 SECONDS = float(os.environ.get("LLMAAS_CHAOS_SECONDS", "45"))
 SWEEP_WAIT_S = float(os.environ.get("LLMAAS_CHAOS_SWEEP_WAIT_S", "20"))  # how long the sweep may take
 SEED = int(os.environ.get("LLMAAS_CHAOS_SEED", "13"))
+# Extra `llmaas serve` flags for every replica, e.g. a short hold lease so the sweep fits SWEEP_WAIT_S.
+SERVE_ARGS = shlex.split(os.environ.get("LLMAAS_CHAOS_SERVE_ARGS", ""))
 GRANT_MICROS = 50_000_000
 ACCOUNTS = ("chaos-a", "chaos-b", "chaos-c")
 GOOD_WORKERS, BAD_WORKERS, HANGUP_WORKERS = 3, 1, 1
@@ -247,6 +252,28 @@ def long_stream(chaos: Chaos, url: str, account: str, started: threading.Event) 
 
 
 # ------------------------------------------------------------------ the run
+
+
+def start(model_dir, db_url: str, redis_url: str, instance: str) -> tuple[subprocess.Popen, str]:
+    """`llmaas serve` as its own process (as in test_server_replicas, plus SERVE_ARGS)."""
+    port = free_port()
+    args = ["serve", "--model", str(model_dir), "--served-model-name", "tiny", "--port", str(port)]
+    args += ["--dtype", "float32", "--kv-cache-memory", "4MiB", "--block-size", "4", "--log-level", "warning"]
+    args += ["--database-url", db_url, "--redis-url", redis_url, "--instance-id", instance, *SERVE_ARGS]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"replica {instance} exited"
+        assert time.monotonic() < deadline, f"replica {instance} did not become healthy"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def _settled_micros(db, account_id: int) -> int:

@@ -309,7 +309,8 @@ def test_hostile_value(server, method, path, where, field, hostile):
     try:
         assert_answered_as_a_client_error(r, text, None if hostile.unparsable else field)
     finally:
-        assert_no_work_left_behind(server)
+        if path in ("/v1/chat/completions", "/v1/completions"):  # the routes that reach the engine
+            assert_no_work_left_behind(server)
 
 
 # On PostgreSQL: the operator's routes (what reaches the ledger), with the values that overflow a
