@@ -11,6 +11,10 @@ started again under a NEW instance id. One run (a module fixture); each test che
 - for each account, unexpired credit - overdraft == grants - settled costs, to the micro-dollar;
 - no open hold outlives its deadline once the sweep ran (issue 13 item 4);
 - tokens streamed before the crash are billed (issue 13 item 4).
+
+Knobs (environment): LLMAAS_CHAOS_SECONDS (45), LLMAAS_CHAOS_SEED (13), LLMAAS_CHAOS_SWEEP_WAIT_S (20:
+how long the live replicas get to release the dead one's holds), LLMAAS_CHAOS_SERVE_ARGS (extra
+`llmaas serve` flags, e.g. a short hold lease), LLMAAS_CHAOS_REPORT (a path: every outcome as JSON).
 """
 
 from __future__ import annotations
