@@ -48,7 +48,9 @@ from llmaas.billing import (
     release_stale_holds,
     settle,
 )
+from llmaas.billing.inflight import InFlightLimiter, InProcessInFlight
 from llmaas.billing.keys import VerifiedKey, check_key, hash_key
+from llmaas.billing.plans import get_plan
 from llmaas.billing.schema import utcnow
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
@@ -90,6 +92,7 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     hold: HoldInfo | None = None
     prompt_token_ids: list[list[int]] = field(default_factory=list)  # what was priced: the engine's input
+    in_flight_account: str | None = None  # counted in flight (fairness): released once when it ends
 
 
 class KeyCache:
@@ -142,10 +145,12 @@ class ServerBilling:
         owner: str | None = None,
         default_account: str = DEFAULT_ACCOUNT,
         key_cache_ttl_s: float = 5.0,
+        in_flight: InFlightLimiter | None = None,
     ):
         self.db = db
         self.keys = KeyCache(key_cache_ttl_s)
         self.limiter = limiter or InProcessRateLimiter()
+        self.in_flight = in_flight or InProcessInFlight()
         self.auth = auth
         self.owner = owner or f"llmaas-{uuid.uuid4().hex[:12]}"  # the holds' owner: this instance
         self.default_account = default_account
@@ -198,6 +203,8 @@ class ServerBilling:
 
         `engine` is the LLMEngine (its tokenizer and window); raises 400 for an empty or invalid prompt.
         """
+        if principal is not None:  # fairness: the plan's per-request cap, before any work (400)
+            get_plan(principal.plan).check_request_sequences(len(prompts), params.n)
         room = min(engine.max_model_len, engine.block_manager.num_blocks * engine.config.block_size)
         token_ids = [engine.tokenize_prompt(prompt) for prompt in prompts]
         prompt_tokens = completion_tokens = 0
@@ -205,11 +212,56 @@ class ServerBilling:
             prompt_tokens += len(ids)
             max_tokens = params.max_tokens if params.max_tokens is not None else max(room - len(ids), 0)
             completion_tokens += params.n * max_tokens
-        admission = self.admit(principal, model, request_id, prompt_tokens, completion_tokens)
+        sequences = len(token_ids) * params.n
+        admission = self.admit(principal, model, request_id, prompt_tokens, completion_tokens, sequences)
         admission.prompt_token_ids = token_ids
         return admission
 
     def admit(
+        self,
+        principal: Principal | None,
+        model: str,
+        request_id: str,
+        prompt_tokens: int,
+        max_completion_tokens: int,
+        sequences: int = 1,
+    ) -> Admission:
+        """The plan's in-flight caps first (400 for a request bigger than the plan allows, 429
+        concurrency_limit_exceeded while the account has too much running), then `_admit`. The count is
+        released if anything later in admission fails, else by `finish`."""
+        account = self._take_in_flight(
+            principal, request_id, sequences, prompt_tokens + max_completion_tokens
+        )
+        try:
+            admission = self._admit(principal, model, request_id, prompt_tokens, max_completion_tokens)
+        except BaseException:
+            self._release_in_flight(account, request_id)
+            raise
+        admission.in_flight_account = account
+        return admission
+
+    def _take_in_flight(
+        self, principal: Principal | None, request_id: str, sequences: int, tokens: int
+    ) -> str | None:
+        if principal is None:  # --no-auth: the local operator is not capped, as with rate limits
+            return None
+        plan = get_plan(principal.plan)
+        plan.check_request_tokens(tokens)
+        account = str(principal.account_id)
+        self.in_flight.acquire(
+            account, request_id, sequences, tokens, plan.max_sequences_in_flight, plan.max_tokens_in_flight
+        )
+        return account
+
+    def _release_in_flight(self, account: str | None, request_id: str) -> None:
+        if account is None:
+            return
+        try:
+            self.in_flight.release(account, request_id)
+        except Exception:  # an unreachable Redis: the entry expires at its deadline instead
+            log.exception("releasing in-flight count of %s failed", request_id)
+
+    def _admit(
         self,
         principal: Principal | None,
         model: str,
@@ -251,6 +303,13 @@ class ServerBilling:
         return admission
 
     def finish(self, admission: Admission, usage: RequestUsage) -> UsageInfo | None:
+        """`_finish`, then the request stops counting in flight (whatever settling did)."""
+        try:
+            return self._finish(admission, usage)
+        finally:
+            self._release_in_flight(admission.in_flight_account, admission.request_id)
+
+    def _finish(self, admission: Admission, usage: RequestUsage) -> UsageInfo | None:
         """Settle (or release, for a request the engine rejected); correct the token bucket."""
         if usage.status == "rejected":
             try:
