@@ -57,7 +57,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "production)",
     )
     p.add_argument(
-        "--redis-url", default=None, help="share rate limits and in-flight counts between replicas (default: in-process)"
+        "--redis-url",
+        default=None,
+        help="share rate limits and in-flight counts between replicas (default: in process)",
     )
     p.add_argument(
         "--no-auth",
