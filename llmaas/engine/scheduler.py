@@ -1,15 +1,25 @@
 """Scheduler: which sequences run this step, and how many tokens each.
 
 One token budget per step is shared by decodes and prefill chunks (continuous batching with chunked
-prefill). Running sequences go first, in priority order; when the KV cache is full the lowest-priority,
-latest running sequence is preempted (its blocks freed, recomputed later - prefix caching usually
-makes that cheap). Waiting sequences are admitted by priority while there is budget, room in the
-batch and blocks.
+prefill). Sequences are visited in priority order (higher first; within a priority, running before
+waiting, then first come first served), so a higher-priority request gets the budget, the batch slots
+and the KV blocks before lower-priority work does:
+
+- A waiting sequence that finds the batch full (max_num_seqs) or the KV cache short preempts the
+  lowest-priority, latest running sequences of STRICTLY lower priority (never equal: two requests of
+  one plan cannot thrash each other), at most `max_preemptions_per_step` of them per step. A preempted
+  sequence frees its blocks and waits to be recomputed - prefix caching usually makes that cheap.
+- A running sequence that cannot grow preempts the lowest-priority, latest running sequence still
+  unvisited this step (possibly itself), as before.
+- A step in which a sequence prefills (its prompt, or a recompute) runs no lower-priority work: the
+  step that produces a higher-priority request's first token is as short as it would be on an idle
+  engine. Lower-priority sequences keep their blocks and continue on the next step.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass
 
 from llmaas.engine.block_manager import BlockManager
@@ -32,13 +42,21 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_preemptions_per_step: int = 8,
+    ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_preemptions_per_step = max_preemptions_per_step
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_priority_preemptions = 0  # of those, made to admit a higher-priority waiting sequence
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -73,34 +91,79 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledChunk] = []
         self.running.sort(key=Sequence.sort_key)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.allocate(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
+        unvisited = deque(self.running)  # running sequences not yet given their share, best first
+        waiting = deque(self.waiting)  # a snapshot: what is preempted in this step waits for the next
+        admitting = True
+        preemptions_left = self.max_preemptions_per_step
+        floor: int | None = None  # once a sequence prefills, nothing of lower priority runs this step
+        while budget > 0:
+            admissible = admitting and bool(waiting)
+            if unvisited and (not admissible or unvisited[0].priority >= waiting[0].priority):
+                seq = unvisited.popleft()
+            elif admissible:
+                seq = waiting.popleft()
             else:
-                scheduled.append(ScheduledChunk(seq, n))
-                budget -= n
-                i += 1
-        for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if self._leader_not_ready(seq):
-                continue
-            computed_before = seq.num_computed_tokens
-            n = min(self.block_manager.tokens_schedulable(seq), budget)
-            if not self.block_manager.allocate(seq, n):
-                break
-            if not seq.admitted_once:
-                seq.num_cached_prompt_tokens = seq.num_computed_tokens - computed_before
-                seq.admitted_once = True
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            if floor is not None and seq.priority < floor:
+                break  # everything left is of lower priority (the walk is in priority order)
+            if seq.status == SequenceStatus.RUNNING:
+                n = min(seq.num_uncomputed_tokens, budget)
+                if not self._grow_running(seq, n, unvisited):
+                    continue
+            else:
+                if self._leader_not_ready(seq):
+                    continue
+                n = self._admit(seq, budget, unvisited, preemptions_left)
+                if n is None:
+                    admitting = False  # strict order: nothing behind it may overtake it
+                    continue
+                preemptions_left -= n[1]
+                n = n[0]
             scheduled.append(ScheduledChunk(seq, n))
             budget -= n
+            if n > 1 or seq.num_computed_tokens + n < seq.num_tokens:  # a prefill, not a decode
+                floor = seq.priority if floor is None else max(floor, seq.priority)
         return scheduled
+
+    def _grow_running(self, seq: Sequence, n: int, unvisited: deque[Sequence]) -> bool:
+        """Blocks for n more tokens of a running sequence, preempting the lowest-priority latest
+        unvisited running sequence (or, when none is left, seq itself) until they fit."""
+        while not self.block_manager.allocate(seq, n):
+            victim = unvisited.pop() if unvisited else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(
+        self, seq: Sequence, budget: int, unvisited: deque[Sequence], preemptions_left: int
+    ) -> tuple[int, int] | None:
+        """Admit a waiting sequence with up to `budget` tokens: (tokens scheduled, preemptions made),
+        or None when it cannot run this step. Makes room by preempting strictly lower-priority running
+        sequences, latest first, within `preemptions_left`."""
+        preempted = 0
+
+        def make_room() -> bool:
+            nonlocal preempted
+            if not unvisited or unvisited[-1].priority >= seq.priority or preempted >= preemptions_left:
+                return False
+            self._preempt(unvisited.pop())
+            self.num_priority_preemptions += 1
+            preempted += 1
+            return True
+
+        while len(self.running) >= self.max_num_seqs:
+            if not make_room():
+                return None
+        computed_before = seq.num_computed_tokens
+        n = min(self.block_manager.tokens_schedulable(seq), budget)
+        while not self.block_manager.allocate(seq, n):
+            if not make_room():
+                return None
+        if not seq.admitted_once:
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens - computed_before
+            seq.admitted_once = True
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return n, preempted
