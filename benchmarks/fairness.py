@@ -6,10 +6,11 @@ one plus account and --free-accounts free ones, then:
 1. idle: the plus client sends --samples streaming chat requests one after another (max_tokens 8)
    and times the first content chunk (TTFT, as the client sees it: HTTP + billing + engine);
 2. flood: every free account runs --clients-per-account clients sending, back to back, the biggest
-   request the free plan lets one request run (n = max_sequences_per_request, max_tokens 48, a
-   ~--free-prompt-words prompt). The free keys' rate limits are raised out of the way, so only the
-   plan's concurrency caps and the engine's priorities hold them; a client refused with 429 waits
-   Retry-After. While it runs, the plus client measures TTFT again.
+   request the free plan lets one request run, shaped like the issue's: 2 prompts x n (n x 2 =
+   max_sequences_per_request; 128 before the caps), max_tokens 48, prompts of ~--free-prompt-words.
+   The free keys' rate limits are raised out of the way, so only the plan's concurrency caps and the
+   engine's priorities hold them; a client refused with 429 waits Retry-After. While it runs, the
+   plus client measures TTFT again.
 
 Prints both p50 / p90, the ratio of the p50s (aim: <= 2x, issue 13) and what the flood achieved.
 
@@ -40,9 +41,10 @@ from llmaas.billing.plans import PLANS
 
 MODEL = "smollm2-135m"
 AIM = 2.0
-# The biggest request the free plan lets one request run. A checkout from before the plan caps (run with
-# PYTHONPATH pointing at it, to measure the old behaviour under the same flood) has no such field.
-FREE_N = getattr(PLANS["free"], "max_sequences_per_request", 8)
+# The biggest request the free plan lets one request run, as the issue's: 2 prompts x n. A checkout from
+# before the plan caps (run with PYTHONPATH pointing at it, to measure the old behaviour) has no such
+# field; there the API's own limit applied: 2 prompts x n=128, the request that issue 13 reported.
+FREE_SEQUENCES = getattr(PLANS["free"], "max_sequences_per_request", 256)
 PLUS_PROMPT = [{"role": "user", "content": "Name a colour."}]
 
 
@@ -109,23 +111,23 @@ class Flood:
         self.client = client
         self.keys = keys
         self.per_account = per_account
-        n = FREE_N
         words = " ".join(f"word{i % 97}" for i in range(prompt_words))
         self.body = {
             "model": MODEL,
-            "messages": [{"role": "user", "content": f"Write a long story about: {words}"}],
-            "n": n,
+            "prompt": [f"Write a long story about: {words}", f"Write a poem about: {words}"],
+            "n": FREE_SEQUENCES // 2,
             "max_tokens": 48,
             "ignore_eos": True,
         }
-        self.ok = self.refused = self.other = self.tokens = 0
+        self.ok = self.other = self.tokens = 0
+        self.refused: dict[str, int] = {}
         self.running = True
 
     async def client_loop(self, key: str) -> None:
         headers = {"authorization": f"Bearer {key}"}
         while self.running:
             try:
-                r = await self.client.post("/v1/chat/completions", json=self.body, headers=headers)
+                r = await self.client.post("/v1/completions", json=self.body, headers=headers)
             except httpx.HTTPError:
                 self.other += 1
                 continue
@@ -133,7 +135,8 @@ class Flood:
                 self.ok += 1
                 self.tokens += r.json()["usage"]["completion_tokens"]
             elif r.status_code == 429:
-                self.refused += 1
+                code = r.json()["error"]["code"]
+                self.refused[code] = self.refused.get(code, 0) + 1
                 await asyncio.sleep(float(r.headers.get("retry-after", "1")))
             else:
                 self.other += 1
@@ -176,7 +179,7 @@ async def run(args: argparse.Namespace, url: str, plus: str, free: list[str]) ->
     print(f"ratio of p50s: {ratio:.2f}x (aim <= {AIM:.0f}x: {'met' if ratio <= AIM else 'NOT met'})")
     print(
         f"flood while measured ({elapsed:.0f} s): {ok} free requests completed, {tokens / elapsed:.0f} "
-        f"completion tok/s, {flood.refused} x 429 in all, {flood.other} other errors"
+        f"completion tok/s; 429s in all: {flood.refused or 'none'}, {flood.other} other errors"
     )
 
 
@@ -202,7 +205,7 @@ def main() -> int:
     print("server:", " ".join(cmd[1:]), "- code from", Path(llmaas.__file__).parent)
     print(
         f"flood: {args.free_accounts} free accounts x {args.clients_per_account} clients, "
-        f"n={FREE_N} x 48 tokens each request"
+        f"2 prompts x n={FREE_SEQUENCES // 2} x 48 tokens each request (/v1/completions)"
     )
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
     url = f"http://127.0.0.1:{port}"
