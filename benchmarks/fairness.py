@@ -120,6 +120,7 @@ class Flood:
             "ignore_eos": True,
         }
         self.ok = self.other = self.tokens = 0
+        self.first_error: str | None = None
         self.refused: dict[str, int] = {}
         self.running = True
 
@@ -140,6 +141,7 @@ class Flood:
                 await asyncio.sleep(float(r.headers.get("retry-after", "1")))
             else:
                 self.other += 1
+                self.first_error = self.first_error or f"{r.status_code} {r.text[:300]}"
                 await asyncio.sleep(1)
 
     def start(self) -> list[asyncio.Task]:
@@ -168,6 +170,8 @@ async def run(args: argparse.Namespace, url: str, plus: str, free: list[str]) ->
         elapsed = time.perf_counter() - t0
         flood.running = False
         ok, tokens = flood.ok - ok_before, flood.tokens - tokens_before
+        if flood.first_error:
+            print("first other error:", flood.first_error)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
