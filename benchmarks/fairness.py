@@ -211,7 +211,10 @@ def main() -> int:
         f"flood: {args.free_accounts} free accounts x {args.clients_per_account} clients, "
         f"2 prompts x n={FREE_SEQUENCES // 2} x 48 tokens each request (/v1/completions)"
     )
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
+    code_root = Path(llmaas.__file__).parent.parent  # `-m` puts the cwd first on sys.path: serve this code
+    server = subprocess.Popen(
+        cmd, cwd=code_root, stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w")
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
