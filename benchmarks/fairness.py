@@ -79,7 +79,8 @@ def make_keys(db_url: str, free_accounts: int) -> tuple[str, list[str]]:
     return plus, free
 
 
-async def ttft(client: httpx.AsyncClient, key: str) -> float:
+async def ttft(client: httpx.AsyncClient, key: str) -> float | str:
+    """Seconds to the first content chunk, or the error code when the request was refused."""
     body = {"model": MODEL, "messages": PLUS_PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
     start = time.perf_counter()
     first = None
@@ -87,7 +88,11 @@ async def ttft(client: httpx.AsyncClient, key: str) -> float:
         "POST", "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
     ) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"plus request got {r.status_code}: {(await r.aread())[:300]!r}")
+            body = await r.aread()
+            try:
+                return f"{r.status_code} {json.loads(body)['error']['code']}"
+            except (ValueError, KeyError, TypeError):
+                return f"{r.status_code}"
         async for line in r.aiter_lines():
             if first is None and line.startswith("data: {"):
                 delta = json.loads(line[6:])["choices"]
@@ -98,12 +103,16 @@ async def ttft(client: httpx.AsyncClient, key: str) -> float:
     return first
 
 
-async def measure(client: httpx.AsyncClient, key: str, samples: int, gap_s: float) -> list[float]:
-    out = []
+async def measure(
+    client: httpx.AsyncClient, key: str, samples: int, gap_s: float
+) -> tuple[list[float], list[str]]:
+    """(TTFTs of the answered requests, errors of the refused ones)"""
+    times, errors = [], []
     for _ in range(samples):
-        out.append(await ttft(client, key))
+        result = await ttft(client, key)
+        (errors if isinstance(result, str) else times).append(result)
         await asyncio.sleep(gap_s)
-    return out
+    return times, errors
 
 
 class Flood:
@@ -161,20 +170,27 @@ async def run(args: argparse.Namespace, url: str, plus: str, free: list[str]) ->
         httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as flood_client,
     ):
         await measure(plus_client, plus, 3, 0.1)  # warm-up
-        idle = await measure(plus_client, plus, args.samples, args.gap)
+        idle, _ = await measure(plus_client, plus, args.samples, args.gap)
         flood = Flood(flood_client, free, args.clients_per_account, args.free_prompt_words)
         tasks = flood.start()
-        await asyncio.sleep(args.ramp)
-        ok_before, tokens_before, t0 = flood.ok, flood.tokens, time.perf_counter()
-        loaded = await measure(plus_client, plus, args.samples, args.gap)
-        elapsed = time.perf_counter() - t0
-        flood.running = False
+        try:
+            await asyncio.sleep(args.ramp)
+            ok_before, tokens_before, t0 = flood.ok, flood.tokens, time.perf_counter()
+            loaded, refused = await measure(plus_client, plus, args.samples, args.gap)
+            elapsed = time.perf_counter() - t0
+        finally:
+            flood.running = False
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         ok, tokens = flood.ok - ok_before, flood.tokens - tokens_before
-        if flood.first_error:
-            print("first other error:", flood.first_error)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    if flood.first_error:
+        print("first unexpected flood error:", flood.first_error)
+    if refused:
+        print(f"plus requests refused under flood: {len(refused)} of {args.samples}: {sorted(set(refused))}")
+    if not loaded:
+        print("no plus request was answered under the flood")
+        return
 
     idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
     ratio = loaded_p50 / idle_p50
