@@ -132,3 +132,38 @@ def test_a_preempted_sequence_is_recomputed_from_the_prefix_cache_and_continues(
     assert free.output_token_ids[: len(produced)] == produced
     # 12 of its 15 tokens sat in 3 full, cached blocks: only the rest is recomputed
     assert chunks[0].num_new_tokens == free.num_tokens - 1 - 12
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lower_priority_work_gets_a_small_share_of_each_step_while_a_higher_priority_is_about():
+    """Steps cannot be interrupted: while plus traffic is about, free work is held to short steps so a
+    plus request arriving mid-step waits little; with free traffic alone it gets the whole budget."""
+    clock = FakeClock()
+    sched = Scheduler(
+        BlockManager(num_blocks=64, block_size=4),
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        lower_priority_step_tokens=4,
+        priority_memory_s=2.0,
+        clock=clock,
+    )
+    frees = [seq(f"free-{i}", 5, LOW, 100 * (i + 1)) for i in range(6)]
+    decoding(sched, *frees)
+    assert len(step(sched)) == 6  # one priority about: every sequence runs
+    plus = seq("plus", 5, HIGH, 900)
+    sched.add(plus)
+    assert names(step(sched)) == ["plus"]
+    assert names(step(sched)) == ["plus", "free-0", "free-1", "free-2", "free-3"]
+    plus.status = SequenceStatus.FINISHED
+    sched.remove(plus)
+    clock.now += 1.0
+    assert len(step(sched)) == 4  # plus traffic was here a moment ago: still short steps
+    clock.now += 1.5
+    assert len(step(sched)) == 6
