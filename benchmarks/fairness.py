@@ -116,7 +116,9 @@ async def measure(
 
 
 class Flood:
-    def __init__(self, client: httpx.AsyncClient, keys: list[str], per_account: int, prompt_words: int):
+    def __init__(
+        self, client: httpx.AsyncClient, keys: list[str], per_account: int, prompt_words: int, sequences: int
+    ):
         self.client = client
         self.keys = keys
         self.per_account = per_account
@@ -124,7 +126,7 @@ class Flood:
         self.body = {
             "model": MODEL,
             "prompt": [f"Write a long story about: {words}", f"Write a poem about: {words}"],
-            "n": FREE_SEQUENCES // 2,
+            "n": sequences // 2,
             "max_tokens": 48,
             "ignore_eos": True,
         }
@@ -171,7 +173,9 @@ async def run(args: argparse.Namespace, url: str, plus: str, free: list[str]) ->
     ):
         await measure(plus_client, plus, 3, 0.1)  # warm-up
         idle, _ = await measure(plus_client, plus, args.samples, args.gap)
-        flood = Flood(flood_client, free, args.clients_per_account, args.free_prompt_words)
+        flood = Flood(
+            flood_client, free, args.clients_per_account, args.free_prompt_words, args.free_sequences
+        )
         tasks = flood.start()
         try:
             await asyncio.sleep(args.ramp)
@@ -208,6 +212,12 @@ def main() -> int:
     p.add_argument("--free-accounts", type=int, default=4)
     p.add_argument("--clients-per-account", type=int, default=3)
     p.add_argument("--free-prompt-words", type=int, default=60)
+    p.add_argument(
+        "--free-sequences",
+        type=int,
+        default=FREE_SEQUENCES,
+        help="sequences per flood request, 2 prompts x n (default: the free plan's cap)",
+    )
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--gap", type=float, default=0.3, help="seconds between plus requests")
     p.add_argument("--ramp", type=float, default=8.0, help="seconds of flood before measuring")
@@ -225,7 +235,7 @@ def main() -> int:
     print("server:", " ".join(cmd[1:]), "- code from", Path(llmaas.__file__).parent)
     print(
         f"flood: {args.free_accounts} free accounts x {args.clients_per_account} clients, "
-        f"2 prompts x n={FREE_SEQUENCES // 2} x 48 tokens each request (/v1/completions)"
+        f"2 prompts x n={args.free_sequences // 2} x 48 tokens each request (/v1/completions)"
     )
     code_root = Path(llmaas.__file__).parent.parent  # `-m` puts the cwd first on sys.path: serve this code
     server = subprocess.Popen(
