@@ -108,7 +108,7 @@ def test_revoking_through_the_admin_api_drops_the_cached_key_at_once(base_url, d
 
 def test_a_plus_request_is_admitted_before_free_ones_queued_earlier(tmp_path_factory):
     """One sequence at a time: a free request runs, three free ones queue, then a plus one arrives.
-    When the running one ends, the plus request goes first."""
+    It preempts the running one and goes first; the free ones keep their order."""
     model_dir = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("prio"), max_position_embeddings=1024)
     aeng = make_engine(model_dir, max_num_seqs=1, kv_cache_memory=4 * 2**20)
     database = open_database(f"sqlite:///{tmp_path_factory.mktemp('prio-ledger') / 'billing.sqlite3'}")
@@ -162,10 +162,11 @@ def test_a_plus_request_is_admitted_before_free_ones_queued_earlier(tmp_path_fac
                     threads.append(threading.Thread(target=post, args=(label, keys[key])))
                     threads[-1].start()
                     wait_until(queued(len(threads)))  # queued in this order
-                threads.append(threading.Thread(target=post, args=("plus", keys["plus-co"])))
-                threads[-1].start()
-                wait_until(queued(4))
-            # Leaving the stream aborts the occupant; the slot goes to the highest priority waiting.
+                # The plus request preempts the running free occupant (issue 13) instead of queueing
+                # behind it: it finishes while the occupant's stream is still open.
+                post("plus", keys["plus-co"])
+                assert finished == ["plus"]
+            # Leaving the stream aborts the occupant; the free ones follow in the order they queued.
             for t in threads:
                 t.join(120)
         occupant = get_usage(database, occupant_id)

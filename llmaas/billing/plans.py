@@ -1,7 +1,21 @@
-"""Plans: default rate limits and the engine priority of an account's requests.
+"""Plans: default rate limits, concurrency caps and the engine priority of an account's requests.
 
-Higher priority is admitted first by the engine's scheduler (llmaas.engine.sequence): a plus request
-overtakes free ones that queued earlier. A key may override the plan's limits (api_keys columns).
+Higher priority is admitted first by the engine's scheduler (llmaas.engine.scheduler) and preempts
+lower-priority running work: a plus request overtakes free ones that queued or started earlier. A key
+may override the plan's rate limits (api_keys columns); the concurrency caps are the plan's alone.
+
+The caps bound what one tenant can make the shared engine do at once, so no tenant can starve another
+(issue 13: one free request of 2 prompts x n=128 took a plus tenant's latency from 0.08 s to 6 s):
+
+- `max_sequences_per_request`: prompts x n (completions: prompts x best_of), checked at admission ->
+  400 naming `n` (or `best_of`, or `prompt` when it is the number of prompts that tips it over).
+- `max_sequences_in_flight` and `max_tokens_in_flight`: summed over the account's requests admitted and
+  not yet finished (tokens: prompt + worst-case completion, what the hold is sized for) -> 429
+  `concurrency_limit_exceeded` (billing.inflight).
+
+Free: 8 sequences a request, 16 and 32,768 tokens in flight - two full-size requests at once, a few
+percent of one replica's batch (64 sequences by default) and KV cache. Plus: 128 (the API's largest n)
+a request, 256 sequences and 2,097,152 tokens (256 x an 8k window) in flight - several replicas' worth.
 """
 
 from __future__ import annotations
@@ -18,11 +32,53 @@ class Plan:
     requests_per_minute: int
     tokens_per_minute: int
     priority: int
+    max_sequences_per_request: int
+    max_sequences_in_flight: int
+    max_tokens_in_flight: int
+
+    def check_request_sequences(self, prompts: int, n: int) -> None:
+        """400 when one request asks for more sequences (prompts x n) than the plan lets one request run."""
+        cap = self.max_sequences_per_request
+        if n > cap:
+            raise InvalidRequestError(
+                f"'n' is {n}; the {self.name} plan runs at most {cap} sequences per request", param="n"
+            )
+        if prompts * n > cap:
+            raise InvalidRequestError(
+                f"{prompts} prompts x n={n} is {prompts * n} sequences; the {self.name} plan runs at "
+                f"most {cap} sequences per request",
+                param="prompt",
+            )
+
+    def check_request_tokens(self, tokens: int) -> None:
+        """400 when one request alone needs more tokens in flight than the account may ever have."""
+        if tokens > self.max_tokens_in_flight:
+            raise InvalidRequestError(
+                f"This request may need {tokens} tokens (prompt + max_tokens x n); the {self.name} plan "
+                f"allows {self.max_tokens_in_flight} tokens in flight. Lower 'max_tokens' or 'n'.",
+                param="max_tokens",
+            )
 
 
 PLANS: dict[str, Plan] = {
-    "free": Plan("free", requests_per_minute=20, tokens_per_minute=40_000, priority=0),
-    "plus": Plan("plus", requests_per_minute=600, tokens_per_minute=2_000_000, priority=10),
+    "free": Plan(
+        "free",
+        requests_per_minute=20,
+        tokens_per_minute=40_000,
+        priority=0,
+        max_sequences_per_request=8,
+        max_sequences_in_flight=16,
+        max_tokens_in_flight=32_768,
+    ),
+    "plus": Plan(
+        "plus",
+        requests_per_minute=600,
+        tokens_per_minute=2_000_000,
+        priority=10,
+        max_sequences_per_request=128,
+        max_sequences_in_flight=256,
+        max_tokens_in_flight=2_097_152,
+    ),
 }
 
 

@@ -52,7 +52,9 @@ from llmaas.billing import (
     settle,
 )
 from llmaas.billing.holds import close_owner_holds
+from llmaas.billing.inflight import InFlightLimiter, InProcessInFlight
 from llmaas.billing.keys import VerifiedKey, check_key, hash_key, key_expired
+from llmaas.billing.plans import get_plan
 from llmaas.billing.schema import utcnow
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
@@ -96,6 +98,7 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     hold: HoldInfo | None = None
     prompt_token_ids: list[list[int]] = field(default_factory=list)  # what was priced: the engine's input
+    in_flight_account: str | None = None  # counted in flight (fairness): released once when it ends
 
 
 class KeyCache:
@@ -148,6 +151,7 @@ class ServerBilling:
         key_cache_ttl_s: float = 5.0,
         hold_ttl_s: float | None = None,
         progress: ProgressPolicy | None = None,
+        in_flight: InFlightLimiter | None = None,
     ):
         """`hold_ttl_s`: a hold's deadline after admission or its last progress checkpoint (default
         one hour, credits.DEFAULT_HOLD_TTL_S). `progress`: how often a running request's tokens are
@@ -157,6 +161,7 @@ class ServerBilling:
         self.progress = progress or ProgressPolicy()
         self.keys = KeyCache(key_cache_ttl_s)
         self.limiter = limiter or InProcessRateLimiter()
+        self.in_flight = in_flight or InProcessInFlight()
         self.auth = auth
         self.owner = owner or f"llmaas-{uuid.uuid4().hex[:12]}"  # the holds' owner: this instance
         self.default_account = default_account
@@ -251,9 +256,15 @@ class ServerBilling:
         for ids in token_ids:
             prompt_tokens += len(ids)
             completion_tokens += params.n * engine.resolve_max_tokens(len(ids), params)
-        self.admit(admission, model, prompt_tokens, completion_tokens)
+        self.admit(admission, model, prompt_tokens, completion_tokens, len(token_ids) * params.n)
         admission.prompt_token_ids = token_ids
         return admission
+
+    def check_request_size(self, admission: Admission, num_prompts: int, n: int) -> None:
+        """The plan's cap on one request's sequences (prompts x n): a 400 naming `n` (or `prompt`),
+        after `begin` and before the prompts are worked on. --no-auth is not capped."""
+        if admission.principal is not None:
+            get_plan(admission.principal.plan).check_request_sequences(num_prompts, n)
 
     def admit(
         self,
@@ -261,9 +272,48 @@ class ServerBilling:
         model: str,
         prompt_tokens: int,
         max_completion_tokens: int,
+        sequences: int = 1,
     ) -> Admission:
-        """After `begin`: the tokens from the rate limit, then hold the worst case. Raises 429 (rate
-        limit, or insufficient_quota) before any engine work."""
+        """After `begin`: the plan's in-flight caps (429 concurrency_limit_exceeded while the account
+        has too much running; 400 for a request bigger than the plan ever allows), then `_admit`. The
+        in-flight count is released if anything later in admission fails, else by `finish`."""
+        account = self._take_in_flight(
+            admission.principal, admission.request_id, sequences, prompt_tokens + max_completion_tokens
+        )
+        try:
+            self._admit(admission, model, prompt_tokens, max_completion_tokens)
+        except BaseException:
+            self._release_in_flight(account, admission.request_id)
+            raise
+        admission.in_flight_account = account
+        return admission
+
+    def _take_in_flight(
+        self, principal: Principal | None, request_id: str, sequences: int, tokens: int
+    ) -> str | None:
+        if principal is None:  # --no-auth: the local operator is not capped, as with rate limits
+            return None
+        plan = get_plan(principal.plan)
+        plan.check_request_tokens(tokens)
+        account = str(principal.account_id)
+        self.in_flight.acquire(
+            account, request_id, sequences, tokens, plan.max_sequences_in_flight, plan.max_tokens_in_flight
+        )
+        return account
+
+    def _release_in_flight(self, account: str | None, request_id: str) -> None:
+        if account is None:
+            return
+        try:
+            self.in_flight.release(account, request_id)
+        except Exception:  # an unreachable Redis: the entry expires at its deadline instead
+            log.exception("releasing in-flight count of %s failed", request_id)
+
+    def _admit(
+        self, admission: Admission, model: str, prompt_tokens: int, max_completion_tokens: int
+    ) -> None:
+        """The tokens from the rate limit, then hold the worst case. Raises 429 (rate limit, or
+        insufficient_quota) before any engine work."""
         principal = admission.principal
         estimated = prompt_tokens + max_completion_tokens
         if principal is not None:
@@ -293,9 +343,15 @@ class ServerBilling:
             if exc.status_code == 401 and principal is not None:
                 self.keys.forget(key_id=principal.key_id)  # revoked or expired since it was cached
             raise
-        return admission
 
     def finish(self, admission: Admission, usage: RequestUsage) -> UsageInfo | None:
+        """`_finish`, then the request stops counting in flight (whatever settling did)."""
+        try:
+            return self._finish(admission, usage)
+        finally:
+            self._release_in_flight(admission.in_flight_account, admission.request_id)
+
+    def _finish(self, admission: Admission, usage: RequestUsage) -> UsageInfo | None:
         """Settle (or release, for a request the engine rejected); correct the token bucket."""
         if usage.status == "rejected":
             try:

@@ -58,7 +58,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "production)",
     )
     p.add_argument(
-        "--redis-url", default=None, help="share rate limits between replicas (default: in-process)"
+        "--redis-url",
+        default=None,
+        help="share rate limits and in-flight counts between replicas (default: in process)",
     )
     p.add_argument(
         "--no-auth",
@@ -199,11 +201,13 @@ def _billing(args: argparse.Namespace, served: list[str]):
 
     db = open_database(args.database_url)
     bootstrap(db, served, say=lambda line: print(line, flush=True))
-    limiter = None
+    limiter = in_flight = None
     if args.redis_url:
+        from llmaas.billing.inflight_redis import RedisInFlight
         from llmaas.billing.ratelimit_redis import RedisRateLimiter
 
         limiter = RedisRateLimiter.from_url(args.redis_url)
+        in_flight = RedisInFlight.from_url(args.redis_url)  # plan concurrency caps shared by replicas
     billing = ServerBilling(
         db,
         limiter,
@@ -211,6 +215,7 @@ def _billing(args: argparse.Namespace, served: list[str]):
         owner=args.instance_id or f"{args.host}:{args.port}",
         hold_ttl_s=args.hold_ttl_seconds,
         progress=ProgressPolicy(args.progress_interval_seconds, args.progress_interval_tokens),
+        in_flight=in_flight,
     )
     billing.release_previous_holds()
     lease = HoldLease(db, billing.owner, args.hold_lease_seconds)

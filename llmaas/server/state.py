@@ -136,12 +136,33 @@ class ServerState:
                 return None, tokenize_prompts(engine, prompts, params)
             admission = billing.begin(request.scope.get(PRINCIPAL), model.name, request_id)
             request.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
+            billing.check_request_size(admission, 1 if callable(prompts) else len(prompts), params.n)
             token_ids = tokenize_prompts(engine, prompts, params)
             billing.admit_prompts(admission, engine, model.name, token_ids, params)
             request.scope[RATE_HEADERS] = admission.headers
             return admission, token_ids
 
-        return await asyncio.to_thread(admit)
+        admitting = asyncio.ensure_future(asyncio.to_thread(admit))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:  # the client left while admission ran in its thread
+            spawn(self._undo_admission(admitting, model.name))
+            raise
+
+    async def _undo_admission(self, admitting: asyncio.Future, model: str) -> None:
+        """An admission that completes after its request was cancelled: release its hold, its tokens and
+        its in-flight count (as for a request the engine never ran), so nothing stays held."""
+        try:
+            admission, _ = await admitting
+        except Exception:  # refused: nothing was held
+            return
+        if admission is None:
+            return
+        usage = RequestUsage(admission.request_id, model, "", 0, 0, 0, "rejected", ())
+        try:
+            await asyncio.to_thread(self.billing.finish, admission, usage)
+        except Exception:
+            log.exception("releasing the admission of %s failed", admission.request_id)
 
     def _observe(self, run: EngineRun, model: str, endpoint: str, status: str) -> None:
         m = self.metrics
