@@ -10,11 +10,13 @@ started again under a NEW instance id. One run (a module fixture); each test che
 - each answer's usage.cost is its ledger record's cost;
 - for each account, unexpired credit - overdraft == grants - settled costs, to the micro-dollar;
 - no open hold outlives its deadline once the sweep ran (issue 13 item 4);
-- tokens streamed before the crash are billed (issue 13 item 4).
+- tokens streamed before the crash are billed, up to what one progress checkpoint interval may lose
+  (issue 13 item 4).
 
 Knobs (environment): LLMAAS_CHAOS_SECONDS (45), LLMAAS_CHAOS_SEED (13), LLMAAS_CHAOS_SWEEP_WAIT_S (20:
-how long the live replicas get to release the dead one's holds), LLMAAS_CHAOS_SERVE_ARGS (extra
-`llmaas serve` flags, e.g. a short hold lease), LLMAAS_CHAOS_REPORT (a path: every outcome as JSON).
+how long the live replicas get to release the dead one's holds), LLMAAS_CHAOS_SERVE_ARGS (the
+`llmaas serve` flags of every replica; default: a 4 s hold lease, a checkpoint every 8 tokens),
+LLMAAS_CHAOS_REPORT (a path: every outcome as JSON).
 """
 
 from __future__ import annotations
@@ -44,8 +46,16 @@ pytest_plugins = ["tests.billing_services"]  # postgres_url, redis_prefix
 SECONDS = float(os.environ.get("LLMAAS_CHAOS_SECONDS", "45"))
 SWEEP_WAIT_S = float(os.environ.get("LLMAAS_CHAOS_SWEEP_WAIT_S", "20"))  # how long the sweep may take
 SEED = int(os.environ.get("LLMAAS_CHAOS_SEED", "13"))
-# Extra `llmaas serve` flags for every replica, e.g. a short hold lease so the sweep fits SWEEP_WAIT_S.
-SERVE_ARGS = shlex.split(os.environ.get("LLMAAS_CHAOS_SERVE_ARGS", ""))
+# Extra `llmaas serve` flags for every replica. By default a short lease, so the killed replica's holds
+# are swept well within SWEEP_WAIT_S, and a checkpoint every few tokens, so what a crash may leave
+# unbilled (one interval: docs/billing.md, "Holds expire") is small enough to check.
+PROGRESS_TOKENS = 8
+# What a crash may leave unbilled of a stream: one checkpoint interval, plus the tokens produced while the
+# last write was in flight (skipped, progress.py), plus the role chunk of each choice (no token).
+LOSS_TOKENS = 2 * PROGRESS_TOKENS + 2
+KILL_AFTER_CHUNKS = 3 * PROGRESS_TOKENS  # the long streams are past a checkpoint when the replica dies
+DEFAULT_SERVE_ARGS = f"--hold-lease-seconds 4 --progress-interval-tokens {PROGRESS_TOKENS}"
+SERVE_ARGS = shlex.split(os.environ.get("LLMAAS_CHAOS_SERVE_ARGS", DEFAULT_SERVE_ARGS))
 GRANT_MICROS = 50_000_000
 ACCOUNTS = ("chaos-a", "chaos-b", "chaos-c")
 GOOD_WORKERS, BAD_WORKERS, HANGUP_WORKERS = 3, 1, 1
@@ -247,7 +257,7 @@ def long_stream(chaos: Chaos, url: str, account: str, started: threading.Event) 
                     chunk = json.loads(line[6:])
                     outcome.request_id = outcome.request_id or chunk["id"]
                     outcome.chunks += 1 if chunk.get("choices") else 0
-                    if outcome.chunks >= 3:
+                    if outcome.chunks >= KILL_AFTER_CHUNKS:
                         started.set()
     except httpx.TransportError as exc:
         outcome.error = type(exc).__name__
@@ -346,7 +356,7 @@ def chaos(tmp_path_factory, postgres_url, redis_prefix):
         for s in streams:
             s.start()
         for event in started:
-            event.wait(30)
+            event.wait(60)
         victim.kill()
         victim.wait(30)
         run.dead_owner = "chaos-b"
@@ -383,8 +393,9 @@ def _failures(outcomes: list[Outcome]) -> list[str]:
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 item 1: one bad top_k fails every request of the engine step (engine isolation)",
+    strict=False,
+    reason="issue 13 item 8 (fairness part): while 5000 prompts of one request fill the waiting queue, "
+    "good requests are refused 503 engine_overloaded (no cap on prompts x n per request yet)",
 )
 def test_every_good_request_completed(chaos):
     good = [o for o in chaos.outcomes if o.kind == "good"]
@@ -393,8 +404,22 @@ def test_every_good_request_completed(chaos):
     assert not failures, f"{len(failures)} of {len(good)} good requests failed:\n" + "\n".join(failures[:20])
 
 
+def test_no_good_request_failed_with_a_bad_one(chaos):
+    """Issue 13 item 1: a bad request (top_k 2**64 comes every fifth) fails alone; every good request
+    sharing its engine step finishes. What test_every_good_request_completed still lets through until
+    the fairness part lands (a refusal before admission: 503 engine_overloaded) is the only failure
+    allowed here."""
+    good = [o for o in chaos.outcomes if o.kind == "good"]
+    assert len(good) >= 20, f"too little traffic to mean anything: {len(good)}"
+    admitted = [o for o in good if not (o.status == 503 and '"engine_overloaded"' in (o.error or ""))]
+    failures = _failures(admitted)
+    assert not failures, f"{len(failures)} of {len(good)} good requests failed:\n" + "\n".join(failures[:20])
+
+
 @pytest.mark.xfail(
-    strict=True, reason="issue 13 items 1, 2, 8: top_k 2**64, lone surrogates, 5000 prompts answer 5xx"
+    strict=False,
+    reason="issue 13 item 8 (fairness part): 5000 prompts in one request fill the waiting queue: 503 "
+    "(no cap on prompts x n per request yet)",
 )
 def test_no_bad_request_got_a_5xx(chaos):
     bad = [o for o in chaos.outcomes if o.kind == "bad"]
@@ -428,29 +453,28 @@ def test_balance_is_grants_minus_settled_costs(chaos):
 
 
 def test_no_open_hold_outlives_its_deadline(chaos):
-    """Issue 13 item 4: holds get a deadline and any replica releases the expired ones of owners that
-    are gone. Until the deadline exists, the promise checked is the one it serves: no hold of the
-    killed instance is still open once the sweep had its time."""
+    """Issue 13 item 4: every hold has a deadline, and any replica closes the holds of an owner whose
+    lease lapsed: none of the killed instance's holds is still open once the sweep had its time."""
     now = time.time()
-    deadline_column = next((c for c in ("deadline", "expires_at", "deadline_at") if hasattr(Hold, c)), None)
     holds = _open_holds(chaos.db)
-    if deadline_column is not None:
-        overdue = [h for h in holds if getattr(h, deadline_column).timestamp() < now]
-        assert not overdue, [(h.request_id, h.owner, getattr(h, deadline_column)) for h in overdue]
+    overdue = [h for h in holds if h.expires_at is None or h.expires_at.timestamp() < now]
+    assert not overdue, [(h.request_id, h.owner, h.expires_at) for h in overdue]
     leaked = [h for h in holds if h.owner == chaos.dead_owner]
-    if leaked and deadline_column is None:
-        pytest.xfail(
-            f"issue 13 item 4: holds have no deadline; {len(leaked)} of the killed replica stay open"
-        )
     assert not leaked, [(h.request_id, h.amount_micros) for h in leaked]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 4: tokens streamed before a crash are never billed")
 def test_tokens_streamed_before_the_crash_are_billed(chaos):
+    """Issue 13 item 4: a stream cut by the crash is billed at its last progress checkpoint, so what was
+    delivered and not billed is at most LOSS_TOKENS (a short stream cut before its first checkpoint may
+    have no record at all, within the same bound)."""
     cut = [o for o in chaos.outcomes if o.kind == "cut"]
     long_ones = [o for o in cut if o.body.get("max_tokens") == 400]
-    assert len(long_ones) == 2 and all(o.chunks >= 3 and o.request_id for o in long_ones), long_ones
+    assert len(long_ones) == 2, long_ones
+    assert all(o.chunks >= KILL_AFTER_CHUNKS and o.request_id for o in long_ones), long_ones
     for o in cut:
-        record = get_usage(chaos.db, o.request_id)
-        assert record is not None, f"{o.request_id}: {o.chunks} chunks delivered, no usage record"
-        assert record.completion_tokens >= o.chunks and record.cost_micros > 0, record
+        record = get_usage(chaos.db, o.request_id) if o.request_id else None
+        billed = record.completion_tokens if record is not None else 0
+        assert billed >= o.chunks - LOSS_TOKENS, f"{o.request_id}: {o.chunks} chunks delivered, {record}"
+        assert record is None or record.cost_micros > 0, record
+        if o.body.get("max_tokens") == 400:
+            assert record is not None and record.status == "interrupted", (o.request_id, o.chunks, record)

@@ -16,7 +16,16 @@ import sys
 
 import pytest
 
-from llmaas.billing import FreeGrant, create_account, create_key, list_keys, open_database, set_price
+from llmaas.billing import (
+    FreeGrant,
+    create_account,
+    create_key,
+    get_account,
+    hold_for_request,
+    list_keys,
+    open_database,
+    set_price,
+)
 from llmaas.cli import build_parser
 from tests.input_bounds_cases import HOSTILE
 
@@ -53,56 +62,8 @@ def _inputs(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 LEAVES = list(_leaves(build_parser()))
 
-# Known failures on today's code: the issue 13 item whose fix makes them pass.
-MONEY = "issue 13 item 5: an amount past what the database holds: traceback (money bounds)"
-DAYS = "issue 13 item 6: --expires-in-days past year 9999: traceback (admin bounds)"
-DATE = "issue 13 item 6: a date out of range (year 1 minus the lookback): traceback (admin bounds)"
-PRICE = "issue 13 item 6: a price past what the database holds: traceback (money bounds)"
-SURR = "issue 13 items 2/6: a lone surrogate (invalid UTF-8 argv) reaches the database: traceback"
-KNOWN_FAILURES: dict[str, str] = {
-    "keys create account=lone-surrogates": SURR,
-    "keys create expires_in_days=2**64": DAYS,
-    "keys create expires_in_days=2**63": DAYS,
-    "keys create expires_in_days=5e12-usd-string": DAYS,
-    "keys create models=lone-surrogates": SURR,
-    "keys create name=lone-surrogates": SURR,
-    "keys list account=lone-surrogates": SURR,
-    "prices list model=lone-surrogates": SURR,
-    "usage account=lone-surrogates": SURR,
-    "usage end=naive-date-min": DATE,
-    "usage group_by=lone-surrogates": SURR,
-    "accounts set-plan name=lone-surrogates": SURR,
-    "keys revoke key_id=lone-surrogates": SURR,
-    "credits grant account=lone-surrogates": SURR,
-    "credits grant amount_usd=2**64": MONEY,
-    "credits grant amount_usd=2**63": MONEY,
-    "credits grant amount_usd=1e308": MONEY,
-    "credits grant amount_usd=1e30-string": MONEY,
-    "credits grant expires_in_days=2**64": DAYS,
-    "credits grant expires_in_days=2**63": DAYS,
-    "credits grant expires_in_days=5e12-usd-string": DAYS,
-    "credits grant note=lone-surrogates": SURR,
-    "credits top-up account=lone-surrogates": SURR,
-    "credits top-up amount_usd=2**64": MONEY,
-    "credits top-up amount_usd=2**63": MONEY,
-    "credits top-up amount_usd=1e308": MONEY,
-    "credits top-up amount_usd=1e30-string": MONEY,
-    "credits top-up note=lone-surrogates": SURR,
-    "credits balance account=lone-surrogates": SURR,
-    "prices set model=lone-surrogates": SURR,
-    "prices set input=2**64": PRICE,
-    "prices set input=2**63": PRICE,
-    "prices set input=1e308": PRICE,
-    "prices set input=1e30-string": PRICE,
-    "prices set cached_input=2**64": PRICE,
-    "prices set cached_input=2**63": PRICE,
-    "prices set cached_input=1e308": PRICE,
-    "prices set cached_input=1e30-string": PRICE,
-    "prices set output=2**64": PRICE,
-    "prices set output=2**63": PRICE,
-    "prices set output=1e308": PRICE,
-    "prices set output=1e30-string": PRICE,
-}
+# Known failures on today's code: the issue 13 item whose fix makes them pass (none left).
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _cases():
@@ -135,6 +96,13 @@ class Ledger:
         create_key(self.db, account)
         return list_keys(self.db, account)[0].id
 
+    def fresh_hold(self) -> str:
+        """The request id of a new open hold (what `holds release` closes)."""
+        account = self.fresh()
+        request_id = f"req-{next(self._names)}"
+        hold_for_request(self.db, request_id, get_account(self.db, account).id, "tiny", 10, 10)
+        return request_id
+
     def base(self, path: tuple, dest: str) -> str | None:
         """A valid value for a required argument (None: not needed for a valid command)."""
         if path == ("accounts", "create") and dest == "name":
@@ -145,6 +113,7 @@ class Ledger:
             "plan": lambda: "plus",
             "amount_usd": lambda: "1.00",
             "key_id": self.fresh_key_id,
+            "hold_or_request_id": self.fresh_hold,
             "model": lambda: "tiny",
             "input": lambda: "0.1",
             "cached_input": lambda: "0.05",
@@ -236,11 +205,6 @@ def test_the_installed_entry_point_prints_one_line(tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 items 2/6: --models with a lone surrogate is stored; `keys list` then fails on a UTF-8 "
-    "terminal (strict stdout) for every key",
-)
 def test_a_value_that_cannot_be_printed_is_refused_before_it_is_stored(ledger, capsys):
     """A listing prints every row: one stored value it cannot print breaks it for every account."""
     from llmaas.cli import main

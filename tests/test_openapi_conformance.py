@@ -32,27 +32,8 @@ MAX_EXAMPLES = 25
 SPEC = create_app().openapi()
 OPERATIONS = [(method, path) for path, ops in SPEC["paths"].items() for method in ops]
 
-# Statuses answered but not (yet) documented: issue 13 item 10 ("/openapi.json omits the 400/404/429
-# responses each operation really returns"), being fixed with the edge limits (401/413/429).
-UNDOCUMENTED = "issue 13 item 10: openapi.json omits statuses this operation answers (400/401/404/429/201)"
-KNOWN_FAILURES: dict[str, str] = {
-    f"{method.upper()} {path} {mode}": UNDOCUMENTED
-    for method, path in [
-        ("post", "/admin/accounts"),
-        ("post", "/admin/accounts/{name}/plan"),
-        ("get", "/admin/keys"),
-        ("post", "/admin/keys"),
-        ("post", "/admin/credits/{account}/grant"),
-        ("post", "/admin/credits/{account}/top-up"),
-        ("post", "/admin/prices"),
-    ]
-    for mode in ("positive", "negative")
-} | {
-    "POST /admin/keys/{key_id}/revoke positive": UNDOCUMENTED,
-    "GET /admin/credits/{account} positive": UNDOCUMENTED,
-    "GET /v1/organization/usage/completions positive": UNDOCUMENTED,
-    "GET /v1/organization/costs positive": UNDOCUMENTED,
-}
+# Operations known not to conform yet, each with the issue item that fixes it (none left).
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _can_be_broken(method: str, path: str) -> bool:

@@ -49,6 +49,22 @@ def _fail(exc: LlmaasError) -> int:
     return 2
 
 
+def _check_encodable(args: argparse.Namespace) -> None:
+    """Every text argument is valid UTF-8. Bytes that are not (a lone surrogate's, from a shell) reach
+    Python as surrogate-escaped characters that no database, JSON or terminal can take: refused here,
+    once for every verb, before anything is stored that a later listing could not print."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequestError(
+                        f"'{name}' is not valid UTF-8 text (invalid bytes in the argument)", param=name
+                    ) from None
+
+
 def _verb(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Project errors become one line on stderr and exit status 2 (also when called without cli.main);
     a database failure is one line and exit status 1."""
@@ -56,6 +72,7 @@ def _verb(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         try:
+            _check_encodable(args)
             return func(args)
         except LlmaasError as exc:
             return _fail(exc)

@@ -153,11 +153,11 @@ async def admin_create_account(body: AccountCreate, billing: Admin):
     return JSONResponse(await asyncio.to_thread(run), status_code=201)
 
 
-@admin.post("/accounts/{name}/plan")
-async def admin_set_plan(name: str, body: PlanChange, billing: Admin):
-    check_account_name(name, "account")
+@admin.post("/accounts/{account}/plan")  # {account} as in /admin/credits/{account}: errors name it
+async def admin_set_plan(account: str, body: PlanChange, billing: Admin):
+    check_account_name(account, "account")
     _plan(body.plan)
-    info = await asyncio.to_thread(set_plan, billing.db, name, body.plan)
+    info = await asyncio.to_thread(set_plan, billing.db, account, body.plan)
     billing.keys.forget(account_id=info.id)  # this process applies the new plan at once
     return JSONResponse(account_record(info))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 GENERATION = ("/v1/chat/completions", "/v1/completions")
+# Routes that read their query by hand (admin.py _report_args): no declared parameters, yet a 400.
+HAND_PARSED_QUERY = ("/v1/organization/usage/completions", "/v1/organization/costs")
 UNGATED = ("/health", "/metrics")  # the drain middleware lets them through (draining.py)
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
@@ -18,7 +20,7 @@ def _statuses(path: str, operation: dict[str, Any], billing: bool, auth: bool) -
     api = path not in UNGATED
     if api:
         out[503] = "the server is draining (shutting down) or overloaded; see Retry-After"
-    if operation.get("parameters") or operation.get("requestBody"):
+    if operation.get("parameters") or operation.get("requestBody") or path in HAND_PARSED_QUERY:
         out[400] = "invalid request (names the param)"
     privileged = path.startswith(("/admin/", "/v1/organization/"))
     if billing and (privileged or (auth and path.startswith("/v1/"))):
