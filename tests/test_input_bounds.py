@@ -114,12 +114,6 @@ def _case_id(case) -> str:
 # Cases that fail on today's code, with the issue 13 item whose fix makes them pass: strict, so a fix
 # makes them XPASS, which fails, and the entry comes off.
 KNOWN_FAILURES: dict[str, str] = {}
-# Not strict: the fairness part (caps on prompts x n per request) is merged separately; with it these
-# pass, and the lead removes them (or moves them to KNOWN_FAILURES if they still fail).
-PENDING_FAIRNESS: dict[str, str] = {
-    "POST /v1/completions body:prompt=100k-list": "issue 13 item 8 (fairness part): 100k prompts -> 503 "
-    "queue full: no cap on prompts x n per request",
-}
 
 
 def _params():
@@ -129,8 +123,6 @@ def _params():
         marks = []
         if case_id in KNOWN_FAILURES:
             marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[case_id])]
-        elif case_id in PENDING_FAIRNESS:
-            marks = [pytest.mark.xfail(strict=False, reason=PENDING_FAIRNESS[case_id])]
         out.append(pytest.param(*case, id=case_id, marks=marks))
     return out
 

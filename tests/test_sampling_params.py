@@ -88,9 +88,9 @@ def test_one_stop_limit_and_message():
     with pytest.raises(InvalidRequestError) as err:
         sp.check_stop(["a", "b", "c", "d", "e"])
     assert f"up to {sp.MAX_STOP} " in err.value.message and sp.MAX_STOP == 4
-    from llmaas.server import protocol
+    from llmaas.server import sampling
 
-    assert protocol.MAX_STOP is sp.MAX_STOP  # the server asks the engine's constant
+    assert sampling.check_stop is sp.check_stop  # the server asks the engine's rule
 
 
 def test_sampler_is_safe_even_with_an_unvalidated_huge_top_k():

@@ -27,6 +27,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llmaas.engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+)
+
 
 def _valid_unicode(value: str) -> str:
     """JSON may spell a lone surrogate (\\ud800); no tokenizer, template or database can take one."""
@@ -69,6 +79,12 @@ Float = Annotated[float, Strict()]  # accepts JSON integers, rejects strings, bo
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 TokenIds = list[Annotated[int, Strict(), Field(ge=0)]]
 
+# How many of each list one request may carry: each item is work (a template turn, a tokenizer call, an
+# engine request) done before the context window can refuse the request.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 256
+MAX_PROMPTS = 128  # completions' prompt list; prompts x n is also capped by the caller's plan
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -107,7 +123,7 @@ class ContentPart(_FreeForm):
 
 class ChatMessage(_FreeForm):  # extras (tool_calls, tool_call_id, ...) reach the chat template
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: Text | None = None
 
 
@@ -117,18 +133,25 @@ class _SamplingFields(_Body):
     model: Text
     temperature: Float | None = Field(None, ge=0, le=2)
     top_p: Float | None = Field(None, ge=0, le=1)
-    n: StrictInt | None = Field(None, ge=1, le=128)
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N)
     stop: Text | list[Text] | None = None
     seed: Seed | None = None
     presence_penalty: Float | None = Field(None, ge=-2, le=2)
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[Text, Float] | None = None
+    logit_bias: dict[Text, Float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    top_k: StrictInt | None = Field(None, ge=-1, description="extension: sample from the k most likely")
+    top_k: StrictInt | None = Field(
+        None, ge=-1, le=MAX_TOP_K, description="extension: sample from the k most likely"
+    )
     min_p: Float | None = Field(None, ge=0, le=1, description="extension: drop tokens below min_p * p(top)")
-    repetition_penalty: Float | None = Field(None, gt=0, description="extension: divide repeated logits")
+    repetition_penalty: Float | None = Field(
+        None,
+        ge=MIN_REPETITION_PENALTY,
+        le=MAX_REPETITION_PENALTY,
+        description="extension: divide repeated logits",
+    )
     ignore_eos: StrictBool | None = Field(None, description="extension: keep going past end-of-sequence")
 
 
@@ -136,11 +159,11 @@ _NO_EFFECT = "accepted; no effect here"
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Harmless: accepted, no effect (this server keeps no stored completions; prefix caching is automatic).
     metadata: dict[Text, Text] | None = Field(None, description=_NO_EFFECT)
     store: StrictBool | None = Field(None, description=_NO_EFFECT)
@@ -223,11 +246,18 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Text | list[Text] | TokenIds | list[TokenIds]
-    max_tokens: StrictInt | None = Field(16, ge=0, description="0 only with echo: score the prompt")
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    )
+    max_tokens: StrictInt | None = Field(
+        16, ge=0, le=MAX_TOKENS_LIMIT, description="0 only with echo: score the prompt"
+    )
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool | None = False
-    best_of: StrictInt | None = Field(None, ge=1, le=128)
+    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)
     suffix: Text | None = None
 
 
