@@ -508,11 +508,8 @@ def _leaf(
     return p
 
 
-def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the verbs `accounts`, `keys`, `credits`, `prices` and `usage` to `llmaas`'s subparsers.
-
-    Returns the `prices set` parser, for options that fill its prices (a `fill_prices(args)` default).
-    """
+def common_options() -> argparse.ArgumentParser:
+    """The options every billing verb takes (a parent parser): --database-url and --json."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--database-url",
@@ -521,6 +518,15 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "LLMAAS_HOME; postgresql+psycopg://... for production)",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return common
+
+
+def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the verbs `accounts`, `keys`, `credits`, `prices` and `usage` to `llmaas`'s subparsers.
+
+    Returns the `prices set` parser, for options that fill its prices (a `fill_prices(args)` default).
+    """
+    common = common_options()
     plans = ", ".join(PLANS)
 
     accounts = subparsers.add_parser("accounts", help="create and list accounts, set their plan")

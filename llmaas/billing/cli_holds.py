@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmaas.billing.cli_commands import _database, _table, _verb, _when, _whole
+from llmaas.billing.cli_commands import _database, _table, _verb, _when, _whole, common_options
 from llmaas.billing.holds import (
     MAX_ID_CHARS,
     MAX_LISTED,
@@ -135,14 +135,7 @@ def cmd_holds_release(args: argparse.Namespace) -> int:
 
 def add_holds_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add `holds list|release` to `llmaas`'s subparsers."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--database-url",
-        default=None,
-        help="SQLAlchemy URL of the billing database (default: SQLite file billing.sqlite3 under "
-        "LLMAAS_HOME; postgresql+psycopg://... for production)",
-    )
-    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common = common_options()
     holds = subparsers.add_parser("holds", help="list and release credit holds of running requests")
     hh = holds.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = hh.add_parser("list", help="list open holds (all with --all)", parents=[common])
