@@ -191,7 +191,7 @@ def server_command(
             "--port",
             str(port),
             "--database-url",
-            f"sqlite:///{scratch / 'billing.sqlite3'}",
+            f"sqlite:///{scratch / f'{peer}-billing.sqlite3'}",  # per peer: schemas may differ
             "--log-level",
             "warning",
             "--dtype",
