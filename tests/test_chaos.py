@@ -110,6 +110,12 @@ class NoByte(Exception):
     """The connection failed before any byte of the answer: safe to send again."""
 
 
+def _sse_lines(text: str) -> list[str]:
+    """SSE lines end at LF (this server sends no CR). Not str.splitlines: it also splits at U+2028,
+    U+0085 and others, which JSON carries unescaped inside a string and a random model can emit."""
+    return text.split("\n")
+
+
 def _send(url: str, key: str, path: str, body: dict | str, timeout: float = 120) -> Outcome:
     content = body if isinstance(body, str) else json.dumps(body)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -123,7 +129,7 @@ def _send(url: str, key: str, path: str, body: dict | str, timeout: float = 120)
         if not text:
             raise NoByte(str(exc)) from exc
         # Bytes came, then the replica died: not resendable; the delivered part must be billed.
-        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        events = [json.loads(line[6:]) for line in _sse_lines(text) if line.startswith("data: {")]
         cut = Outcome("cut", body, status=status, error=f"cut after bytes: {type(exc).__name__}")
         cut.request_id = events[0]["id"] if events else None
         cut.chunks = sum(1 for e in events if e.get("choices"))
@@ -133,7 +139,7 @@ def _send(url: str, key: str, path: str, body: dict | str, timeout: float = 120)
         outcome.error = text[:300]
         return outcome
     if r.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        events = [line[6:] for line in _sse_lines(text) if line.startswith("data: ")]
         if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
             outcome.error = f"stream did not end with [DONE]: {text[-300:]}"
             return outcome
@@ -160,6 +166,9 @@ def good_worker(chaos: Chaos, deadline: float, seed: int) -> None:
             except NoByte as exc:  # the killed replica: send it elsewhere
                 outcome = Outcome("good", body, error=f"no byte after {tries} tries: {exc}")
                 time.sleep(0.2)
+            except Exception as exc:  # an answer this client could not read is a failure, not a lost thread
+                outcome = Outcome("good", body, error=f"unreadable answer: {exc!r}")
+                break
         outcome.tries = tries
         outcome.body = {"account": account, "path": path, **body}  # a cut one keeps kind "cut"
         chaos.record(outcome)
