@@ -11,6 +11,9 @@ import os
 import httpx
 import openai
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, text
 
 from llmaas.billing import (
     FreeGrant,
@@ -21,9 +24,12 @@ from llmaas.billing import (
     hold_for_request,
     open_database,
     set_price,
+    settle,
 )
+from llmaas.billing.db import MIGRATIONS_DIR
 from llmaas.billing.holds import close_owner_holds, record_progress
 from llmaas.billing.plans import PLANS
+from llmaas.cli import main
 from llmaas.server import create_app
 from llmaas.server.billing import ServerBilling
 from llmaas.server.bootstrap import bootstrap
@@ -415,3 +421,53 @@ def test_system_fingerprint_names_the_weights_and_the_engine_config(model_dir):
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fingerprint() == first
+
+
+def test_llmaas_usage_finds_a_request_by_either_id(billed_url, db, capsys):
+    if db.engine.dialect.name != "sqlite":
+        pytest.skip("the CLI reads the same tables on PostgreSQL; once is enough")
+    client = openai.OpenAI(base_url=billed_url + "/v1", api_key=_key(db, "cli-co"), max_retries=0, timeout=60)
+    resp = client.completions.with_raw_response.create(
+        model=MODEL, prompt="Hi", max_tokens=2, extra_headers={"X-Client-Request-Id": "nightly-eval-1"}
+    ).parse()
+    url = ["--database-url", str(db.engine.url)]
+    for wanted in (resp.id, "nightly-eval-1"):
+        assert main(["usage", "--request-id", wanted, "--json", *url]) == 0
+        (record,) = json.loads(capsys.readouterr().out)["data"]
+        assert record["request_id"] == resp.id and record["client_request_id"] == "nightly-eval-1"
+        assert record["account"] == "cli-co" and record["completion_tokens"] == resp.usage.completion_tokens
+    assert main(["usage", "--request-id", "no-such-id", *url]) == 1
+    assert main(["usage", "--request-id", "x" * 513, *url]) == 2
+
+
+def test_the_0003_migration_keeps_old_rows_and_settles_old_holds(tmp_path):
+    """A database at 0002 with an open hold: after the upgrade it settles, with no client id."""
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    engine = create_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+        for statement in (
+            "INSERT INTO accounts (id, name, plan, overdraft_micros, created_at) "
+            "VALUES (1, 'acme', 'free', 0, '2025-01-01 00:00:00.000000')",
+            "INSERT INTO prices (id, model, input_micros_per_m, cached_input_micros_per_m, "
+            "output_micros_per_m, effective_from, created_at) "
+            "VALUES (1, 'smol', 1, 1, 1, '2025-01-01 00:00:00', '2025-01-01 00:00:00')",
+            "INSERT INTO holds (request_id, account_id, model, price_id, amount_micros, status, created_at) "
+            "VALUES ('old', 1, 'smol', 1, 5, 'open', '2025-01-01 00:00:00.000000')",
+        ):
+            connection.execute(text(statement))
+    engine.dispose()
+    database = open_database(url)
+    try:
+        record = settle(database, "old", 3, 0, 2)
+        assert record.client_request_id is None and get_usage(database, "old").client_request_id is None
+    finally:
+        database.close()
+    with create_engine(url).begin() as connection:  # and back down
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+        columns = {row[1] for row in connection.execute(text("PRAGMA table_info(usage_records)"))}
+        assert "client_request_id" not in columns

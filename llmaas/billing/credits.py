@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, or_, select, text
 from sqlalchemy.orm import Session
 
 from llmaas.billing.accounts import find_account
@@ -645,6 +645,22 @@ def open_holds(db: Database, account: int | str) -> list[HoldInfo]:
         row = find_account(session, account)
         holds = session.scalars(select(Hold).where(Hold.account_id == row.id, Hold.status == "open"))
         return [_hold_info(h) for h in holds]
+
+
+def find_usage(db: Database, request_id: str) -> list[UsageInfo]:
+    """The usage records named by `request_id`: the response's id (x-request-id, at most one record) or
+    the client's own X-Client-Request-Id (any number: a client may reuse its ids), oldest first."""
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_CLIENT_REQUEST_ID:
+        raise InvalidRequestError(
+            f"'request_id' must be 1 to {MAX_CLIENT_REQUEST_ID} characters", param="request_id"
+        )
+    with db.read() as session:
+        rows = session.scalars(
+            select(UsageRecord)
+            .where(or_(UsageRecord.request_id == request_id, UsageRecord.client_request_id == request_id))
+            .order_by(UsageRecord.finished_at, UsageRecord.id)
+        )
+        return [_usage_info(row) for row in rows]
 
 
 def get_usage(db: Database, request_id: str) -> UsageInfo | None:
