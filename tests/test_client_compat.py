@@ -436,7 +436,8 @@ def test_llmaas_usage_finds_a_request_by_either_id(billed_url, db, capsys):
         (record,) = json.loads(capsys.readouterr().out)["data"]
         assert record["request_id"] == resp.id and record["client_request_id"] == "nightly-eval-1"
         assert record["account"] == "cli-co" and record["completion_tokens"] == resp.usage.completion_tokens
-    assert main(["usage", "--request-id", "no-such-id", *url]) == 1
+    assert main(["usage", "--request-id", "no-such-id", *url]) == 0
+    assert "no usage record" in capsys.readouterr().out
     assert main(["usage", "--request-id", "x" * 513, *url]) == 2
 
 

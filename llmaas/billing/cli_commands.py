@@ -426,7 +426,7 @@ def _one_request(args: argparse.Namespace) -> int:
         return 0
     if not records:
         print(f"no usage record has the request id or client request id {args.request_id!r}")
-        return 1
+        return 0
     columns = list(records[0])
     _table(columns, [list(r.values()) for r in records], right=columns[6:10])
     return 0
