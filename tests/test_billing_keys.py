@@ -36,7 +36,7 @@ def test_schema_migrates_once_and_reopens(db_url):
     again = open_database(db_url)  # upgrade to head is a no-op on a migrated database
     assert [a.name for a in list_accounts(again)] == ["acme"]
     with again.read() as session:
-        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     again.close()
 
 

@@ -26,13 +26,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from llmaas.billing import operator_input as check
 from llmaas.billing.accounts import check_account_name, create_account, list_accounts, set_plan
-from llmaas.billing.credits import balance, grant, top_up
+from llmaas.billing.credits import balance, find_usage, grant, top_up
 from llmaas.billing.db import Database, default_database_url, open_database
 from llmaas.billing.keys import create_key, list_keys, revoke_key
 from llmaas.billing.money import credit_to_micros, format_usd
 from llmaas.billing.plans import DEFAULT_FREE_GRANT, PLANS, get_plan
 from llmaas.billing.prices import list_prices, price_micros, set_price
-from llmaas.billing.records import account_record, balance_record, credit_record, key_record, price_record
+from llmaas.billing.records import (
+    account_record,
+    balance_record,
+    credit_record,
+    key_record,
+    price_record,
+    usage_record,
+)
 from llmaas.billing.schema import utcnow
 from llmaas.billing.usage_report import BUCKET_MINUTES, GROUP_BY, usage_report
 from llmaas.errors import InvalidRequestError, LlmaasError
@@ -407,8 +414,28 @@ def _group_by(text: str | None) -> list[str]:
     return groups
 
 
+def _one_request(args: argparse.Namespace) -> int:
+    """`llmaas usage --request-id ID`: the usage records of one request (its x-request-id) or of a
+    client's X-Client-Request-Id."""
+    with _database(args) as db:
+        records = [
+            usage_record(u, _account_names(db).get(u.account_id)) for u in find_usage(db, args.request_id)
+        ]
+    if args.json:
+        _print_json({"object": "list", "data": records})
+        return 0
+    if not records:
+        print(f"no usage record has the request id or client request id {args.request_id!r}")
+        return 0
+    columns = list(records[0])
+    _table(columns, [list(r.values()) for r in records], right=columns[6:10])
+    return 0
+
+
 @_verb
 def cmd_usage(args: argparse.Namespace) -> int:
+    if args.request_id is not None:
+        return _one_request(args)
     if args.json and args.csv:
         raise InvalidRequestError("choose one of --json and --csv", param="csv")
     if args.bucket not in BUCKET_MINUTES:
@@ -623,4 +650,10 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument("--group-by", default=None, help=f"comma-separated: {','.join(GROUP_BY)}")
     p.add_argument("--csv", action="store_true", help="print CSV (one row per bucket and group, no total)")
+    p.add_argument(
+        "--request-id",
+        default=None,
+        help="instead of a report: the usage record of one request, by its id (the response's x-request-id) "
+        "or the client's X-Client-Request-Id",
+    )
     return prices_set

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, or_, select, text
 from sqlalchemy.orm import Session
 
 from llmaas.billing.accounts import find_account
@@ -47,7 +47,7 @@ from llmaas.billing.prices import (
     cost_micros,
     worst_case_cost_micros,
 )
-from llmaas.billing.schema import Hold, LedgerEntry, UsageRecord, UtcDateTime, utcnow
+from llmaas.billing.schema import MAX_CLIENT_REQUEST_ID, Hold, LedgerEntry, UsageRecord, UtcDateTime, utcnow
 from llmaas.billing.sql import Transaction, read_time, transaction
 from llmaas.errors import InvalidRequestError
 
@@ -80,6 +80,7 @@ class HoldInfo:
     created_at: datetime | None = None
     price: PriceVersion | None = None  # the version the hold was priced at (from hold_for_request)
     expires_at: datetime | None = None  # the deadline (admission or last progress + the hold TTL)
+    client_request_id: str | None = None  # the client's own id for the request (X-Client-Request-Id)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class UsageInfo:
     cost_micros: int
     status: str
     finished_at: datetime
+    client_request_id: str | None = None  # the client's own id (X-Client-Request-Id); request_id is ours
 
 
 def _hold_info(h: Hold) -> HoldInfo:
@@ -109,6 +111,7 @@ def _hold_info(h: Hold) -> HoldInfo:
         h.status,
         h.created_at,
         expires_at=h.expires_at,
+        client_request_id=h.client_request_id,
     )
 
 
@@ -125,6 +128,7 @@ def _usage_info(u: UsageRecord) -> UsageInfo:
         u.cost_micros,
         u.status,
         u.finished_at,
+        u.client_request_id,
     )
 
 
@@ -240,8 +244,9 @@ _FACTS_AT_PRICE = _HOLD_FACTS.format(price="", price_join="")
 _FACTS_PRICE_IN_FORCE = _HOLD_FACTS.format(price=_PRICE_COLUMNS, price_join=_PRICE_JOIN)
 _INSERT_HOLD = """
 INSERT INTO holds (request_id, account_id, key_id, model, price_id, amount_micros, status, owner, created_at,
-                   expires_at)
-VALUES (:request_id, :account_id, :key_id, :model, :price_id, :amount, 'open', :owner, :now, :expires_at)
+                   expires_at, client_request_id)
+VALUES (:request_id, :account_id, :key_id, :model, :price_id, :amount, 'open', :owner, :now, :expires_at,
+        :client_request_id)
 RETURNING id
 """
 
@@ -269,6 +274,7 @@ def _hold(
     owner: str | None,
     now: datetime,
     ttl_s: float | None = None,
+    client_request_id: str | None = None,
 ) -> HoldInfo:
     """One transaction: lock the account, read balance + price + key, insert the hold.
 
@@ -321,6 +327,7 @@ def _hold(
             owner=owner,
             now=tx.time(now),
             expires_at=tx.time(expires_at),
+            client_request_id=client_request_id,
         )
     return HoldInfo(
         hold_id,
@@ -334,6 +341,7 @@ def _hold(
         now,
         price,
         expires_at,
+        client_request_id,
     )
 
 
@@ -390,15 +398,23 @@ def hold_for_request(
     owner: str | None = None,
     now: datetime | None = None,
     ttl_s: float | None = None,
+    client_request_id: str | None = None,
 ) -> HoldInfo:
     """Admission in one transaction: the price in force now, the worst-case cost, the hold.
 
     With `key_id`, the key is checked again in the same transaction (revoked or expired -> 401).
     `ttl_s`: the hold's deadline after admission or its last progress checkpoint (default one hour).
+    `client_request_id`: the client's own id for the request, kept on the hold and its usage record.
     """
     for value, param in ((prompt_tokens, "prompt_tokens"), (max_completion_tokens, "max_completion_tokens")):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidRequestError(f"'{param}' must be a non-negative integer", param=param)
+    if client_request_id is not None and (
+        not isinstance(client_request_id, str) or not 1 <= len(client_request_id) <= MAX_CLIENT_REQUEST_ID
+    ):
+        raise InvalidRequestError(
+            f"'client_request_id' must be 1 to {MAX_CLIENT_REQUEST_ID} characters", param="client_request_id"
+        )
     return _hold(
         db,
         request_id,
@@ -411,12 +427,13 @@ def hold_for_request(
         owner=owner,
         now=now or utcnow(),
         ttl_s=ttl_s,
+        client_request_id=client_request_id,
     )
 
 
 # The terms a request is billed on: its hold's account, key, model, admission time and price version.
 _HOLD_TERMS = """
-SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at AS admitted_at,
+SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at AS admitted_at, h.client_request_id,
        p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m, p.effective_from
   FROM holds h JOIN prices p ON p.id = h.price_id
  WHERE h.request_id = :request_id
@@ -428,9 +445,9 @@ SELECT input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effec
 _INSERT_USAGE = """
 INSERT INTO usage_records (request_id, account_id, key_id, model, endpoint, price_id, prompt_tokens,
                            cached_tokens, completion_tokens, cost_micros, status, admitted_at,
-                           finished_at, epoch_minute)
+                           finished_at, epoch_minute, client_request_id)
 VALUES (:request_id, :account_id, :key_id, :model, :endpoint, :price_id, :prompt, :cached, :completion,
-        :cost, :status, :admitted_at, :now, :epoch_minute)
+        :cost, :status, :admitted_at, :now, :epoch_minute, :client_request_id)
 ON CONFLICT (request_id) DO NOTHING
 """
 _CREDIT_LOTS = f"""
@@ -472,6 +489,7 @@ def _terms_from_admission(tx: Transaction, hold: HoldInfo, now: datetime) -> dic
         "model": hold.model,
         "price_id": hold.price_id,
         "admitted_at": tx.time(hold.created_at or now),
+        "client_request_id": hold.client_request_id,
     }
     if hold.price is not None:
         p = hold.price
@@ -521,6 +539,7 @@ def _charge(
         admitted_at=terms["admitted_at"],
         now=tx.time(now),
         epoch_minute=int(now.timestamp()) // 60,
+        client_request_id=terms.get("client_request_id"),
     )
     if inserted != 1:
         return None
@@ -551,6 +570,7 @@ def _charge(
         cost,
         status,
         now,
+        terms.get("client_request_id"),
     )
 
 
@@ -625,6 +645,22 @@ def open_holds(db: Database, account: int | str) -> list[HoldInfo]:
         row = find_account(session, account)
         holds = session.scalars(select(Hold).where(Hold.account_id == row.id, Hold.status == "open"))
         return [_hold_info(h) for h in holds]
+
+
+def find_usage(db: Database, request_id: str) -> list[UsageInfo]:
+    """The usage records named by `request_id`: the response's id (x-request-id, at most one record) or
+    the client's own X-Client-Request-Id (any number: a client may reuse its ids), oldest first."""
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_CLIENT_REQUEST_ID:
+        raise InvalidRequestError(
+            f"'request_id' must be 1 to {MAX_CLIENT_REQUEST_ID} characters", param="request_id"
+        )
+    with db.read() as session:
+        rows = session.scalars(
+            select(UsageRecord)
+            .where(or_(UsageRecord.request_id == request_id, UsageRecord.client_request_id == request_id))
+            .order_by(UsageRecord.finished_at, UsageRecord.id)
+        )
+        return [_usage_info(row) for row in rows]
 
 
 def get_usage(db: Database, request_id: str) -> UsageInfo | None:

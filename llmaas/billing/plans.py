@@ -16,6 +16,14 @@ The caps bound what one tenant can make the shared engine do at once, so no tena
 Free: 8 sequences a request, 16 and 32,768 tokens in flight - two full-size requests at once, a few
 percent of one replica's batch (64 sequences by default) and KV cache. Plus: 128 (the API's largest n)
 a request, 256 sequences and 2,097,152 tokens (256 x an 8k window) in flight - several replicas' worth.
+
+Operator: the plan of the first start's `default` account (server/bootstrap.py), the operator's own
+account. Its owner runs evaluation and load tools against their own server (lm-eval, guidellm), which
+send hundreds of requests a minute and ignore Retry-After: 20 requests a minute would fail them with
+429s. It has plus's concurrency caps (a runaway eval cannot take more of the engine than a paying plus
+tenant may) and a rate limit far above any one replica's throughput, at a priority between free and
+plus: the operator's own load yields to paying customers but is not queued behind strangers. Still
+billed like every account: its credit runs out like anyone's (`llmaas credits top-up default ...`).
 """
 
 from __future__ import annotations
@@ -75,6 +83,15 @@ PLANS: dict[str, Plan] = {
         requests_per_minute=600,
         tokens_per_minute=2_000_000,
         priority=10,
+        max_sequences_per_request=128,
+        max_sequences_in_flight=256,
+        max_tokens_in_flight=2_097_152,
+    ),
+    "operator": Plan(
+        "operator",
+        requests_per_minute=100_000,
+        tokens_per_minute=100_000_000,
+        priority=5,
         max_sequences_per_request=128,
         max_sequences_in_flight=256,
         max_tokens_in_flight=2_097_152,

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from llmaas.billing.accounts import AccountInfo
-from llmaas.billing.credits import Balance
+from llmaas.billing.credits import Balance, UsageInfo
 from llmaas.billing.keys import KeyInfo
 from llmaas.billing.money import format_usd
 from llmaas.billing.prices import PriceVersion
@@ -74,4 +74,22 @@ def price_record(price: PriceVersion) -> dict[str, Any]:
         "cached_input_usd_per_1m": format_usd(price.cached_input_micros_per_m),
         "output_usd_per_1m": format_usd(price.output_micros_per_m),
         "effective_from": iso_time(price.effective_from),
+    }
+
+
+def usage_record(usage: UsageInfo, account_name: str | None = None) -> dict[str, Any]:
+    """One request's usage record: `request_id` is the response's id and x-request-id header,
+    `client_request_id` the client's X-Client-Request-Id."""
+    return {
+        "request_id": usage.request_id,
+        "client_request_id": usage.client_request_id,
+        "account": account_name if account_name is not None else usage.account_id,
+        "key_id": usage.key_id,
+        "model": usage.model,
+        "status": usage.status,
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost_usd": format_usd(usage.cost_micros),
+        "finished_at": iso_time(usage.finished_at),
     }

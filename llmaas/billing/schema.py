@@ -43,6 +43,9 @@ class UtcDateTime(TypeDecorator):
         return None if value is None else value.replace(tzinfo=timezone.utc)
 
 
+MAX_CLIENT_REQUEST_ID = 512  # characters of a client's request id (OpenAI's limit for the header)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -136,6 +139,8 @@ class Hold(Base):
     progress_cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The client's own id for the request (X-Client-Request-Id), copied to its usage record. 0003.
+    client_request_id: Mapped[str | None] = mapped_column(String(MAX_CLIENT_REQUEST_ID), nullable=True)
 
 
 class Instance(Base):
@@ -159,6 +164,7 @@ class UsageRecord(Base):
     __table_args__ = (
         Index("ix_usage_account_minute", "account_id", "epoch_minute"),
         Index("ix_usage_minute", "epoch_minute"),
+        Index("ix_usage_client_request_id", "client_request_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -176,3 +182,6 @@ class UsageRecord(Base):
     admitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
     epoch_minute: Mapped[int] = mapped_column(BigInteger)  # finished_at // 60s, for portable bucketing
+    # `request_id` is the response's id and x-request-id header; this is the client's own id for the
+    # request (X-Client-Request-Id), when it sent one. 0003.
+    client_request_id: Mapped[str | None] = mapped_column(String(MAX_CLIENT_REQUEST_ID), nullable=True)

@@ -297,6 +297,11 @@ class AsyncEngine:
 
         return self._submit(do_abort)
 
+    @property
+    def system_fingerprint(self) -> str:
+        """The model build and engine configuration this engine runs (engine/fingerprint.py)."""
+        return self.engine.system_fingerprint
+
     def call(self, fn: Callable[[LLMEngine], object]) -> Future:
         """Run fn(engine) on the loop thread (for stats and admin reads)."""
         return self._submit(lambda: fn(self.engine))

@@ -20,6 +20,7 @@ import torch
 
 from llmaas.engine.block_manager import BlockManager
 from llmaas.engine.dtype_choice import auto_dtype
+from llmaas.engine.fingerprint import system_fingerprint
 from llmaas.engine.model_runner import ModelRunner
 from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
@@ -127,6 +128,20 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.system_fingerprint = system_fingerprint(
+            self.model_dir,
+            {
+                "dtype": str(dtype),
+                "device": device.type,
+                "quantization": config.quantization,
+                "pack_weights": config.pack_weights,
+                "block_size": config.block_size,
+                "max_num_batched_tokens": config.max_num_batched_tokens,
+                "max_model_len": self.max_model_len,
+                "enable_prefix_caching": config.enable_prefix_caching,
+                "seed": config.seed,
+            },
+        )
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         log.info(
@@ -194,6 +209,9 @@ class LLMEngine:
             raise InvalidRequestError("'priority' must be an integer", param="priority")
         prompt_ids = self.tokenize_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
+        if params.min_tokens:
+            eos = () if params.ignore_eos else self.eos_token_ids
+            params.min_tokens_banned = tuple(sorted({*eos, *params.stop_token_ids}))
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(request_id, index, prompt_ids, params, priority=priority, max_tokens=max_tokens)
@@ -353,12 +371,12 @@ class LLMEngine:
             seq.output_logprobs.append(info)
             seq.cumulative_logprob += info.logprob
         params = seq.params
-        if token in params.stop_token_ids:
+        if token in params.stop_token_ids:  # the sampler kept it out before min_tokens
             return self._finish(seq, "stop", token)
         if token in self.eos_token_ids and not params.ignore_eos:
             return self._finish(seq, "stop", None)
         seq.text += seq.detokenizer.add(token)
-        if params.stop and self._cut_at_stop_string(seq):
+        if params.stop and len(seq.output_token_ids) >= params.min_tokens and self._cut_at_stop_string(seq):
             return None
         if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length")

@@ -36,6 +36,22 @@ def _apply_penalties_and_bias(logits: torch.Tensor, seqs: list[Sequence]) -> Non
             out = torch.tensor(seq.output_token_ids, device=logits.device)
             counts = torch.bincount(out, minlength=vocab).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if _before_min_tokens(seq):
+            _ban(logits[row], p.min_tokens_banned)
+
+
+def _before_min_tokens(seq: Sequence) -> bool:
+    return bool(seq.params.min_tokens_banned) and len(seq.output_token_ids) < seq.params.min_tokens
+
+
+def _ban(row: torch.Tensor, ids: tuple[int, ...]) -> None:
+    """min_tokens: the ending tokens cannot be drawn, unless nothing else could be (a constraint that
+    allows only an ending wins over min_tokens rather than leaving no token to draw)."""
+    index = torch.tensor(ids, device=row.device)
+    kept = row[index].clone()
+    row[index] = float("-inf")
+    if not torch.isfinite(row).any():
+        row[index] = kept
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -79,6 +95,7 @@ def sample(
         or s.params.repetition_penalty != 1.0
         or s.params.presence_penalty
         or s.params.frequency_penalty
+        or _before_min_tokens(s)
         for s in seqs
     )
     if needs_processing:

@@ -100,6 +100,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # k: logprob of every prompt token (after the first) + k alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Before this many completion tokens, end-of-sequence and stop_token_ids cannot be sampled and stop
+    # strings are not looked for (vLLM's min_tokens).
+    min_tokens: int = 0
+    # Set by the engine at add_request: the ids min_tokens keeps out (its end-of-sequence ids unless
+    # ignore_eos, and stop_token_ids).
+    min_tokens_banned: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -152,6 +158,12 @@ class SamplingParams:
         if self.max_tokens is not None:
             low = 0 if self.prompt_logprobs is not None else 1
             _int_in("max_tokens", self.max_tokens, low, MAX_TOKENS_LIMIT)
+        _int_in("min_tokens", self.min_tokens, 0, MAX_TOKENS_LIMIT)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"'min_tokens' ({self.min_tokens}) must not exceed 'max_tokens' ({self.max_tokens})",
+                param="min_tokens",
+            )
         if not -2 <= self.presence_penalty <= 2:
             raise InvalidRequestError("'presence_penalty' must be in [-2, 2]", param="presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:

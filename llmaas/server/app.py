@@ -22,6 +22,7 @@ from llmaas.server.metrics import HttpMetricsMiddleware
 from llmaas.server.openapi import document_statuses
 from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
 from llmaas.server.registry import ModelRegistry, ServedModel
+from llmaas.server.request_ids import RequestIdMiddleware
 from llmaas.server.state import ServerState
 from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook
@@ -120,6 +121,7 @@ def create_app(
     app.add_middleware(DrainMiddleware, drain=state.drain)  # outside billing: a refused request is not billed
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # before anything reads the body
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets x-request-id
 
     def card(model: ServedModel) -> dict:
         body = {"id": model.name, "object": "model", "created": model.created, "owned_by": "llmaas"}

@@ -99,6 +99,7 @@ class Admission:
     hold: HoldInfo | None = None
     prompt_token_ids: list[list[int]] = field(default_factory=list)  # what was priced: the engine's input
     in_flight_account: str | None = None  # counted in flight (fairness): released once when it ends
+    client_request_id: str | None = None  # X-Client-Request-Id: kept on the hold and the usage record
 
 
 class KeyCache:
@@ -217,7 +218,9 @@ class ServerBilling:
             self._default_account_id = get_account(self.db, self.default_account).id
         return self._default_account_id
 
-    def begin(self, principal: Principal | None, model: str, request_id: str) -> Admission:
+    def begin(
+        self, principal: Principal | None, model: str, request_id: str, client_request_id: str | None = None
+    ) -> Admission:
         """Before any work on the prompt: the key's model allow-list (403) and one request from its
         requests-per-minute bucket (429, or also when its token bucket is in debt).
 
@@ -233,6 +236,7 @@ class ServerBilling:
         ):
             raise ModelNotAllowedError(f"This API key may not use model {model!r}.", param="model")
         admission = Admission(request_id, self._account_id(principal), principal, 0)
+        admission.client_request_id = client_request_id
         if principal is not None:
             decision = self.limiter.acquire(
                 principal.key_id, principal.requests_per_minute, principal.tokens_per_minute, 0
@@ -337,6 +341,7 @@ class ServerBilling:
                 key_id=principal.key_id if principal else None,
                 owner=self.owner,
                 ttl_s=self.hold_ttl_s,
+                client_request_id=admission.client_request_id,
             )
         except LlmaasError as exc:
             self._adjust(admission, -estimated)  # never admitted: give the tokens back

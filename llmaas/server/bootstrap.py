@@ -36,6 +36,9 @@ log = logging.getLogger("llmaas.server")
 
 ADMIN_ACCOUNT = "admin"
 ADMIN_KEY_ENV = "LLMAAS_ADMIN_KEY"
+# The operator's own account is not rate limited like a stranger's (billing/plans.py). Set only when the
+# account is created: a database from before keeps its plan (`llmaas accounts set-plan default operator`).
+DEFAULT_ACCOUNT_PLAN = "operator"
 # USD per 1M tokens for a served model with no price yet (the operator changes it with `llmaas prices set`).
 DEFAULT_PRICE = {"input_usd": "0.05", "cached_input_usd": "0.025", "output_usd": "0.20"}
 
@@ -110,13 +113,16 @@ def bootstrap(
     created = False
     if not _account_exists(db, DEFAULT_ACCOUNT):
         try:
-            create_account(db, DEFAULT_ACCOUNT, plan="free")
+            create_account(db, DEFAULT_ACCOUNT, plan=DEFAULT_ACCOUNT_PLAN)
             created = True
         except InvalidRequestError:  # a replica starting at the same time created it
             pass
     if created:
         key = create_key(db, DEFAULT_ACCOUNT, name="default")
-        say(f"Created account '{DEFAULT_ACCOUNT}' (free plan, free grant). Its API key (shown once):")
+        say(
+            f"Created account '{DEFAULT_ACCOUNT}' ({DEFAULT_ACCOUNT_PLAN} plan, free grant). "
+            "Its API key (shown once):"
+        )
         say(f"    {key.secret}")
     new_admin = ensure_admin_key(db, admin_key)
     if new_admin is not None:

@@ -10,7 +10,15 @@ from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
 from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
-from llmaas.server.respond import params_named, respond, run_usage, wants_usage_chunk
+from llmaas.server.registry import ServedModel
+from llmaas.server.respond import (
+    params_named,
+    respond,
+    run_usage,
+    usage_so_far,
+    wants_continuous_usage,
+    wants_usage_chunk,
+)
 from llmaas.server.sampling import sampling_params
 from llmaas.server.streaming import event
 
@@ -48,12 +56,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         )
     want_logprobs = bool(body.logprobs)
     include_usage = wants_usage_chunk(body)
+    continuous_usage = wants_continuous_usage(body)
 
     def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
-        return _chat_events(run, id_, created, model, params.n, want_logprobs, include_usage)
+        return _chat_events(
+            run, id_, created, model, params.n, want_logprobs, include_usage, continuous_usage
+        )
 
     def usage_chunk(id_: str, created: int, usage: dict) -> dict:
-        return _chunk(id_, created, model.name, [], True, usage)
+        return _chunk(id_, created, model, [], True, usage)
 
     def whole(run: EngineRun, id_: str, created: int) -> dict:
         choices = [
@@ -65,7 +76,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             )
             for c in run.latest[0].outputs
         ]
-        return R.chat_completion(id_, created, model.name, choices, run_usage(run))
+        return R.chat_completion(id_, created, model.name, choices, run_usage(run), model.system_fingerprint)
 
     return await respond(
         request,
@@ -82,13 +93,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
 
 
-def _chunk(id_: str, created: int, model: str, choices: list, include_usage: bool, usage=None) -> dict:
+def _chunk(
+    id_: str, created: int, model: ServedModel, choices: list, include_usage: bool, usage=None
+) -> dict:
     chunk = {
         "id": id_,
         "object": "chat.completion.chunk",
         "created": created,
-        "model": model,
-        "system_fingerprint": None,
+        "model": model.name,
+        "system_fingerprint": model.system_fingerprint,
         "choices": choices,
     }
     if include_usage:
@@ -97,8 +110,19 @@ def _chunk(id_: str, created: int, model: str, choices: list, include_usage: boo
 
 
 async def _chat_events(
-    run: EngineRun, id_: str, created: int, model, n: int, want_logprobs: bool, include_usage: bool
+    run: EngineRun,
+    id_: str,
+    created: int,
+    model,
+    n: int,
+    want_logprobs: bool,
+    include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
+    """`continuous_usage`: every chunk's `usage` is the usage so far (else null, with include_usage)."""
+    usage = None
+    if continuous_usage:  # before any token: the prompt, no completion yet
+        usage = usage_so_far(run, [None])
     first = [
         {
             "index": i,
@@ -108,10 +132,12 @@ async def _chat_events(
         }
         for i in range(n)
     ]
-    yield "".join(event(_chunk(id_, created, model.name, [c], include_usage)) for c in first)
+    yield "".join(event(_chunk(id_, created, model, [c], include_usage, usage)) for c in first)
     finished = [False] * n
     async for _, out in run.outputs():
         parts = []
+        if continuous_usage:
+            usage = usage_so_far(run, [out])
         for c in out.outputs:
             if finished[c.index]:
                 continue
@@ -129,6 +155,6 @@ async def _chat_events(
                 "finish_reason": R.finish_reason(c.finish_reason),
             }
             finished[c.index] = c.finish_reason is not None
-            parts.append(event(_chunk(id_, created, model.name, [choice], include_usage)))
+            parts.append(event(_chunk(id_, created, model, [choice], include_usage, usage)))
         if parts:
             yield "".join(parts)

@@ -6,13 +6,20 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
-from llmaas.engine.outputs import CompletionOutput
+from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
 from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, Completion, CompletionRequest
 from llmaas.server.registry import ServedModel
-from llmaas.server.respond import params_named, respond, run_usage, wants_usage_chunk
+from llmaas.server.respond import (
+    params_named,
+    respond,
+    run_usage,
+    usage_so_far,
+    wants_continuous_usage,
+    wants_usage_chunk,
+)
 from llmaas.server.sampling import sampling_params
 from llmaas.server.streaming import event
 
@@ -67,12 +74,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         # The echoed prompt gets real logprobs too; a prompt-only request needs them to be accepted.
         params.prompt_logprobs = body.logprobs or 0
     include_usage = wants_usage_chunk(body)
+    continuous_usage = wants_continuous_usage(body)
 
     def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
-        return _completion_events(run, id_, created, model, prompts, n, body, include_usage)
+        return _completion_events(run, id_, created, model, prompts, n, body, include_usage, continuous_usage)
 
     def usage_chunk(id_: str, created: int, usage: dict) -> dict:
-        return R.completion(id_, created, model.name, [], usage)
+        return R.completion(id_, created, model.name, [], usage, model.system_fingerprint)
 
     def whole(run: EngineRun, id_: str, created: int) -> dict:
         choices = []
@@ -87,7 +95,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                     )
                 text = prompt_text + c.text
                 choices.append(R.completion_choice(len(choices), text, c.finish_reason, logprobs))
-        return R.completion(id_, created, model.name, choices, run_usage(run))
+        return R.completion(id_, created, model.name, choices, run_usage(run), model.system_fingerprint)
 
     return await respond(
         request,
@@ -130,22 +138,27 @@ async def _completion_events(
     n: int,
     body: CompletionRequest,
     include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
-    """Choice index = prompt index * n + sample index, as OpenAI numbers them."""
+    """Choice index = prompt index * n + sample index, as OpenAI numbers them. `continuous_usage`: every
+    chunk's `usage` is the usage so far, over every prompt's latest output sent (else null)."""
     num_prompts = len(run.latest)
     finished = [False] * (num_prompts * n)
     echoed = [not body.echo] * (num_prompts * n)
     logprob_builders = [R.CompletionLogprobs(model.token_text) for _ in range(num_prompts * n)]
     usage = {"usage": None} if include_usage else {}
+    sent: list[RequestOutput | None] = [None] * num_prompts  # the latest output of each prompt, for usage
 
     def chunk(index: int, text: str, reason: str | None, logprobs) -> str:
-        body_ = R.completion(
-            id_, created, model.name, [R.completion_choice(index, text, reason, logprobs)], None
-        )
+        choices = [R.completion_choice(index, text, reason, logprobs)]
+        body_ = R.completion(id_, created, model.name, choices, None, model.system_fingerprint)
         return event({**body_, **usage})
 
     async for p, out in run.outputs():
         parts = []
+        if continuous_usage:
+            sent[p] = out
+            usage = {"usage": usage_so_far(run, sent)}
         for c in out.outputs:
             index = p * n + c.index
             if finished[index]:

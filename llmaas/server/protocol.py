@@ -32,10 +32,12 @@ from llmaas.engine.sampling_params import (
     MAX_LOGPROBS,
     MAX_N,
     MAX_REPETITION_PENALTY,
+    MAX_STOP_TOKEN_IDS,
     MAX_TOKENS_LIMIT,
     MAX_TOP_K,
     MIN_REPETITION_PENALTY,
 )
+from llmaas.server.request_ids import ClientRequestId
 
 
 def _valid_unicode(value: str) -> str:
@@ -93,6 +95,11 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: StrictBool | None = False
     include_obfuscation: StrictBool | None = Field(None, description="accepted; no effect")
+    continuous_usage_stats: StrictBool | None = Field(
+        None,
+        description="extension (vLLM's): with include_usage, every chunk carries the usage so far "
+        "(prompt, completion so far, total); the last chunk's usage is the final one, with its cost",
+    )
 
 
 def unsupported(message: str) -> PydanticCustomError:
@@ -127,6 +134,9 @@ class ChatMessage(_FreeForm):  # extras (tool_calls, tool_call_id, ...) reach th
     name: Text | None = None
 
 
+_NO_EFFECT_EXT = "extension: accepted; no effect here"
+
+
 class _SamplingFields(_Body):
     """Fields shared by chat and completions; the last four are extensions (vLLM's names)."""
 
@@ -153,12 +163,80 @@ class _SamplingFields(_Body):
         description="extension: divide repeated logits",
     )
     ignore_eos: StrictBool | None = Field(None, description="extension: keep going past end-of-sequence")
+    # Extensions of vLLM's and SGLang's OpenAI servers that the tools of their ecosystems send
+    # (SGLang's router sends no_stop_trim, skip_special_tokens, return_hidden_states, lora_path and
+    # session_params on every request). Honoured unless the description says "no effect".
+    min_tokens: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOKENS_LIMIT, description="extension: no end-of-sequence or stop before this many"
+    )
+    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="extension: token ids that end a choice"
+    )
+    include_stop_str_in_output: StrictBool | None = Field(
+        None, description="extension (vLLM's): keep the stop string at the end of the text"
+    )
+    no_stop_trim: StrictBool | None = Field(
+        None, description="extension (SGLang's): include_stop_str_in_output under SGLang's name"
+    )
+    skip_special_tokens: StrictBool | None = Field(
+        None, description="extension: leave special tokens out of the text (default true)"
+    )
+    spaces_between_special_tokens: StrictBool | None = Field(None, description=_NO_EFFECT_EXT)
+    sampling_seed: Seed | None = Field(None, description="extension (SGLang's): 'seed' under SGLang's name")
+    request_id: ClientRequestId | None = Field(
+        None,
+        description="extension (vLLM's): the client's id for this request, as the X-Client-Request-Id "
+        "header (which wins when both are sent): echoed in that header and recorded in the ledger",
+    )
+    rid: ClientRequestId | None = Field(
+        None, description="extension (SGLang's): 'request_id' under SGLang's name"
+    )
+    priority: StrictInt | None = Field(
+        None, ge=-(2**31), le=2**31 - 1, description=_NO_EFFECT_EXT + " (the plan sets the priority)"
+    )
+    return_hidden_states: StrictBool | None = Field(None, description="extension (SGLang's): false only")
+    lora_path: None = Field(None, description="extension (SGLang's): null only (no LoRA adapters)")
+    session_params: None = Field(None, description="extension (SGLang's): null only (no sessions)")
+
+    @field_validator("return_hidden_states")
+    @classmethod
+    def _no_hidden_states(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported("'return_hidden_states' is not supported: this server returns text, not states")
+        return value
 
 
 _NO_EFFECT = "accepted; no effect here"
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatExtensionFields(_SamplingFields):
+    """Chat-only extensions of vLLM's and SGLang's servers (SGLang's router sends the last four always)."""
+
+    add_generation_prompt: StrictBool | None = Field(None, description="extension (vLLM's): true only")
+    continue_final_message: StrictBool | None = Field(None, description="extension: false only")
+    separate_reasoning: StrictBool | None = Field(None, description=_NO_EFFECT_EXT + " (no reasoning models)")
+    stream_reasoning: StrictBool | None = Field(None, description=_NO_EFFECT_EXT + " (no reasoning models)")
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _generation_prompt(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise unsupported(
+                "'add_generation_prompt' false is not supported: the assistant turn is always opened"
+            )
+        return value
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _no_continuation(cls, value: bool | None) -> bool | None:
+        if value:
+            raise unsupported(
+                "'continue_final_message' is not supported: use /v1/completions to continue a text"
+            )
+        return value
+
+
+class ChatCompletionRequest(_ChatExtensionFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)

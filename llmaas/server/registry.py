@@ -17,9 +17,11 @@ class ServedModel:
     engine: AsyncEngine | None = None  # None while loading
     error: str | None = None  # why loading failed
     created: int = field(default_factory=lambda: int(time.time()))
+    system_fingerprint: str | None = None  # set once loaded
 
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.system_fingerprint = engine.system_fingerprint  # on every completion and chunk
         tokenizer = engine.engine.tokenizer
         # Token strings and bytes for logprobs, computed once per id.
         self.token_text = lru_cache(maxsize=65536)(

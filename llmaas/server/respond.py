@@ -6,13 +6,14 @@ The endpoint supplies only what differs: how outputs become SSE events, the usag
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from llmaas.engine.outputs import RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
 from llmaas.server import responses as R
@@ -21,6 +22,7 @@ from llmaas.server.generation import ClientDisconnected, EngineRun
 from llmaas.server.prompts import PromptSource
 from llmaas.server.protocol import _SamplingFields
 from llmaas.server.registry import ServedModel
+from llmaas.server.request_ids import adopt_body_request_id, request_id_of
 from llmaas.server.state import ServerState
 from llmaas.server.streaming import event, guarded, sse_response
 
@@ -45,8 +47,22 @@ def wants_usage_chunk(body: _SamplingFields) -> bool:
     return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
 
+def wants_continuous_usage(body: _SamplingFields) -> bool:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage, as vLLM reads it): every chunk
+    carries the usage so far; the final usage chunk still comes, with the cost."""
+    return wants_usage_chunk(body) and bool(body.stream_options.continuous_usage_stats)
+
+
 def run_usage(run: EngineRun) -> dict[str, Any]:
     return R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
+
+
+def usage_so_far(run: EngineRun, sent: Iterable[RequestOutput | None]) -> dict[str, Any]:
+    """The usage a stream has delivered: every prompt (known once the run started), the completion
+    tokens of the outputs sent so far (the latest of each prompt; None: none yet). No cost: that is
+    settled at the end and comes in the final usage chunk."""
+    completion = sum(out.completion_tokens for out in sent if out is not None)
+    return R.usage(run.prompt_tokens, run.cached_tokens, completion)
 
 
 async def respond(
@@ -66,7 +82,8 @@ async def respond(
     """`body`: the request (for stream, stream_options and user); `whole` builds a non-streamed body."""
     state: ServerState = request.app.state.llmaas
     stream = bool(body.stream)
-    request_id = R.new_id(id_prefix)
+    request_id = request_id_of(request.scope, id_prefix)  # also the x-request-id header (request_ids.py)
+    adopt_body_request_id(request.scope, body.request_id, body.rid)
     try:
         with params_named(param_names):
             run, watcher = await state.start_run(

@@ -87,14 +87,19 @@ def chat_logprobs(
 
 
 def chat_completion(
-    id_: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any]
+    id_: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_: dict[str, Any],
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     return {
         "id": id_,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": usage_,
     }
@@ -160,14 +165,19 @@ class CompletionLogprobs:
 
 
 def completion(
-    id_: str, created: int, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any] | None
+    id_: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_: dict[str, Any] | None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     body = {
         "id": id_,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "choices": choices,
     }
     if usage_ is not None:

@@ -15,6 +15,7 @@ from llmaas.server.generation import EngineRun, spawn, watch_disconnect
 from llmaas.server.metrics import Metrics
 from llmaas.server.prompts import PromptSource, tokenize_prompts
 from llmaas.server.registry import ModelRegistry, ServedModel
+from llmaas.server.request_ids import CLIENT_REQUEST_ID
 from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook, RequestUsage
 
@@ -80,6 +81,7 @@ class ServerState:
                 finish_reasons=run.finish_reasons,
                 user=user,
                 api_key=api_key,
+                client_request_id=request.scope.get(CLIENT_REQUEST_ID),
             )
             if admission is not None:
                 try:
@@ -134,7 +136,9 @@ class ServerState:
         def admit() -> tuple[Admission | None, list[list[int]]]:
             if billing is None:
                 return None, tokenize_prompts(engine, prompts, params)
-            admission = billing.begin(request.scope.get(PRINCIPAL), model.name, request_id)
+            admission = billing.begin(
+                request.scope.get(PRINCIPAL), model.name, request_id, request.scope.get(CLIENT_REQUEST_ID)
+            )
             request.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
             billing.check_request_size(admission, 1 if callable(prompts) else len(prompts), params.n)
             token_ids = tokenize_prompts(engine, prompts, params)

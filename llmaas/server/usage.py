@@ -25,6 +25,7 @@ class RequestUsage:
     # The bearer token the request carried, for a billing hook to resolve; kept out of the repr so that
     # logging a RequestUsage never writes a key to a log.
     api_key: str | None = field(default=None, repr=False)
+    client_request_id: str | None = None  # the client's own id (X-Client-Request-Id); request_id is ours
 
 
 # A plain function or a coroutine function; awaited before the response completes when possible.
