@@ -511,3 +511,62 @@ def test_smollm2_parse_and_tool_call(smollm2):
     )
     assert r.choices[0].finish_reason == "tool_calls"
     _check_calls(r.choices[0].message, {"get_weather"})
+
+
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>"
+    "Call with <tool_call>{}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_history_as_is(model_dir):
+    from llmaas.models.tokenizer import Tokenizer
+    from llmaas.server.tools import template_tools
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    plan = plan_tools(
+        chat_body(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}}),
+        HERMES_TEMPLATE,
+    )
+    assert plan.native
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+            ],
+        },
+    ]
+    text = tokenizer.apply_chat_template(history, tools=template_tools(plan))
+    assert "<tools>get_time;</tools>" in text  # forced: only the named tool is shown
+    assert "<tool_call>get_weather</tool_call>" in text
+    assert not plan_tools(chat_body(tools=[WEATHER]), tests_model_template()).native
+
+
+def tests_model_template() -> str:
+    from tests.model_factory import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE
+
+
+def test_tools_auto_with_a_json_response_format(client):
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            seed=seed,
+            max_tokens=300,
+            tools=[TIME],
+            response_format={"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL}},
+        )
+        choice = r.choices[0]
+        if choice.message.tool_calls:
+            _check_calls(choice.message, {"get_time"})
+        else:
+            jsonschema.validate(json.loads(choice.message.content), SMALL)
