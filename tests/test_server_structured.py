@@ -546,10 +546,10 @@ def test_a_template_that_renders_tools_gets_them_and_the_history_as_is(model_dir
     text = tokenizer.apply_chat_template(history, tools=template_tools(plan))
     assert "<tools>get_time;</tools>" in text  # forced: only the named tool is shown
     assert "<tool_call>get_weather</tool_call>" in text
-    assert not plan_tools(chat_body(tools=[WEATHER]), tests_model_template()).native
+    assert not plan_tools(chat_body(tools=[WEATHER]), tiny_model_template()).native
 
 
-def tests_model_template() -> str:
+def tiny_model_template() -> str:
     from tests.model_factory import CHAT_TEMPLATE
 
     return CHAT_TEMPLATE
