@@ -570,3 +570,12 @@ def test_tools_auto_with_a_json_response_format(client):
             _check_calls(choice.message, {"get_time"})
         else:
             jsonschema.validate(json.loads(choice.message.content), SMALL)
+
+
+def test_streamed_auto_replies_equal_whole_ones(client):
+    kw = dict(model=MODEL, messages=ASK, max_tokens=80, tools=[WEATHER, TIME], temperature=1.0)
+    for seed in range(4):
+        whole = client.chat.completions.create(seed=seed, **kw).choices[0]
+        content, calls, reason = _reassemble(client.chat.completions.create(seed=seed, stream=True, **kw))
+        expected = [(t.id[:5], t.function.name, t.function.arguments) for t in whole.message.tool_calls or []]
+        assert (content, calls, reason) == (whole.message.content, expected, whole.finish_reason)
