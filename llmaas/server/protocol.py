@@ -5,8 +5,10 @@ type becomes a 400 naming the parameter. Ranges are OpenAI's documented ones; th
 what it relies on. OpenAI parameters this server cannot honour (audio, reasoning effort, ...) are
 refused by name when set to anything but their do-nothing value; harmless ones (metadata, store, ...)
 are accepted and have no effect; structured output and tools (`_StructuredFields`, `ChatCompletionRequest`)
-are checked here for shape and turned into a grammar by structured.py / tools.py; a name
-OpenAI does not know either is refused as OpenAI refuses it ("Unrecognized request argument").
+are checked here for shape and turned into a grammar by structured.py / tools.py; the extension fields
+that vLLM's and SGLang's clients send are accepted (honoured, or accepted with no effect where that is
+harmless); a name that neither OpenAI nor those servers define is refused as OpenAI refuses it
+("Unrecognized request argument").
 Responses are built as plain dicts (see responses.py) for speed; the models below only document them.
 """
 
