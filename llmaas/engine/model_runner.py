@@ -66,6 +66,7 @@ class ModelRunner:
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.vocab_size = model.config.vocab_size
         self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained step
+        self.overlap_masks = True  # False: masks computed inline before the forward (benchmarks compare)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -112,7 +113,9 @@ class ModelRunner:
             if len(masks.rows) < len(constrained):  # a matcher failed: its sequence samples nothing
                 keep = [r for r in range(len(sampling)) if sampling[r] not in result.failed]
                 logits, sampling = logits[keep], [sampling[r] for r in keep]
-                masks = grammar.TokenMasks([keep.index(r) for r in masks.rows], masks.allowed)
+                masks = grammar.TokenMasks([keep.index(r) for r in masks.rows], masks.bias)
+            if not masks.rows:
+                masks = None
         try:
             rows = sampler.sample(logits, sampling, self.generator, masks)
         except Exception:  # some row's request is at fault: find it, and sample the others
@@ -126,9 +129,17 @@ class ModelRunner:
         """Start computing the constrained rows' allowed tokens in the mask thread (overlapping the
         forward pass); the matchers are not touched elsewhere until `_finish_masks` joins it."""
         packed = grammar.allocate_masks(len(seqs), self.vocab_size)
+        matchers = [s.matcher for s in seqs]
+        if not self.overlap_masks:
+            done: Future = Future()
+            try:
+                grammar.fill_masks(matchers, packed)
+                done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
+            return packed, done
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmaas-masks")
-        matchers = [s.matcher for s in seqs]
         return packed, self._mask_thread.submit(grammar.fill_masks, matchers, packed)
 
     def _finish_masks(
@@ -139,22 +150,30 @@ class ModelRunner:
         result: StepResult,
     ) -> grammar.TokenMasks:
         """Join the mask thread. If the batched computation raised, compute row by row to pin the fault
-        on its sequence (which fails alone); the masks of the others are returned."""
+        on its sequence (which fails alone), as for a matcher in its error state (a limit of the
+        grammar library hit while computing its mask); the masks of the others are returned."""
         packed, job = pending
-        rows = constrained
         try:
             job.result()
+            batched = True
         except Exception:
-            rows = []
-            for i, r in enumerate(constrained):
-                try:
-                    grammar.fill_mask(sampling[r].matcher, packed, i)
-                except Exception as exc:
-                    result.failed[sampling[r]] = exc
-                    continue
-                rows.append(r)
-            packed = packed[[constrained.index(r) for r in rows]]
-        return grammar.TokenMasks(rows, grammar.unpack_masks(packed, self.vocab_size, self.device))
+            batched = False
+        for i, r in enumerate(constrained):
+            matcher = sampling[r].matcher
+            try:
+                if not batched:
+                    grammar.fill_mask(matcher, packed, i)
+                matcher.check()  # a matcher in its error state must fail, never drift into a "stop"
+            except Exception as exc:
+                result.failed[sampling[r]] = exc
+        for i in grammar.empty_rows(packed):
+            if sampling[constrained[i]] not in result.failed:
+                result.failed[sampling[constrained[i]]] = grammar.GrammarError("the grammar allows no token")
+        kept = [i for i, r in enumerate(constrained) if sampling[r] not in result.failed]
+        if len(kept) < len(constrained):
+            packed = packed[kept]
+        rows = [constrained[i] for i in kept]
+        return grammar.TokenMasks(rows, grammar.mask_bias(packed, self.vocab_size, self.device))
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the tokens before it (for echo / scoring requests)."""
