@@ -4,15 +4,15 @@ Same model (SmolLM2-135M, the engine's auto dtype), same prompts, same run, thro
 
 1. Decode throughput, batch 1 and batch 16: output tok/s of unconstrained decoding (ignore_eos) against
    the same requests held to a JSON schema (a list of people objects: strings, integers, enums, nested
-   arrays; minItems keeps it from completing, so both sides decode the same number of tokens). The
-   schema side runs twice: with the masks computed in the mask thread while the model runs (the
-   default) and inline before the forward pass (`ModelRunner.overlap_masks = False`).
+   arrays; minItems keeps it from completing, so both sides decode the same number of tokens).
 2. A new schema: the compile time (GrammarCompiler.compile, cache miss) of fresh schemas, and the time
    to first token of a 1-token request with a never-seen schema against the same request unconstrained.
 
 Contenders run interleaved, rep by rep, after a warm-up; the tables show medians and ratios. Timings
 are never asserted. The issue's targets: overhead at most 10% at batch 1, 15% at 16; a new schema adds
 at most 50 ms.
+
+On a machine shared with other work, set OMP_WAIT_POLICY=PASSIVE (llmaas/openmp_defaults.py).
 
     .venv/bin/python benchmarks/structured_engine.py            # a few minutes
     .venv/bin/python benchmarks/structured_engine.py --quick    # smoke run
@@ -98,14 +98,15 @@ def fresh_schema(i: int) -> StructuredOutput:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     reps = 1 if args.quick else args.reps
     llm = LLM(MODEL)
-    runner = llm.engine.runner
     so = StructuredOutput("json_schema", json.dumps(PEOPLE, sort_keys=True))
     results: dict = {
         "model": MODEL,
@@ -121,14 +122,10 @@ def main() -> None:
     for batch_size, max_tokens in ((1, 32 if args.quick else 128), (16, 16 if args.quick else 64)):
         batch = prompts(llm, batch_size)
         throughput(llm, batch[:2], 8, so)  # warm-up: kernels, the grammar, the mask thread
-        runs: dict[str, list[float]] = {"unconstrained": [], "schema (mask thread)": [], "schema (inline)": []}
+        runs: dict[str, list[float]] = {"unconstrained": [], "JSON schema": []}
         for _ in range(reps):
             runs["unconstrained"].append(throughput(llm, batch, max_tokens, None))
-            runner.overlap_masks = True
-            runs["schema (mask thread)"].append(throughput(llm, batch, max_tokens, so))
-            runner.overlap_masks = False
-            runs["schema (inline)"].append(throughput(llm, batch, max_tokens, so))
-        runner.overlap_masks = True
+            runs["JSON schema"].append(throughput(llm, batch, max_tokens, so))
         base = statistics.median(runs["unconstrained"])
         print(f"\nbatch {batch_size}, {max_tokens} new tokens each, median of {reps}:")
         print(f"  {'':24} {'tok/s':>8} {'vs unconstrained':>17}")
@@ -161,7 +158,9 @@ def main() -> None:
         "added_ms": round(added, 1),
     }
     print(f"\na new schema ({n_new} fresh ones):")
-    print(f"  compile (cache miss): median {statistics.median(compile_ms):.1f} ms, max {max(compile_ms):.1f} ms")
+    print(
+        f"  compile (cache miss): median {statistics.median(compile_ms):.1f} ms, max {max(compile_ms):.1f} ms"
+    )
     print(
         f"  time to first token: {statistics.median(ttft_new):.1f} ms with a new schema, "
         f"{statistics.median(ttft_plain):.1f} ms unconstrained: +{added:.1f} ms"

@@ -515,7 +515,7 @@ def test_unconstrained_steps_do_no_mask_work(llm, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("mask work in a step without a constrained sequence")
 
-    monkeypatch.setattr(llm.engine.runner, "_start_masks", forbidden)
+    monkeypatch.setattr(llm.engine.runner, "_masks", forbidden)
     monkeypatch.setattr(grammar_module, "mask_bias", forbidden)
     outs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=8, temperature=0.7, n=2, seed=1))
     assert all(out.error is None for out in outs)

@@ -129,8 +129,7 @@ def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
 
 
 def fill_masks(matchers: list[GrammarMatcher], packed: torch.Tensor) -> None:
-    """Write each matcher's allowed tokens into its row of `packed` (llguidance's threads, GIL released).
-    Makes no torch call, so it may run in a worker thread while the model runs."""
+    """Write each matcher's allowed tokens into its row of `packed` (llguidance's threads, GIL released)."""
     executor = _mask_executor()
     executor.unsafe_compute_mask_ptr(
         [(m.inner, row) for row, m in enumerate(matchers)],

@@ -7,13 +7,14 @@ in the work done for one sequence (its prompt logprobs, its sampling) is returne
 `StepResult.failed` instead, so the engine fails that request alone and the others carry on.
 
 Constrained sequences (a grammar matcher, grammar.py): the allowed tokens of their next token are
-computed in a worker thread while the forward pass runs (llguidance releases the GIL and makes no torch
-call), and joined before sampling. Steps without a constrained sequence do none of this.
+computed after the forward pass, before sampling. Steps without a constrained sequence do none of
+this. (Computing them in a worker thread during the forward pass, as GPU engines do, was measured and
+dropped: a step's masks cost microseconds on CPU, less than handing the GIL to a second thread while
+the forward runs Python between torch ops; docs/constrained_decoding.md.)
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -65,8 +66,6 @@ class ModelRunner:
         self.generator.manual_seed(seed)
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.vocab_size = model.config.vocab_size
-        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained step
-        self.overlap_masks = True  # False: masks computed inline before the forward (benchmarks compare)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -93,7 +92,6 @@ class ModelRunner:
                     constrained.append(len(sampling))
                 sampling.append(seq)
         result = StepResult()
-        pending = self._start_masks([sampling[r] for r in constrained]) if constrained else None
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
         offset = 0
@@ -108,8 +106,8 @@ class ModelRunner:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         masks = None
-        if pending is not None:
-            masks = self._finish_masks(pending, constrained, sampling, result)
+        if constrained:
+            masks = self._masks(constrained, sampling, result)
             if len(masks.rows) < len(constrained):  # a matcher failed: its sequence samples nothing
                 keep = [r for r in range(len(sampling)) if sampling[r] not in result.failed]
                 logits, sampling = logits[keep], [sampling[r] for r in keep]
@@ -125,36 +123,16 @@ class ModelRunner:
         result.sampled = [(seq, *row) for seq, row in zip(sampling, rows) if row is not None]
         return result
 
-    def _start_masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, Future]:
-        """Start computing the constrained rows' allowed tokens in the mask thread (overlapping the
-        forward pass); the matchers are not touched elsewhere until `_finish_masks` joins it."""
-        packed = grammar.allocate_masks(len(seqs), self.vocab_size)
-        matchers = [s.matcher for s in seqs]
-        if not self.overlap_masks:
-            done: Future = Future()
-            try:
-                grammar.fill_masks(matchers, packed)
-                done.set_result(None)
-            except Exception as exc:
-                done.set_exception(exc)
-            return packed, done
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmaas-masks")
-        return packed, self._mask_thread.submit(grammar.fill_masks, matchers, packed)
-
-    def _finish_masks(
-        self,
-        pending: tuple[torch.Tensor, Future],
-        constrained: list[int],
-        sampling: list[Sequence],
-        result: StepResult,
+    def _masks(
+        self, constrained: list[int], sampling: list[Sequence], result: StepResult
     ) -> grammar.TokenMasks:
-        """Join the mask thread. If the batched computation raised, compute row by row to pin the fault
-        on its sequence (which fails alone), as for a matcher in its error state (a limit of the
-        grammar library hit while computing its mask); the masks of the others are returned."""
-        packed, job = pending
+        """The allowed tokens of the constrained rows of `sampling`, all computed at once. If that
+        raises, row by row to pin the fault on its sequence (which fails alone), as for a matcher in
+        its error state (a limit of the grammar library hit while computing its mask) or one that
+        allows nothing; the masks of the others are returned."""
+        packed = grammar.allocate_masks(len(constrained), self.vocab_size)
         try:
-            job.result()
+            grammar.fill_masks([sampling[r].matcher for r in constrained], packed)
             batched = True
         except Exception:
             batched = False
