@@ -493,12 +493,30 @@ def test_a_mask_fault_fails_that_request_alone(model_dir, monkeypatch):
     jsonschema.validate(json.loads(finished["good"].outputs[0].text), PERSON)
 
 
+def test_a_matcher_in_its_error_state_fails_the_request_never_stops_it(model_dir):
+    """Fail closed: llguidance's matcher enters an error state (e.g. a lexer limit hit while computing a
+    mask) and then allows only end-of-sequence; that must be an error, not a "stop" with half a JSON."""
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", kv_cache_memory=2**20))
+    so = schema_output(PERSON)
+    engine.add_request("broken", "Hello", SamplingParams(max_tokens=50, temperature=0, structured=so))
+    engine.add_request("good", "Hi", SamplingParams(max_tokens=200, temperature=0, structured=so))
+    engine.step()
+    matcher = engine.requests["broken"].seqs[0].matcher
+    assert not matcher.inner.consume_token(engine.tokenizer.encode("zz")[0])  # "{zz": not JSON
+    assert matcher.inner.is_error()
+    finished = run_to_end(engine)
+    assert (
+        finished["broken"].outputs[0].finish_reason == "error" and "GrammarError" in finished["broken"].error
+    )
+    jsonschema.validate(json.loads(finished["good"].outputs[0].text), PERSON)
+
+
 def test_unconstrained_steps_do_no_mask_work(llm, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("mask work in a step without a constrained sequence")
 
-    monkeypatch.setattr(llm.engine.runner, "_start_masks", forbidden)
-    monkeypatch.setattr(grammar_module, "unpack_masks", forbidden)
+    monkeypatch.setattr(llm.engine.runner, "_masks", forbidden)
+    monkeypatch.setattr(grammar_module, "mask_bias", forbidden)
     outs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=8, temperature=0.7, n=2, seed=1))
     assert all(out.error is None for out in outs)
 
