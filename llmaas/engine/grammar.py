@@ -387,6 +387,14 @@ def _explain(kind: str, schema: Any, messages: list[str]) -> str:
                     f"the JSON schema keyword 'oneOf' at '{path}' is not supported where its options "
                     f"can overlap (exactly one must match; use anyOf, or make the options disjoint)"
                 )
+        if "not present in a registry" in message or "Resource" in message:
+            external = lambda k, v: k == "$ref" and isinstance(v, str) and not v.startswith("#")  # noqa: E731
+            path = next(_keyword_paths(schema, external), None)
+            if path is not None:
+                return (
+                    f"the JSON schema keyword '$ref' at '{path}' points outside the schema; only references "
+                    f"within it ('#/$defs/...') can be enforced"
+                )
         if "regex" in message:
             for path, pattern in _bad_patterns(schema):
                 return (
