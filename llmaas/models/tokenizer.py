@@ -370,8 +370,14 @@ class Tokenizer:
                 f"{self.name}: chat template does not compile ({exc})", param="model"
             ) from exc
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, rendered the way transformers renders it."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation, rendered the way transformers renders it (`tools`: OpenAI's
+        tool list, for a template that renders tools itself)."""
         import jinja2
 
         template = self._compiled_template
@@ -379,7 +385,7 @@ class Tokenizer:
         try:
             return template.render(
                 messages=chat,
-                tools=None,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
+from llmaas.engine.structured import StructuredOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
 from llmaas.server.generation import EngineRun
@@ -13,6 +14,16 @@ from llmaas.server.protocol import ERROR_RESPONSES, ChatCompletion, ChatCompleti
 from llmaas.server.respond import params_named, respond, run_usage, wants_usage_chunk
 from llmaas.server.sampling import sampling_params
 from llmaas.server.streaming import event
+from llmaas.server.structured import structured_output
+from llmaas.server.tools import (
+    ToolCallParser,
+    ToolPlan,
+    generic_messages,
+    parse_whole,
+    plan_tools,
+    template_tools,
+)
+from llmaas.server.tools import grammar as tool_grammar
 
 router = APIRouter()
 
@@ -35,9 +46,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
     tokenizer = model.engine.engine.tokenizer
+    plan = plan_tools(body, tokenizer.chat_template)
+    structured = output_constraint(body, plan)
 
     def render() -> list[str]:  # CPU work: in a worker thread, after the rate-limit slot (state.py)
-        return [tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])]
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        if plan is not None and plan.native:
+            return [tokenizer.apply_chat_template(messages, tools=template_tools(plan))]
+        return [tokenizer.apply_chat_template(generic_messages(messages, plan))]
 
     with params_named(names):
         params = sampling_params(
@@ -46,25 +62,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             n=body.n or 1,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
+    params.structured = structured
     want_logprobs = bool(body.logprobs)
     include_usage = wants_usage_chunk(body)
 
     def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
-        return _chat_events(run, id_, created, model, params.n, want_logprobs, include_usage)
+        return _chat_events(
+            run, id_, created, model, params.n, want_logprobs, include_usage, plan is not None
+        )
 
     def usage_chunk(id_: str, created: int, usage: dict) -> dict:
         return _chunk(id_, created, model.name, [], True, usage)
 
     def whole(run: EngineRun, id_: str, created: int) -> dict:
-        choices = [
-            R.chat_choice(
-                c.index,
-                c.text,
-                c.finish_reason,
-                R.chat_logprobs(c.logprobs, model.token_text, model.token_bytes) if want_logprobs else None,
+        choices = []
+        for c in run.latest[0].outputs:
+            logprobs = (
+                R.chat_logprobs(c.logprobs, model.token_text, model.token_bytes) if want_logprobs else None
             )
-            for c in run.latest[0].outputs
-        ]
+            content, calls = parse_whole(c.text) if plan is not None else (c.text, [])
+            choices.append(
+                R.chat_choice(c.index, content, c.finish_reason, logprobs, [t.as_dict() for t in calls])
+            )
         return R.chat_completion(id_, created, model.name, choices, run_usage(run))
 
     return await respond(
@@ -96,8 +115,27 @@ def _chunk(id_: str, created: int, model: str, choices: list, include_usage: boo
     return chunk
 
 
+def output_constraint(body: ChatCompletionRequest, plan: ToolPlan | None) -> StructuredOutput | None:
+    """The grammar the reply must match: the tools' (with a JSON response_format as the plain reply's
+    shape), or the response_format / vLLM field's; None: unconstrained."""
+    reply = structured_output(body)
+    if plan is None:
+        return reply
+    if reply is not None and (not plan.allows_text or reply.kind not in ("json_schema", "json_object")):
+        why = "only a JSON response_format with tool_choice 'auto'"
+        raise InvalidRequestError(f"'{reply.param}' cannot be combined with tools: {why}", param=reply.param)
+    return tool_grammar(plan, reply)
+
+
 async def _chat_events(
-    run: EngineRun, id_: str, created: int, model, n: int, want_logprobs: bool, include_usage: bool
+    run: EngineRun,
+    id_: str,
+    created: int,
+    model,
+    n: int,
+    want_logprobs: bool,
+    include_usage: bool,
+    has_tools: bool = False,
 ) -> AsyncIterator[str]:
     first = [
         {
@@ -110,23 +148,36 @@ async def _chat_events(
     ]
     yield "".join(event(_chunk(id_, created, model.name, [c], include_usage)) for c in first)
     finished = [False] * n
+    parsers = [ToolCallParser() for _ in range(n)] if has_tools else None
     async for _, out in run.outputs():
         parts = []
         for c in out.outputs:
             if finished[c.index]:
                 continue
+            text, calls, reason = c.delta_text, [], R.finish_reason(c.finish_reason)
+            if parsers is not None:  # the same parser a whole reply goes through: identical calls
+                parser = parsers[c.index]
+                text, calls = parser.feed(c.delta_text)
+                if c.finish_reason is not None:
+                    rest, _ = parser.finish()
+                    text += rest
+                    if parser.calls and reason == "stop":
+                        reason = "tool_calls"
             has_logprobs = want_logprobs and c.delta_logprobs
-            if not (c.delta_text or has_logprobs or c.finish_reason):
-                continue  # text held back (a possible stop string or an unfinished UTF-8 character)
+            if not (text or calls or has_logprobs or c.finish_reason):
+                continue  # text held back (a possible stop string, tool call or unfinished UTF-8 character)
+            delta: dict = {"content": text} if text or (has_logprobs and not calls) else {}
+            if calls:
+                delta["tool_calls"] = calls
             choice = {
                 "index": c.index,
-                "delta": {"content": c.delta_text} if c.delta_text or has_logprobs else {},
+                "delta": delta,
                 "logprobs": (
                     R.chat_logprobs(c.delta_logprobs, model.token_text, model.token_bytes)
                     if want_logprobs
                     else None
                 ),
-                "finish_reason": R.finish_reason(c.finish_reason),
+                "finish_reason": reason,
             }
             finished[c.index] = c.finish_reason is not None
             parts.append(event(_chunk(id_, created, model.name, [choice], include_usage)))

@@ -15,6 +15,7 @@ from llmaas.server.registry import ServedModel
 from llmaas.server.respond import params_named, respond, run_usage, wants_usage_chunk
 from llmaas.server.sampling import sampling_params
 from llmaas.server.streaming import event
+from llmaas.server.structured import structured_output
 
 router = APIRouter()
 
@@ -63,6 +64,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     names = {"n": "best_of"} if best_of != n else {}
     with params_named(names):
         params = sampling_params(body, max_tokens=body.max_tokens, n=best_of, logprobs=engine_logprobs)
+    params.structured = structured_output(body)  # response_format or vLLM's fields, as chat takes them
     if body.echo and (body.logprobs is not None or scoring):
         # The echoed prompt gets real logprobs too; a prompt-only request needs them to be accepted.
         params.prompt_logprobs = body.logprobs or 0

@@ -2,9 +2,10 @@
 
 Requests are validated strictly (a string is not a number, NaN is not a number) so that every wrong
 type becomes a 400 naming the parameter. Ranges are OpenAI's documented ones; the engine re-checks
-what it relies on. OpenAI parameters this server cannot honour (function calling, JSON output,
-audio, reasoning effort, ...) are refused by name when set to anything but their do-nothing value;
-harmless ones (metadata, store, parallel_tool_calls, ...) are accepted and have no effect; a name
+what it relies on. OpenAI parameters this server cannot honour (audio, reasoning effort, ...) are
+refused by name when set to anything but their do-nothing value; harmless ones (metadata, store, ...)
+are accepted and have no effect; structured output and tools (`_StructuredFields`, `ChatCompletionRequest`)
+are checked here for shape and turned into a grammar by structured.py / tools.py; a name
 OpenAI does not know either is refused as OpenAI refuses it ("Unrecognized request argument").
 Responses are built as plain dicts (see responses.py) for speed; the models below only document them.
 """
@@ -155,10 +156,78 @@ class _SamplingFields(_Body):
     ignore_eos: StrictBool | None = Field(None, description="extension: keep going past end-of-sequence")
 
 
+# ---------------------------------------------------------------- structured output (server/structured.py)
+MAX_TOOLS = 128
+MAX_CHOICES = 1024
+MAX_SPEC_CHARS = 1_000_000  # a schema, regex or grammar; the engine's compile has its own time limit
+
+
+class StructuredOutputsOptions(_Body):
+    """vLLM's `structured_outputs` object (vLLM >= 0.11). Exactly one of json / regex / choice /
+    grammar / json_object; the fields below them are refused unless they ask for nothing."""
+
+    json_: dict[Text, Any] | Text | None = Field(None, alias="json")
+    regex: Annotated[Text, Field(max_length=MAX_SPEC_CHARS)] | None = None
+    choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | None = None
+    grammar: Annotated[Text, Field(max_length=MAX_SPEC_CHARS)] | None = None
+    json_object: StrictBool | None = None
+    disable_fallback: StrictBool | None = Field(None, description="accepted; there is no fallback here")
+    disable_any_whitespace: StrictBool | None = Field(None, description="not supported: null or false")
+    disable_additional_properties: StrictBool | None = Field(None, description="not supported: null or false")
+    whitespace_pattern: Text | None = Field(None, description="not supported: null")
+    structural_tag: Text | None = Field(None, description="not supported: null")
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class _StructuredFields(_Body):
+    """Output constraints both endpoints take: OpenAI's response_format and vLLM's extension fields."""
+
+    response_format: dict[Text, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}'
+    )
+    structured_outputs: StructuredOutputsOptions | None = Field(
+        None, description="extension (vLLM's name): json / regex / choice / grammar / json_object"
+    )
+    guided_json: dict[Text, Any] | Text | None = Field(None, description="extension (vLLM's older name)")
+    guided_regex: Annotated[Text, Field(max_length=MAX_SPEC_CHARS)] | None = Field(
+        None, description="extension (vLLM's older name)"
+    )
+    guided_choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | None = Field(
+        None, description="extension (vLLM's older name)"
+    )
+    guided_grammar: Annotated[Text, Field(max_length=MAX_SPEC_CHARS)] | None = Field(
+        None, description="extension (vLLM's older name)"
+    )
+    guided_decoding_backend: Text | None = Field(None, description="accepted; no effect (one backend here)")
+    guided_whitespace_pattern: Text | None = Field(None, description="not supported: null")
+
+
 _NO_EFFECT = "accepted; no effect here"
 
 
-class ChatCompletionRequest(_SamplingFields):
+class FunctionDef(_Body):
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = Field(None, description="a JSON Schema; none: no arguments")
+    strict: StrictBool | None = Field(None, description="always enforced here: arguments always validate")
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: Text
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ChatCompletionRequest(_SamplingFields, _StructuredFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -167,55 +236,26 @@ class ChatCompletionRequest(_SamplingFields):
     # Harmless: accepted, no effect (this server keeps no stored completions; prefix caching is automatic).
     metadata: dict[Text, Text] | None = Field(None, description=_NO_EFFECT)
     store: StrictBool | None = Field(None, description=_NO_EFFECT)
-    parallel_tool_calls: StrictBool | None = Field(None, description=_NO_EFFECT + " (no tools)")
     safety_identifier: Text | None = Field(None, description=_NO_EFFECT)
     prompt_cache_key: Text | None = Field(None, description=_NO_EFFECT + " (prefix caching: automatic)")
     prediction: dict[Text, Any] | None = Field(None, description=_NO_EFFECT + " (no speculation)")
-    # Not supported: refused unless absent or set to the value that asks for nothing.
-    tools: list[Any] | None = Field(None, description="not supported (no function calling): null or []")
-    functions: list[Any] | None = Field(None, description="not supported (no function calling): null or []")
-    tool_choice: Any = Field(None, description='not supported: null, "none" or "auto" (there are no tools)')
-    function_call: Any = Field(None, description='not supported: null, "none" or "auto"')
-    response_format: dict[Text, Any] | None = Field(
-        None, description='only {"type": "text"}: output cannot be constrained to JSON'
+    # Function calling (server/tools.py).
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = Field(None, description="default true")
+    functions: Annotated[list[FunctionDef], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="deprecated OpenAI form of tools"
     )
+    function_call: Literal["none", "auto"] | FunctionName | None = Field(
+        None, description="deprecated OpenAI form of tool_choice"
+    )
+    # Not supported: refused unless absent or set to the value that asks for nothing.
     audio: Any = Field(None, description="not supported: null")
     modalities: list[Text] | None = Field(None, description='only ["text"]')
     reasoning_effort: Any = Field(None, description="not supported: null (the models do not reason)")
     verbosity: Any = Field(None, description="not supported: null")
     web_search_options: Any = Field(None, description="not supported: null")
     service_tier: Text | None = Field(None, description='"auto" or "default" (one tier here)')
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_functions(cls, value: list | None, info: ValidationInfo) -> list | None:
-        if value:
-            raise unsupported(
-                f"'{info.field_name}' is not supported: this server does not do function calling "
-                "(send no tools)"
-            )
-        return value
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, "none", "auto"):
-            raise unsupported(
-                f"'{info.field_name}' must be null, 'none' or 'auto': function calling is not supported "
-                "by this server"
-            )
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value is not None and value.get("type") != "text":
-            kind = value.get("type")
-            raise unsupported(
-                f"'response_format' of type {kind!r} is not supported: this server cannot constrain the "
-                "output to JSON; use type 'text' or leave it out"
-            )
-        return value
 
     @field_validator("modalities")
     @classmethod
@@ -245,7 +285,7 @@ class ChatCompletionRequest(_SamplingFields):
         return value
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_SamplingFields, _StructuredFields):
     prompt: (
         Text
         | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
@@ -297,10 +337,22 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None
+    content: str | None  # null when the turn is only tool calls
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # present only when the model called tools
 
 
 class ChatChoice(BaseModel):
@@ -320,9 +372,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """The first delta of a call carries id, type and name; later ones argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

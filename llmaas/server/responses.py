@@ -100,13 +100,22 @@ def chat_completion(
     }
 
 
-def chat_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text, "refusal": None},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason(reason),
-    }
+def chat_choice(
+    index: int,
+    text: str | None,
+    reason: str | None,
+    logprobs: dict[str, Any] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """With tool calls: `content` is None when the turn is only calls, and a finished turn's
+    finish_reason is "tool_calls" (a cut one stays "length")."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    reason = finish_reason(reason)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        if reason == "stop":
+            reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
 # ------------------------------------------------------------- completions
