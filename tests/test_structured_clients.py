@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -316,3 +317,34 @@ def test_streamed_tool_call_reassembles_to_the_non_streamed_one(client):
     assert [(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)] == expected
     for _, arguments in expected:
         jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+# -- vLLM users' code, unchanged ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra_body, check",
+    [
+        (
+            {"structured_outputs": {"choice": ["positive", "negative"]}},
+            lambda t: t in ("positive", "negative"),
+        ),
+        (
+            {"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}},
+            lambda t: re.fullmatch(r"[0-9]{3}-[0-9]{4}", t),
+        ),
+        ({"guided_json": City.model_json_schema()}, lambda t: City.model_validate(validates(City, t))),
+    ],
+    ids=["structured_outputs.choice", "structured_outputs.regex", "guided_json"],
+)
+def test_vllm_extension_fields_through_the_openai_sdk(client, extra_body, check):
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is this review positive? 'I loved it.' Answer:"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body=extra_body,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert check(choice.message.content), choice.message.content
