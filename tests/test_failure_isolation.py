@@ -65,11 +65,11 @@ def _sampling_fault(monkeypatch, engine):
     real = sampler.sample
     calls = {"batched_failures": 0}
 
-    def faulty(logits, seqs, generator=None):
+    def faulty(logits, seqs, generator=None, masks=None):
         if any(is_marked(s) for s in seqs):
             calls["batched_failures"] += len(seqs) > 1
             raise InjectedFault("sampling this row failed")
-        return real(logits, seqs, generator)
+        return real(logits, seqs, generator, masks)
 
     monkeypatch.setattr(sampler, "sample", faulty)
     return calls

@@ -117,7 +117,7 @@ def test_a_sampling_fault_in_one_of_8_streams_fails_it_alone(base_url, engine, h
     real = sampler.sample
     faults = []
 
-    def faulty(logits, seqs, generator=None):
+    def faulty(logits, seqs, generator=None, masks=None):
         in_flight = len(engine.engine.requests)  # on the engine thread, like this call
         if in_flight < STREAMS:
             time.sleep(0.02)  # slow steps until all 8 have arrived, so the fault hits a full batch
@@ -129,7 +129,7 @@ def test_a_sampling_fault_in_one_of_8_streams_fails_it_alone(base_url, engine, h
             ):
                 faults.append(len(seqs))
                 raise RuntimeError("injected fault in one request's sampling")
-        return real(logits, seqs, generator)
+        return real(logits, seqs, generator, masks)
 
     monkeypatch.setattr(sampler, "sample", faulty)
 
@@ -160,10 +160,10 @@ def test_a_sampling_fault_in_one_of_8_streams_fails_it_alone(base_url, engine, h
 def test_the_sdk_sees_the_failed_stream_as_an_api_error(base_url, engine, hook, monkeypatch):
     real = sampler.sample
 
-    def faulty(logits, seqs, generator=None):
+    def faulty(logits, seqs, generator=None, masks=None):
         if any(s.params.seed == FAULT_SEED and len(s.output_token_ids) >= FAULT_AFTER for s in seqs):
             raise RuntimeError("injected fault")
-        return real(logits, seqs, generator)
+        return real(logits, seqs, generator, masks)
 
     monkeypatch.setattr(sampler, "sample", faulty)
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="sk-test", max_retries=0, timeout=60)

@@ -10,6 +10,10 @@ Outputs go back to each event loop once per step (one `call_soon_threadsafe` for
 a step, not one per request), straight to each request's callback (`submit`), or through a queue
 (`generate`).
 
+A structured request (params.structured) has its grammar compiled by `submit` before the add command
+is queued, in the compiler's worker threads (cached, time-limited): the engine loop never waits for a
+compile, and a schema it cannot enforce is refused from `submit` like any invalid parameter.
+
 A request that fails in the engine ends with its final RequestOutput, `error` set and its tokens so
 far (see llm_engine.py): `generate` yields it like any last output, so callers check `out.error`. A
 step that raises as a whole (a bug outside the runner) ends every request in flight that way too;
@@ -225,6 +229,13 @@ class AsyncEngine:
         the finished output (finish_reason "abort", the tokens so far) come at once."""
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
+        grammar = None
+        if params is not None and params.structured is not None:
+            try:
+                grammar = await self.engine.grammars.compile_async(params.structured)
+            except Exception as exc:
+                on_output(exc)
+                raise
 
         def add() -> None:
             try:
@@ -234,7 +245,7 @@ class AsyncEngine:
                     raise EngineOverloadedError(
                         f"the waiting queue is full ({self.max_waiting} requests); retry shortly"
                     )
-                self.engine.add_request(request_id, prompt, params, priority)
+                self.engine.add_request(request_id, prompt, params, priority, grammar=grammar)
             except BaseException as exc:
                 self._later(loop, on_output, exc)
                 self._later(loop, lambda error: _settle(accepted, error), exc)

@@ -8,6 +8,11 @@ with a finished RequestOutput whose `error` is set, finish_reason "error" on its
 its token counts so far (see outputs.py). Every other request of the step carries on. Only a fault in
 the forward pass fails the whole step, and then each of its requests ends the same way, with its
 tokens so far; requests not in that step are untouched.
+
+Constrained decoding (params.structured, grammar.py): the grammar is compiled once per StructuredOutput
+(cached; AsyncEngine compiles it off this thread and hands it to add_request), each sequence gets its
+own matcher, advanced in `_append_token`; a grammar that refuses a token fails that request alone.
+A sequence whose grammar is complete (nothing but end-of-sequence may follow) finishes with "stop".
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from llmaas.engine.block_manager import BlockManager
 from llmaas.engine.dtype_choice import auto_dtype
+from llmaas.engine.grammar import Grammar, GrammarCompiler
 from llmaas.engine.model_runner import ModelRunner
 from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
@@ -127,6 +133,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.grammars.warm()
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         log.info(
@@ -184,8 +192,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        grammar: Grammar | None = None,
     ) -> list[int]:
-        """Validate and queue; raises InvalidRequestError before any work. Returns the prompt token ids."""
+        """Validate and queue; raises InvalidRequestError before any work. Returns the prompt token ids.
+
+        `grammar`: params.structured already compiled (AsyncEngine does it off the engine thread);
+        without it a structured request is compiled here, within the compiler's time limit."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id '{request_id}' is already in use", param="request_id")
@@ -194,6 +206,12 @@ class LLMEngine:
             raise InvalidRequestError("'priority' must be an integer", param="priority")
         prompt_ids = self.tokenize_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params)
+        if params.structured is not None:
+            key = (params.structured.kind, params.structured.spec)
+            if grammar is None or grammar.key != key:
+                grammar = self.grammars.compile(params.structured)
+        else:
+            grammar = None
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(request_id, index, prompt_ids, params, priority=priority, max_tokens=max_tokens)
@@ -204,6 +222,8 @@ class LLMEngine:
                 self.tokenizer, skip_special_tokens=params.skip_special_tokens
             )
             seq.leader = seqs[0] if seqs else None
+            if grammar is not None:
+                seq.matcher = grammar.matcher()
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt_ids, seqs, time.monotonic())
@@ -317,6 +337,7 @@ class LLMEngine:
                     continue
                 seq.finish_reason, seq.stop_reason = "error", None
                 seq.status = SequenceStatus.FINISHED
+                seq.matcher = None
                 try:
                     self.scheduler.remove(seq)
                 except Exception:
@@ -353,6 +374,11 @@ class LLMEngine:
             seq.output_logprobs.append(info)
             seq.cumulative_logprob += info.logprob
         params = seq.params
+        complete = False
+        if seq.matcher is not None:
+            if token in self.eos_token_ids:  # the mask allowed it: the grammar accepts here
+                return self._finish(seq, "stop", None)
+            complete = seq.matcher.advance(token)
         if token in params.stop_token_ids:
             return self._finish(seq, "stop", token)
         if token in self.eos_token_ids and not params.ignore_eos:
@@ -360,6 +386,8 @@ class LLMEngine:
         seq.text += seq.detokenizer.add(token)
         if params.stop and self._cut_at_stop_string(seq):
             return None
+        if complete:  # nothing but end-of-sequence may follow: a whole output, even at max_tokens
+            return self._finish(seq, "stop", None)
         if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length")
         return None
@@ -385,6 +413,7 @@ class LLMEngine:
             seq.text += seq.detokenizer.flush()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.status = SequenceStatus.FINISHED
+        seq.matcher = None  # its grammar state is freed with the request's blocks
         self.scheduler.remove(seq)
 
     def _completion_output(self, seq: Sequence) -> CompletionOutput:

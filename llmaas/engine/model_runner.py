@@ -5,15 +5,20 @@ The KV cache is allocated once, at start-up, from a byte budget: memory never gr
 `run` raises only for a fault that belongs to the whole step (the forward pass, the logits). A fault
 in the work done for one sequence (its prompt logprobs, its sampling) is returned in
 `StepResult.failed` instead, so the engine fails that request alone and the others carry on.
+
+Constrained sequences (a grammar matcher, grammar.py): the allowed tokens of their next token are
+computed in a worker thread while the forward pass runs (llguidance releases the GIL and makes no torch
+call), and joined before sampling. Steps without a constrained sequence do none of this.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from llmaas.engine import sampler
+from llmaas.engine import grammar, sampler
 from llmaas.engine.scheduler import ScheduledChunk
 from llmaas.engine.sequence import Sequence, TokenLogprob
 from llmaas.errors import InvalidRequestError
@@ -59,6 +64,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.sliding_window = getattr(model.config, "sliding_window", None)
+        self.vocab_size = model.config.vocab_size
+        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained step
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -73,6 +80,7 @@ class ModelRunner:
         seq_chunks: list[SequenceChunk] = []
         sample_rows: list[int] = []
         sampling: list[Sequence] = []
+        constrained: list[int] = []  # rows of `sampling` whose sequence has a grammar
         for c in ordered:
             seq = c.seq
             begin = seq.num_computed_tokens
@@ -80,10 +88,13 @@ class ModelRunner:
             seq_chunks.append(SequenceChunk(c.num_new_tokens, begin, seq.block_table))
             if c.samples:
                 sample_rows.append(len(input_ids) - 1)
+                if seq.matcher is not None:
+                    constrained.append(len(sampling))
                 sampling.append(seq)
+        result = StepResult()
+        pending = self._start_masks([sampling[r] for r in constrained]) if constrained else None
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
-        result = StepResult()
         offset = 0
         for c in ordered:
             if c.seq.params.prompt_logprobs is not None:
@@ -95,14 +106,55 @@ class ModelRunner:
         if not sampling:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        masks = None
+        if pending is not None:
+            masks = self._finish_masks(pending, constrained, sampling, result)
+            if len(masks.rows) < len(constrained):  # a matcher failed: its sequence samples nothing
+                keep = [r for r in range(len(sampling)) if sampling[r] not in result.failed]
+                logits, sampling = logits[keep], [sampling[r] for r in keep]
+                masks = grammar.TokenMasks([keep.index(r) for r in masks.rows], masks.allowed)
         try:
-            rows = sampler.sample(logits, sampling, self.generator)
+            rows = sampler.sample(logits, sampling, self.generator, masks)
         except Exception:  # some row's request is at fault: find it, and sample the others
-            rows, faults = sampler.sample_each(logits, sampling, self.generator)
+            rows, faults = sampler.sample_each(logits, sampling, self.generator, masks)
             for row, exc in faults.items():
                 result.failed[sampling[row]] = exc
         result.sampled = [(seq, *row) for seq, row in zip(sampling, rows) if row is not None]
         return result
+
+    def _start_masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, Future]:
+        """Start computing the constrained rows' allowed tokens in the mask thread (overlapping the
+        forward pass); the matchers are not touched elsewhere until `_finish_masks` joins it."""
+        packed = grammar.allocate_masks(len(seqs), self.vocab_size)
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmaas-masks")
+        matchers = [s.matcher for s in seqs]
+        return packed, self._mask_thread.submit(grammar.fill_masks, matchers, packed)
+
+    def _finish_masks(
+        self,
+        pending: tuple[torch.Tensor, Future],
+        constrained: list[int],
+        sampling: list[Sequence],
+        result: StepResult,
+    ) -> grammar.TokenMasks:
+        """Join the mask thread. If the batched computation raised, compute row by row to pin the fault
+        on its sequence (which fails alone); the masks of the others are returned."""
+        packed, job = pending
+        rows = constrained
+        try:
+            job.result()
+        except Exception:
+            rows = []
+            for i, r in enumerate(constrained):
+                try:
+                    grammar.fill_mask(sampling[r].matcher, packed, i)
+                except Exception as exc:
+                    result.failed[sampling[r]] = exc
+                    continue
+                rows.append(r)
+            packed = packed[[constrained.index(r) for r in rows]]
+        return grammar.TokenMasks(rows, grammar.unpack_masks(packed, self.vocab_size, self.device))
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the tokens before it (for echo / scoring requests)."""

@@ -4,6 +4,8 @@ Vectorised over the batch where parameters vary per row (temperature, top-k, top
 only for what is inherently per request (penalties over its own tokens, logit_bias, its own seed).
 Seeded rows draw from their own generator, so a seed gives the same text whatever else is batched.
 Logprobs are those of the model's raw distribution (before penalties and temperature).
+Constrained rows (grammar.py) have every token their grammar forbids set to -inf first, before
+penalties, logit bias, temperature and top-k/p, greedy rows too; their logprobs stay the raw ones.
 
 Failure isolation: `sample` runs the whole batch at once (the common case, no per-row Python beyond
 what is inherently per request). If it raises, the runner calls `sample_each`, which samples row by
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from llmaas.engine.grammar import TokenMasks
 from llmaas.engine.sequence import Sequence, TokenLogprob
 
 
@@ -68,12 +71,18 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None = None,
+    masks: TokenMasks | None = None,
 ) -> list[tuple[int, TokenLogprob | None]]:
-    """logits: [B, V] for seqs (one row each). Returns (token id, logprob info or None) per row."""
+    """logits: [B, V] for seqs (one row each); `masks`: the tokens each constrained row may take.
+    Returns (token id, logprob info or None) per row."""
     logits = logits.float()
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+    if masks is not None:
+        logits = masks.apply(logits)  # a copy: the raw logits may be sampled again row by row
     needs_processing = any(
         s.params.logit_bias
         or s.params.repetition_penalty != 1.0
@@ -111,7 +120,10 @@ def sample(
 
 
 def sample_each(
-    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None = None,
+    masks: TokenMasks | None = None,
 ) -> tuple[list[tuple[int, TokenLogprob | None] | None], dict[int, Exception]]:
     """The fallback after a batched `sample` raised: one row at a time. Returns the result per row
     (None where that row failed) and the exception of each failed row."""
@@ -119,7 +131,8 @@ def sample_each(
     failures: dict[int, Exception] = {}
     for row, seq in enumerate(seqs):
         try:
-            results.append(sample(logits[row : row + 1], [seq], generator)[0])
+            row_mask = masks.for_row(row) if masks is not None else None
+            results.append(sample(logits[row : row + 1], [seq], generator, row_mask)[0])
         except Exception as exc:  # this row's request fails alone
             results.append(None)
             failures[row] = exc

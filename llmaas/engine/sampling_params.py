@@ -22,6 +22,8 @@ same constants), so nothing a client sends can reach the sampler's tensors out o
 | logprobs            | integer in [0, MAX_LOGPROBS]                                              |
 | prompt_logprobs     | integer in [0, MAX_LOGPROBS]                                              |
 | ignore_eos, include_stop_str_in_output, skip_special_tokens | booleans                      |
+| structured          | None or a StructuredOutput (its content is checked when it is compiled:   |
+|                     | structured.py)                                                            |
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from llmaas.engine.structured import StructuredOutput, check_structured
 from llmaas.errors import InvalidRequestError
 
 MAX_STOP = 4  # as OpenAI; the one stop limit (the server's protocol asks this constant)
@@ -100,6 +103,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # k: logprob of every prompt token (after the first) + k alternatives
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # the output must match this (constrained decoding)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -168,6 +172,8 @@ class SamplingParams:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _int_in("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if self.structured is not None:
+            check_structured(self.structured)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"'{name}' must be a boolean", param=name)

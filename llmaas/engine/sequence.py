@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmaas.engine.grammar import GrammarMatcher
 from llmaas.engine.sampling_params import SamplingParams
 
 
@@ -54,6 +55,7 @@ class Sequence:
     emitted_text_len: int = 0  # how much of text has been streamed out
     emitted_token_count: int = 0
     detokenizer: object = None
+    matcher: GrammarMatcher | None = None  # constrained decoding: this sequence's grammar state
     leader: Sequence | None = None  # n > 1: siblings wait for the leader's prompt, then share its blocks
 
     @property
