@@ -203,7 +203,8 @@ def test_langchain_bind_tools_calls_the_tool_with_valid_arguments_then_reads_the
         """Get the current weather in a city."""
         return f"22 degrees {unit} in {city}"
 
-    first = chat_model.bind_tools([get_weather], tool_choice="required").invoke(
+    # strict=True: LangChain then sends additionalProperties false (its schema conversion drops it otherwise).
+    first = chat_model.bind_tools([get_weather], tool_choice="required", strict=True).invoke(
         [HumanMessage(WEATHER_PROMPT[0]["content"])]
     )
     assert first.response_metadata["finish_reason"] == "tool_calls"
