@@ -323,7 +323,12 @@ def main() -> int:
         scratch = Path(tmp)
         for peer in peers:
             progress(f"starting {peer}")
-            proc, url = start(peer, args, scratch)
+            try:
+                proc, url = start(peer, args, scratch)
+            except RuntimeError as e:  # a peer that does not start is reported, the others still run
+                log_tail = (scratch / f"{peer}.log").read_text(errors="replace")[-3000:]
+                progress(f"{e}\n{log_tail}")
+                continue
             try:
                 results[peer] = asyncio.run(run_peer(url, args))
             finally:
