@@ -125,6 +125,10 @@ MINIMAL = {
     "ChatMessage": {"role": "user", "content": "x"},
     "ContentPart": {"type": "text", "text": "x"},
     "StreamOptions": {"include_usage": True},
+    "Tool": {"type": "function", "function": {"name": "f"}},
+    "FunctionDef": {"name": "f"},
+    "FunctionName": {"name": "f"},
+    "NamedToolChoice": {"type": "function", "function": {"name": "f"}},
 }
 
 

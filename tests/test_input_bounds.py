@@ -77,6 +77,8 @@ BASE_QUERY = {"start_time": str(int(time.time()) - 86_400), "bucket_width": "1d"
 RELATED = {
     name: {"start_time", "end_time", "bucket_width"} for name in ("start_time", "end_time", "bucket_width")
 }
+# Tools are rendered into the prompt: a conversation too long for the context window names `messages`.
+RELATED |= {"tools": {"messages"}, "functions": {"messages"}}
 NO_INPUT = {("get", "/health"), ("get", "/metrics"), ("get", "/v1/models"), ("get", "/admin/accounts")}
 # Fields the walk cannot see (map values); changed like any other.
 EXTRA_PATHS = {

@@ -25,7 +25,7 @@ import torch
 
 from llmaas.engine.block_manager import BlockManager
 from llmaas.engine.dtype_choice import auto_dtype
-from llmaas.engine.grammar import Grammar, GrammarCompiler
+from llmaas.engine.grammar import Grammar, GrammarCompiler, GrammarError
 from llmaas.engine.model_runner import ModelRunner
 from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
@@ -376,7 +376,9 @@ class LLMEngine:
         params = seq.params
         complete = False
         if seq.matcher is not None:
-            if token in self.eos_token_ids:  # the mask allowed it: the grammar accepts here
+            if token in self.eos_token_ids:
+                if not seq.matcher.is_accepting():  # the mask forbids it there: never an incomplete "stop"
+                    raise GrammarError(f"end-of-sequence token {token} where the grammar does not accept")
                 return self._finish(seq, "stop", None)
             complete = seq.matcher.advance(token)
         if token in params.stop_token_ids:

@@ -7,13 +7,14 @@ in the work done for one sequence (its prompt logprobs, its sampling) is returne
 `StepResult.failed` instead, so the engine fails that request alone and the others carry on.
 
 Constrained sequences (a grammar matcher, grammar.py): the allowed tokens of their next token are
-computed in a worker thread while the forward pass runs (llguidance releases the GIL and makes no torch
-call), and joined before sampling. Steps without a constrained sequence do none of this.
+computed after the forward pass, before sampling. Steps without a constrained sequence do none of
+this. (Computing them in a worker thread during the forward pass, as GPU engines do, was measured and
+dropped: a step's masks cost microseconds on CPU, less than handing the GIL to a second thread while
+the forward runs Python between torch ops; docs/constrained_decoding.md.)
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +66,6 @@ class ModelRunner:
         self.generator.manual_seed(seed)
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.vocab_size = model.config.vocab_size
-        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained step
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -92,7 +92,6 @@ class ModelRunner:
                     constrained.append(len(sampling))
                 sampling.append(seq)
         result = StepResult()
-        pending = self._start_masks([sampling[r] for r in constrained]) if constrained else None
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
         offset = 0
@@ -107,12 +106,14 @@ class ModelRunner:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         masks = None
-        if pending is not None:
-            masks = self._finish_masks(pending, constrained, sampling, result)
+        if constrained:
+            masks = self._masks(constrained, sampling, result)
             if len(masks.rows) < len(constrained):  # a matcher failed: its sequence samples nothing
                 keep = [r for r in range(len(sampling)) if sampling[r] not in result.failed]
                 logits, sampling = logits[keep], [sampling[r] for r in keep]
-                masks = grammar.TokenMasks([keep.index(r) for r in masks.rows], masks.allowed)
+                masks = grammar.TokenMasks([keep.index(r) for r in masks.rows], masks.bias)
+            if not masks.rows:
+                masks = None
         try:
             rows = sampler.sample(logits, sampling, self.generator, masks)
         except Exception:  # some row's request is at fault: find it, and sample the others
@@ -122,39 +123,35 @@ class ModelRunner:
         result.sampled = [(seq, *row) for seq, row in zip(sampling, rows) if row is not None]
         return result
 
-    def _start_masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, Future]:
-        """Start computing the constrained rows' allowed tokens in the mask thread (overlapping the
-        forward pass); the matchers are not touched elsewhere until `_finish_masks` joins it."""
-        packed = grammar.allocate_masks(len(seqs), self.vocab_size)
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmaas-masks")
-        matchers = [s.matcher for s in seqs]
-        return packed, self._mask_thread.submit(grammar.fill_masks, matchers, packed)
-
-    def _finish_masks(
-        self,
-        pending: tuple[torch.Tensor, Future],
-        constrained: list[int],
-        sampling: list[Sequence],
-        result: StepResult,
+    def _masks(
+        self, constrained: list[int], sampling: list[Sequence], result: StepResult
     ) -> grammar.TokenMasks:
-        """Join the mask thread. If the batched computation raised, compute row by row to pin the fault
-        on its sequence (which fails alone); the masks of the others are returned."""
-        packed, job = pending
-        rows = constrained
+        """The allowed tokens of the constrained rows of `sampling`, all computed at once. If that
+        raises, row by row to pin the fault on its sequence (which fails alone), as for a matcher in
+        its error state (a limit of the grammar library hit while computing its mask) or one that
+        allows nothing; the masks of the others are returned."""
+        packed = grammar.allocate_masks(len(constrained), self.vocab_size)
         try:
-            job.result()
+            grammar.fill_masks([sampling[r].matcher for r in constrained], packed)
+            batched = True
         except Exception:
-            rows = []
-            for i, r in enumerate(constrained):
-                try:
-                    grammar.fill_mask(sampling[r].matcher, packed, i)
-                except Exception as exc:
-                    result.failed[sampling[r]] = exc
-                    continue
-                rows.append(r)
-            packed = packed[[constrained.index(r) for r in rows]]
-        return grammar.TokenMasks(rows, grammar.unpack_masks(packed, self.vocab_size, self.device))
+            batched = False
+        for i, r in enumerate(constrained):
+            matcher = sampling[r].matcher
+            try:
+                if not batched:
+                    grammar.fill_mask(matcher, packed, i)
+                matcher.check()  # a matcher in its error state must fail, never drift into a "stop"
+            except Exception as exc:
+                result.failed[sampling[r]] = exc
+        for i in grammar.empty_rows(packed):
+            if sampling[constrained[i]] not in result.failed:
+                result.failed[sampling[constrained[i]]] = grammar.GrammarError("the grammar allows no token")
+        kept = [i for i, r in enumerate(constrained) if sampling[r] not in result.failed]
+        if len(kept) < len(constrained):
+            packed = packed[kept]
+        rows = [constrained[i] for i in kept]
+        return grammar.TokenMasks(rows, grammar.mask_bias(packed, self.vocab_size, self.device))
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor) -> None:
         """Logprob of each prompt token given the tokens before it (for echo / scoring requests)."""

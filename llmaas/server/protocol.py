@@ -214,17 +214,17 @@ class FunctionDef(_Body):
 
 
 class Tool(_Body):
+    function: FunctionDef  # first: a broken function is the error to name, before a missing type
     type: Literal["function"]
-    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    function: FunctionName
+    type: Literal["function"]
 
 
 class FunctionName(_Body):
     name: Text
-
-
-class NamedToolChoice(_Body):
-    type: Literal["function"]
-    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields, _StructuredFields):

@@ -32,6 +32,9 @@ from llmaas.server.protocol import ChatCompletionRequest
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+# One JSON spelling, {"a": 1, "b": [1, 2]}, as the engine uses for json_schema (engine/grammar.py): free
+# whitespace lets a small model pad a call with newlines until max_tokens.
+_COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def plan_tools(body: ChatCompletionRequest, chat_template: str | None) -> ToolPl
 # ------------------------------------------------------------------------------------------ the grammar
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     return {
+        **_COMPACT,
         "type": "object",
         "properties": {"name": {"const": name}, "arguments": parameters},
         "required": ["name", "arguments"],
@@ -134,7 +138,7 @@ def grammar(plan: ToolPlan, reply: StructuredOutput | None = None) -> Structured
     else:
         schema = json.loads(reply.spec) if reply.kind == "json_schema" else {"type": "object"}
         start = "start: calls | reply"
-        rules.append(f"reply: %json {json.dumps(schema)}")
+        rules.append(f"reply: %json {json.dumps({**schema, **_COMPACT})}")
     return StructuredOutput("grammar", "\n".join([start, *rules]) + "\n", param="tools")
 
 
