@@ -32,13 +32,21 @@ MODEL = "smollm2-135m"
 MAX_TOKENS = 160  # every schema below is small enough to close well within this
 
 
+# Every model forbids extra keys (additionalProperties: false), as OpenAI's strict mode requires: without it
+# JSON Schema allows any extra key, and a greedy 135M model may add keys until max_tokens (valid, but cut).
+
+
 class City(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(max_length=24)
     country: str = Field(max_length=24)
     population: int = Field(ge=0, le=100_000_000)
 
 
 class Pet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: Literal["cat", "dog", "fish"]
     name: str = Field(max_length=16)
     age: int = Field(ge=0, le=30)
@@ -47,8 +55,6 @@ class Pet(BaseModel):
 class Weather(BaseModel):
     """Get the current weather in a city."""
 
-    # additionalProperties: false. Without it JSON Schema allows any extra key, and a greedy 135M model
-    # adds keys until max_tokens (valid, but cut: finish_reason "length").
     model_config = ConfigDict(extra="forbid")
 
     city: str = Field(max_length=24, description="the city's name")
@@ -177,7 +183,7 @@ def test_langchain_with_structured_output_returns_the_pydantic_model(chat_model,
     structured = chat_model.with_structured_output(Pet, method=method, include_raw=True)
     result = structured.invoke(PET_PROMPT)
     assert result["parsing_error"] is None, result["raw"]
-    assert isinstance(result["parsed"], Pet)
+    assert isinstance(result["parsed"], Pet), result["raw"]
 
 
 def test_langchain_json_mode_returns_a_json_object(chat_model):
