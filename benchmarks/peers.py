@@ -37,7 +37,6 @@ import glob
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from llmaas.bench.cli import machine_info
 from llmaas.bench.prompts import make_prompt_set
 from llmaas.bench.report import plot_throughput_latency, write_json
 from llmaas.bench.runner import LevelSpec, Target, run_levels
+from llmaas.bench.server_process import stop_process_group
 from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.paths import llmaas_home
 
@@ -290,21 +290,8 @@ def start(
         except httpx.HTTPError:
             pass
         time.sleep(1.0)
-    stop(proc)
+    stop_process_group(proc)
     raise RuntimeError(f"{peer} did not become ready within {START_TIMEOUT_S:.0f}s: see {log.name}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 # ------------------------------------------------------------------------------ one peer
@@ -348,7 +335,7 @@ def run_peer(
             progress(f"{peer}: {error}")
         finally:
             if proc is not None:
-                stop(proc)
+                stop_process_group(proc)
         if error:
             break
     return {

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,8 @@ import uuid
 from pathlib import Path
 
 import httpx
+
+from llmaas.bench.server_process import stop_process_group
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 300.0
@@ -136,21 +137,8 @@ def start(peer: str, args: argparse.Namespace, scratch: Path) -> tuple[subproces
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    stop(proc)
+    stop_process_group(proc)
     raise RuntimeError(f"{peer} did not become ready within {START_TIMEOUT_S:.0f}s: see {log.name}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 # ------------------------------------------------------------------------------ load
@@ -332,7 +320,7 @@ def main() -> int:
             try:
                 results[peer] = asyncio.run(run_peer(url, args))
             finally:
-                stop(proc)
+                stop_process_group(proc)
     header = (
         f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
