@@ -181,9 +181,14 @@ class LLMEngine:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return ids
 
+    @property
+    def context_room(self) -> int:
+        """The most tokens (prompt + completion) one sequence may have: the window, or the KV cache."""
+        return min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
+
     def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Check the context window; None means 'up to the window', like the OpenAI API."""
-        room = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
+        room = self.context_room
         if num_prompt_tokens >= room:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {room} tokens, but the prompt has "

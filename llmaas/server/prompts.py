@@ -19,17 +19,12 @@ Prompt = str | list[int]
 PromptSource = Sequence[Prompt] | Callable[[], Sequence[Prompt]]
 
 
-def context_room(engine: LLMEngine) -> int:
-    """The most tokens (prompt + completion) one sequence may have: the model's window, or the KV cache."""
-    return min(engine.max_model_len, engine.block_manager.num_blocks * engine.config.block_size)
-
-
 def tokenize_prompts(engine: LLMEngine, source: PromptSource, params: SamplingParams) -> list[list[int]]:
     """Token ids of each prompt (texts are tokenized, id lists checked), each checked against the
     context window with `params.max_tokens` (the engine's rule). Raises 400s naming `prompt` or
     `max_tokens`, before the request's tokens are taken from its rate limit."""
     prompts = source() if callable(source) else source
-    room = context_room(engine)
+    room = engine.context_room
     token_ids = []
     for prompt in prompts:
         least = engine.tokenizer.min_tokens(prompt) if isinstance(prompt, str) else len(prompt)

@@ -43,17 +43,26 @@ from llmaas.engine.sampling_params import (
 from llmaas.server.request_ids import ClientRequestId
 
 
+def _lone_surrogate_at(value: str) -> int | None:
+    """Where `value` holds a lone surrogate (JSON may spell one: \\ud800), or None: valid Unicode."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def _valid_unicode(value: str) -> str:
-    """JSON may spell a lone surrogate (\\ud800); no tokenizer, template or database can take one."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PydanticCustomError(
-                "invalid_unicode",
-                "not valid Unicode: a lone surrogate (U+{code}) at character {position}",
-                {"code": f"{ord(value[exc.start]):04X}", "position": exc.start},
-            ) from None
+    """No tokenizer, template or database can take a lone surrogate."""
+    position = _lone_surrogate_at(value)
+    if position is not None:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "not valid Unicode: a lone surrogate (U+{code}) at character {position}",
+            {"code": f"{ord(value[position]):04X}", "position": position},
+        )
     return value
 
 
@@ -64,11 +73,8 @@ def _find_lone_surrogate(value: Any, path: str) -> str | None:
     while pending:
         item, where = pending.pop()
         if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return where
+            if _lone_surrogate_at(item) is not None:
+                return where
         elif isinstance(item, dict):
             for key, inner in reversed(item.items()):
                 pending.append((inner, f"{where}.{key}"))
