@@ -348,6 +348,8 @@ def test_openapi_documents_the_statuses_really_answered(base_url):
         ("--stream-stall-timeout", "0"),
         ("--stream-stall-timeout", "nan"),
         ("--stream-stall-timeout", "1e308"),
+        ("--instance-id", "x" * 129),
+        ("--instance-id", "replica one"),
     ],
 )
 def test_serve_limits_out_of_range_are_one_line_and_exit_2(flag, value, capsys):

@@ -69,6 +69,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument(
         "--instance-id",
+        type=_instance_id,
         default=None,
         help="owner of this replica's holds and its lease; its open holds from a previous run are closed at "
         "start (default: HOST:PORT)",
@@ -91,6 +92,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def _instance_id(text: str) -> str:
+    """The holds' owner and the lease row's key (128 characters in the ledger): visible ASCII."""
+    if not 1 <= len(text) <= 128 or not text.isascii() or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError(f"must be 1-128 visible ASCII characters: {text[:40]!r}")
+    return text
 
 
 def _bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
