@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import bindparam, or_, select, text
 from sqlalchemy.orm import Session
 
+from llmaas.billing import operator_input
 from llmaas.billing.accounts import find_account
 from llmaas.billing.db import Database
 from llmaas.billing.errors import (
@@ -253,12 +254,7 @@ RETURNING id
 
 def hold_ttl(ttl_s: float | None) -> timedelta:
     """A hold's time to live (`None`: the default), checked: 1 s to a week."""
-    ttl_s = DEFAULT_HOLD_TTL_S if ttl_s is None else ttl_s
-    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 1 <= ttl_s <= MAX_HOLD_TTL_S:
-        raise InvalidRequestError(
-            f"'hold_ttl_s' must be between 1 and {MAX_HOLD_TTL_S:.0f} seconds", param="hold_ttl_s"
-        )
-    return timedelta(seconds=ttl_s)
+    return operator_input.seconds(ttl_s, "hold_ttl_s", default=DEFAULT_HOLD_TTL_S, low=1, high=MAX_HOLD_TTL_S)
 
 
 def _hold(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from llmaas.billing import operator_input
 from llmaas.billing.credits import _HOLD_TERMS, _charge, hold_ttl
 from llmaas.billing.db import Database
 from llmaas.billing.errors import HoldStateError, NotFoundError
@@ -82,12 +83,7 @@ class SweepResult:
 
 
 def lease_length(lease_s: float | None) -> timedelta:
-    lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
-    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or not 1 <= lease_s <= MAX_LEASE_S:
-        raise InvalidRequestError(
-            f"'hold_lease_s' must be between 1 and {MAX_LEASE_S:.0f} seconds", param="hold_lease_s"
-        )
-    return timedelta(seconds=lease_s)
+    return operator_input.seconds(lease_s, "hold_lease_s", default=DEFAULT_LEASE_S, low=1, high=MAX_LEASE_S)
 
 
 def _instance_id(instance_id: str) -> str:

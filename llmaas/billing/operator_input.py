@@ -117,6 +117,14 @@ def tokens_per_minute(value: object, param: str = "tokens_per_minute") -> int | 
     return optional_number(value, param, 1, MAX_TOKENS_PER_MINUTE)
 
 
+def seconds(value: object, param: str, *, default: float, low: float, high: float) -> timedelta:
+    """A duration in seconds (None: `default`), a finite number between `low` and `high`."""
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise InvalidRequestError(f"'{param}' must be between {low:g} and {high:.0f} seconds", param=param)
+    return timedelta(seconds=value)
+
+
 def time_in_window(value: datetime, param: str) -> datetime:
     """An aware UTC datetime within [EARLIEST_TIME, LATEST_TIME); a naive one is taken as UTC."""
     if value.tzinfo is None:
