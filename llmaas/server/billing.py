@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from llmaas.billing import (
@@ -160,6 +161,9 @@ class ServerBilling:
         self.db = db
         self.hold_ttl_s = hold_ttl_s
         self.progress = progress or ProgressPolicy()
+        # Checkpoint writes run here, apart from admissions (asyncio's default executor): a slow ledger
+        # makes checkpoints queue among themselves, never delays another request's admission.
+        self._progress_writes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmaas-progress")
         self.keys = KeyCache(key_cache_ttl_s)
         self.limiter = limiter or InProcessRateLimiter()
         self.in_flight = in_flight or InProcessInFlight()
@@ -190,7 +194,9 @@ class ServerBilling:
 
     def progress_checkpoint(self, request_id: str) -> ProgressCheckpoint:
         """The checkpointer for one running request (server/progress.py)."""
-        return ProgressCheckpoint(self.record_progress, request_id, self.progress)
+        return ProgressCheckpoint(
+            self.record_progress, request_id, self.progress, executor=self._progress_writes
+        )
 
     # ------------------------------------------------------------ sync (thread)
     def cached_principal(self, secret: str | None) -> Principal | None:

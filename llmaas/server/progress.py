@@ -5,7 +5,8 @@ checkpoint (billing/holds.py), so a crash loses at most one interval of delivere
 5 seconds or 256 completion tokens of the request, whichever comes first.
 
 The check runs on the event loop for every engine output of the request and costs a clock read and a
-comparison; the write goes to a worker thread, at most one in flight per request (an output that
+comparison; the write goes to a worker thread of the server's own checkpoint pool (not the default
+executor that admissions use), at most one in flight per request (an output that
 arrives while one is in flight is skipped: the next one after it completes carries the newer count).
 Nothing here blocks the event loop or the engine, and a failed write is logged, never raised.
 """
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,11 +70,15 @@ class ProgressCheckpoint:
         request_id: str,
         policy: ProgressPolicy,
         clock: Callable[[], float] = time.monotonic,
+        executor: Executor | None = None,
     ):
+        """`executor`: where the writes run (None: the loop's default executor). The server gives its own,
+        so that slow ledger writes queue among themselves, never ahead of other requests' admissions."""
         self._write = write  # (request_id, prompt, cached, completion), blocking: run in a thread
         self.request_id = request_id
         self.policy = policy
         self._clock = clock
+        self._executor = executor
         self._last_at = clock()
         self._last_tokens = 0
         self._in_flight = False
@@ -93,7 +99,9 @@ class ProgressCheckpoint:
             self._in_flight = True
             self._last_at, self._last_tokens = now, tokens
             counts = (run.prompt_tokens, run.cached_tokens, tokens)
-            future = asyncio.get_running_loop().run_in_executor(None, self._write, self.request_id, *counts)
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._write, self.request_id, *counts
+            )
             future.add_done_callback(self._written)
         except Exception:  # a checkpoint must never break the request's stream
             self._in_flight = False
