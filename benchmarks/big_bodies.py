@@ -41,6 +41,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from llmaas.bench.server_process import wait_until_ready
+
 HOST = "127.0.0.1"
 MODEL = "smollm2-135m"
 MB = 1024 * 1024
@@ -66,17 +68,7 @@ def start_server(port: int, workdir: Path) -> subprocess.Popen:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, workdir: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((workdir / "server.log").read_text(errors="replace")[-3000:])
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not become healthy")
+    wait_until_ready(proc, url, workdir / "server.log", poll_s=0.2)
 
 
 def free_plan_key(workdir: Path) -> str:

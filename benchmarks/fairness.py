@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 import llmaas
+from llmaas.bench.server_process import wait_until_ready
 from llmaas.billing import FreeGrant, create_account, create_key, open_database
 from llmaas.billing.plans import PLANS
 
@@ -243,16 +244,7 @@ def main() -> int:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, f"llmaas serve exited; see {tmp / 'serve.log'}"
-            assert time.monotonic() < deadline, "llmaas serve did not start"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_ready(server, url, tmp / "serve.log")
         asyncio.run(run(args, url, plus, free))
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:

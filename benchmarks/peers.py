@@ -45,13 +45,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from llmaas.bench.cli import machine_info
 from llmaas.bench.prompts import make_prompt_set
 from llmaas.bench.report import plot_throughput_latency, write_json
 from llmaas.bench.runner import LevelSpec, Target, run_levels
-from llmaas.bench.server_process import stop_process_group
+from llmaas.bench.server_process import stop_process_group, wait_until_ready
 from llmaas.engine.dtype_choice import resolve_dtype_name
 from llmaas.paths import llmaas_home
 
@@ -278,20 +276,8 @@ def start(
         env["PYTHONPATH"] = str(args.base_dir)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{peer} exited with {proc.returncode}: see {log.name}")
-        try:
-            r = httpx.get(f"{url}/v1/models", timeout=2.0)
-            health = httpx.get(f"{url}/health", timeout=2.0)
-            if r.status_code == 200 and health.status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    stop_process_group(proc)
-    raise RuntimeError(f"{peer} did not become ready within {START_TIMEOUT_S:.0f}s: see {log.name}")
+    wait_until_ready(proc, url, Path(log.name), START_TIMEOUT_S, paths=("/v1/models", "/health"), poll_s=1.0)
+    return proc, url
 
 
 # ------------------------------------------------------------------------------ one peer

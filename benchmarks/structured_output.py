@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from llmaas.bench.server_process import stop_process_group
+from llmaas.bench.server_process import stop_process_group, wait_until_ready
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 300.0
@@ -127,18 +127,8 @@ def start(peer: str, args: argparse.Namespace, scratch: Path) -> tuple[subproces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{peer} exited with {proc.returncode}: see {log.name}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_process_group(proc)
-    raise RuntimeError(f"{peer} did not become ready within {START_TIMEOUT_S:.0f}s: see {log.name}")
+    wait_until_ready(proc, url, Path(log.name), START_TIMEOUT_S)
+    return proc, url
 
 
 # ------------------------------------------------------------------------------ load

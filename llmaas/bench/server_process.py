@@ -1,10 +1,14 @@
-"""Stopping a server the benchmarks started in its own process group."""
+"""A server the benchmarks started in its own process group: waiting until it is ready, stopping it."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import time
+from pathlib import Path
+
+import httpx
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -19,3 +23,27 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def wait_until_ready(
+    proc: subprocess.Popen,
+    url: str,
+    log: Path,
+    timeout_s: float = 300.0,
+    paths: tuple[str, ...] = ("/health",),
+    poll_s: float = 0.5,
+) -> None:
+    """Until every GET `url + path` answers 200. Raises RuntimeError naming the server's log (`log`)
+    when the process exits first or `timeout_s` passes (the process is then stopped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: see {log}")
+        try:
+            if all(httpx.get(url + path, timeout=2.0).status_code == 200 for path in paths):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    stop_process_group(proc)
+    raise RuntimeError(f"the server did not become ready within {timeout_s:.0f}s: see {log}")
