@@ -8,77 +8,9 @@ import logging
 import sys
 import time
 
+from llmaas.engine.cli_args import add_engine_args, engine_config_from_args
 from llmaas.errors import LlmaasError
 from llmaas.openmp_defaults import apply_openmp_defaults
-
-
-def _parse_bytes(text: str) -> int:
-    """'512MiB', '2GiB', '1.5G', '1000000' -> bytes."""
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    s = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)") from None
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="catalog name (see `llmaas models`), an HF-format directory or a .gguf file",
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float32", "float16"],
-        help="weights and KV cache (default auto: bfloat16 on CUDA and on CPUs with native bf16, "
-        "AVX512_BF16 or AMX; float32 elsewhere, where bf16 matmuls are emulated and slow)",
-    )
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    g.add_argument(
-        "--kv-cache-memory",
-        type=_parse_bytes,
-        default="512MiB",
-        help="bytes for the paged KV cache, allocated once at start (default 512MiB)",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="cap on running sequences")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=1024,
-        help="per-step token budget shared by prefill chunks and decodes",
-    )
-    g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument(
-        "--quantization",
-        choices=["int8", "int4"],
-        default=None,
-        help="weight-only int8 (per channel) or int4 (groups of 32, like Q4_1): faster small-batch "
-        "decode on CPU; int4's kernel needs bf16 (fp32 and CUDA use the dequantized weights)",
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from llmaas.engine.llm_engine import EngineConfig
-
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        quantization=args.quantization,
-    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

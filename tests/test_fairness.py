@@ -293,15 +293,14 @@ def test_an_admission_that_completes_after_its_request_left_is_undone(server, db
     tokenizing = threading.Event()
     release = threading.Event()
 
-    def slow_tokenize(engine, prompts, params):
+    def slow_tokenize(prompts, params):
         tokenizing.set()
         release.wait(30)
         return [[1, 2, 3]]
 
-    monkeypatch.setattr("llmaas.server.state.tokenize_prompts", slow_tokenize)
     state = ServerState(ModelRegistry([]), billing=billing)
-    window = SimpleNamespace(resolve_max_tokens=lambda num_prompt_tokens, params: 5)
-    model = SimpleNamespace(name=MODEL, engine=SimpleNamespace(engine=window))
+    engine = SimpleNamespace(tokenize=slow_tokenize, resolve_max_tokens=lambda num_prompt_tokens, params: 5)
+    model = SimpleNamespace(name=MODEL, engine=engine)
     request = Request({"type": "http", "headers": [], PRINCIPAL: principal})
 
     async def scenario() -> None:

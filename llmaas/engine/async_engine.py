@@ -23,11 +23,12 @@ only if even that fails does a request get an EngineDeadError instead of an outp
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 
 from llmaas.engine.llm_engine import EngineConfig, LLMEngine
@@ -307,6 +308,49 @@ class AsyncEngine:
             return final
 
         return self._submit(do_abort)
+
+    # ------------------------------------------- the model's text side, for any thread
+    # The tokenizer and the window are fixed once the engine is built, so these run in the caller's
+    # thread (the server's worker threads), never queued behind engine steps.
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (None: it has none)."""
+        return self.engine.tokenizer.chat_template
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.engine.render_chat(messages, tools)
+
+    def tokenize(self, prompts: Sequence[str | list[int]], params: SamplingParams) -> list[list[int]]:
+        """Token ids of each prompt (texts tokenized, id lists checked), each checked against the context
+        window with `params.max_tokens`: the engine's own rule (LLMEngine.tokenize_prompt and
+        resolve_max_tokens), so a request refused here would be refused by `submit` too. 400s name
+        `prompt` or `max_tokens`."""
+        token_ids = []
+        for prompt in prompts:
+            ids = self.engine.tokenize_prompt(prompt)
+            self.engine.resolve_max_tokens(len(ids), params)
+            token_ids.append(ids)
+        return token_ids
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The completion tokens a prompt may get: max_tokens, or the rest of the context window."""
+        return self.engine.resolve_max_tokens(num_prompt_tokens, params)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one engine per served model, alive as long as it)
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs show it (cached: logprobs ask for the same ids again and again)."""
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
+    def token_bytes(self, token_id: int) -> list[int]:
+        return list(self.engine.tokenizer.token_bytes(token_id))
+
+    def describe(self) -> dict:
+        """What the model costs to run: its family, total and active parameters, KV bytes per token."""
+        return {"family": self.engine.model_config.family, **self.engine.model_report.as_dict()}
 
     @property
     def system_fingerprint(self) -> str:

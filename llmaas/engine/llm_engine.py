@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from llmaas.engine.block_manager import BlockManager
-from llmaas.engine.dtype_choice import auto_dtype
+from llmaas.engine.config import EngineConfig
 from llmaas.engine.fingerprint import system_fingerprint
 from llmaas.engine.grammar import Grammar, GrammarCompiler, GrammarError
 from llmaas.engine.model_runner import ModelRunner
@@ -42,43 +42,6 @@ from llmaas.models.report import describe_model
 from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("llmaas.engine")
-
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-@dataclass
-class EngineConfig:
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto: bf16 where the hardware computes in bf16 (CUDA, AVX512_BF16/AMX), else fp32
-    device: str | None = None  # None: cuda when present, else cpu
-    kv_cache_memory: int = 512 * 2**20  # bytes for the paged KV cache, allocated once at start
-    block_size: int = 16
-    max_num_seqs: int = 64  # cap on running sequences
-    max_num_batched_tokens: int = 1024  # per-step token budget shared by prefill chunks and decodes
-    max_model_len: int | None = None  # default: the model's context window
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    quantization: str | None = None  # "int8" / "int4": weight-only, for small-batch decode (quantize.py)
-    pack_weights: bool = True  # CPU: weights in oneDNN's blocked layout (about 2x faster decode)
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return auto_dtype(self.torch_device())
-        if self.dtype not in DTYPES:
-            choices = sorted([*DTYPES, "auto"])
-            raise InvalidRequestError(f"dtype '{self.dtype}' is not one of {choices}", param="dtype")
-        return DTYPES[self.dtype]
-
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
 
 MAX_ERROR_DETAIL = 200  # characters of the exception's text passed on in RequestOutput.error
 
@@ -165,10 +128,25 @@ class LLMEngine:
         )
 
     # ----------------------------------------------------------------- requests
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """A conversation's prompt text, by the model's own chat template (`tools`: OpenAI's tool list,
+        for a template that renders tools itself)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; a text provably longer than the context window (more characters than
+        the window times the longest token's bytes: `Tokenizer.min_tokens`) is refused before the
+        tokenizer runs, so a megabyte prompt costs O(1)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty", param="prompt")
+            least, room = self.tokenizer.min_tokens(prompt), self.context_room
+            if least is not None and least >= room:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {room} tokens, but the prompt has at least "
+                    f"{least} tokens.",
+                    param="prompt",
+                )
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)

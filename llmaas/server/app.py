@@ -18,10 +18,12 @@ from llmaas.server.billing import BillingMiddleware, ServerBilling
 from llmaas.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from llmaas.server.draining import DrainMiddleware
 from llmaas.server.errors import error_body, install_error_handlers
+from llmaas.server.generation import ClientDisconnected
 from llmaas.server.metrics import HttpMetricsMiddleware
 from llmaas.server.openapi import document_statuses
 from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
 from llmaas.server.registry import ModelRegistry, ServedModel
+from llmaas.server.reply import client_left
 from llmaas.server.request_ids import RequestIdMiddleware
 from llmaas.server.state import ServerState
 from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
@@ -112,6 +114,7 @@ def create_app(
     app = FastAPI(title="llmaas", version="0.1.0", summary="OpenAI-compatible LLM API", lifespan=lifespan)
     app.state.llmaas = state
     install_error_handlers(app)
+    app.add_exception_handler(ClientDisconnected, client_left)  # 499: nothing to answer
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(admin.admin)
@@ -126,8 +129,7 @@ def create_app(
     def card(model: ServedModel) -> dict:
         body = {"id": model.name, "object": "model", "created": model.created, "owned_by": "llmaas"}
         if model.engine is not None:  # what the model costs to run (extra fields; OpenAI clients keep them)
-            engine = model.engine.engine
-            body["metadata"] = {"family": engine.model_config.family, **engine.model_report.as_dict()}
+            body["metadata"] = model.engine.describe()
         return body
 
     @app.get("/v1/models", response_model=ModelList)

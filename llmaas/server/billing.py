@@ -1,7 +1,7 @@
 """Billing around every request: auth, rate limit and hold at admission, settle at the end.
 
 The walk (design.md): bearer -> `verify_key` (BillingMiddleware, every /v1 path) -> one request from
-the rate limit (ServerBilling.begin) -> the prompt's CPU work (server/prompts.py) -> its tokens from
+the rate limit (ServerBilling.begin) -> the prompt's CPU work (AsyncEngine.tokenize) -> its tokens from
 the rate limit + `hold_for_request` (ServerBilling.admit) -> engine, with the plan's priority ->
 `settle` (ServerBilling.finish, through the BillingHook seam, before the last byte / [DONE]) ->
 `usage.cost` in the response. Every database call is synchronous and runs in a worker thread.
@@ -260,8 +260,8 @@ class ServerBilling:
         params: SamplingParams,
     ) -> Admission:
         """`admit` the worst case of tokenized prompts: every prompt token, and per prompt
-        n x (max_tokens, or the rest of the context window). `engine` is the LLMEngine (its window:
-        the prompts were checked against it already, server/prompts.py)."""
+        n x (max_tokens, or the rest of the context window). `engine`: the model's AsyncEngine (its
+        window; the prompts were checked against it already by AsyncEngine.tokenize)."""
         prompt_tokens = completion_tokens = 0
         for ids in token_ids:
             prompt_tokens += len(ids)

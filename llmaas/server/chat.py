@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 from llmaas.engine.structured import StructuredOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
-from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from llmaas.server.registry import ServedModel
-from llmaas.server.respond import (
+from llmaas.server.reply import (
+    Reply,
     params_named,
-    respond,
     run_usage,
+    start_reply,
     usage_so_far,
     wants_continuous_usage,
     wants_usage_chunk,
@@ -53,15 +54,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     }
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    tokenizer = model.engine.engine.tokenizer
-    plan = plan_tools(body, tokenizer.chat_template)
+    plan = plan_tools(body, model.engine.chat_template)
     structured = output_constraint(body, plan)
 
     def render() -> list[str]:  # CPU work: in a worker thread, after the rate-limit slot (state.py)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         if plan is not None and plan.native:
-            return [tokenizer.apply_chat_template(messages, tools=template_tools(plan))]
-        return [tokenizer.apply_chat_template(generic_messages(messages, plan))]
+            return [model.engine.render_chat(messages, tools=template_tools(plan))]
+        return [model.engine.render_chat(generic_messages(messages, plan))]
 
     with params_named(names):
         params = sampling_params(
@@ -71,39 +71,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
     params.structured = structured
-    want_logprobs = bool(body.logprobs)
-    include_usage = wants_usage_chunk(body)
-    continuous_usage = wants_continuous_usage(body)
-
-    def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
-        return _chat_events(
-            run,
-            id_,
-            created,
-            model,
-            params.n,
-            want_logprobs,
-            include_usage,
-            continuous_usage,
-            plan is not None,
-        )
-
-    def usage_chunk(id_: str, created: int, usage: dict) -> dict:
-        return _chunk(id_, created, model, [], True, usage)
-
-    def whole(run: EngineRun, id_: str, created: int) -> dict:
-        choices = []
-        for c in run.latest[0].outputs:
-            logprobs = (
-                R.chat_logprobs(c.logprobs, model.token_text, model.token_bytes) if want_logprobs else None
-            )
-            content, calls = parse_whole(c.text) if plan is not None else (c.text, [])
-            choices.append(
-                R.chat_choice(c.index, content, c.finish_reason, logprobs, [t.as_dict() for t in calls])
-            )
-        return R.chat_completion(id_, created, model.name, choices, run_usage(run), model.system_fingerprint)
-
-    return await respond(
+    reply = await start_reply(
         request,
         model,
         render,
@@ -112,10 +80,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         endpoint="chat.completions",
         id_prefix="chatcmpl",
         param_names=names,
-        events=events,
-        usage_chunk=usage_chunk,
-        whole=whole,
     )
+    if body.stream:
+        return reply.stream(_chat_events(reply, model, body, params.n, has_tools=plan is not None))
+    await reply.complete()
+    return JSONResponse(_chat_completion(reply, model, bool(body.logprobs), has_tools=plan is not None))
+
+
+def _chat_completion(reply: Reply, model: ServedModel, want_logprobs: bool, has_tools: bool) -> dict:
+    choices = []
+    for c in reply.run.latest[0].outputs:
+        logprobs = R.chat_logprobs(c.logprobs, model.token_text, model.token_bytes) if want_logprobs else None
+        content, calls = parse_whole(c.text) if has_tools else (c.text, [])
+        choices.append(
+            R.chat_choice(c.index, content, c.finish_reason, logprobs, [t.as_dict() for t in calls])
+        )
+    usage = run_usage(reply.run)
+    return R.chat_completion(reply.id, reply.created, model.name, choices, usage, model.system_fingerprint)
 
 
 def _chunk(
@@ -147,17 +128,13 @@ def output_constraint(body: ChatCompletionRequest, plan: ToolPlan | None) -> Str
 
 
 async def _chat_events(
-    run: EngineRun,
-    id_: str,
-    created: int,
-    model,
-    n: int,
-    want_logprobs: bool,
-    include_usage: bool,
-    continuous_usage: bool = False,
-    has_tools: bool = False,
+    reply: Reply, model: ServedModel, body: ChatCompletionRequest, n: int, has_tools: bool
 ) -> AsyncIterator[str]:
-    """`continuous_usage`: every chunk's `usage` is the usage so far (else null, with include_usage)."""
+    """One chunk per choice per step; with stream_options.include_usage every chunk has `usage` (null,
+    or the usage so far with continuous_usage_stats) and a final chunk carries the settled usage."""
+    run, id_, created = reply.run, reply.id, reply.created
+    want_logprobs, include_usage = bool(body.logprobs), wants_usage_chunk(body)
+    continuous_usage = wants_continuous_usage(body)
     usage = None
     if continuous_usage:  # before any token: the prompt, no completion yet
         usage = usage_so_far(run, [None])
@@ -209,3 +186,5 @@ async def _chat_events(
             parts.append(event(_chunk(id_, created, model, [choice], include_usage, usage)))
         if parts:
             yield "".join(parts)
+    if include_usage:
+        yield event(_chunk(id_, created, model, [], True, await reply.settle()))

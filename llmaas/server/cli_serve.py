@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from llmaas.cli import add_engine_args
+    from llmaas.engine.cli_args import add_engine_args
 
     # "resolve": the --model below (repeatable: several models, each its own engine) replaces the
     # engine group's single --model.
@@ -152,8 +152,8 @@ def _add_hold_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from llmaas.cli import engine_config_from_args
     from llmaas.engine.async_engine import AsyncEngine
+    from llmaas.engine.cli_args import engine_config_from_args
     from llmaas.errors import InvalidRequestError
     from llmaas.server.app import create_app
     from llmaas.server.draining import DrainingServer

@@ -5,17 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
-from llmaas.server.generation import EngineRun
 from llmaas.server.protocol import ERROR_RESPONSES, Completion, CompletionRequest
 from llmaas.server.registry import ServedModel
-from llmaas.server.respond import (
+from llmaas.server.reply import (
+    Reply,
     params_named,
-    respond,
     run_usage,
+    start_reply,
     usage_so_far,
     wants_continuous_usage,
     wants_usage_chunk,
@@ -75,43 +76,31 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if body.echo and (body.logprobs is not None or scoring):
         # The echoed prompt gets real logprobs too; a prompt-only request needs them to be accepted.
         params.prompt_logprobs = body.logprobs or 0
-    include_usage = wants_usage_chunk(body)
-    continuous_usage = wants_continuous_usage(body)
-
-    def events(run: EngineRun, id_: str, created: int) -> AsyncIterator[str]:
-        return _completion_events(run, id_, created, model, prompts, n, body, include_usage, continuous_usage)
-
-    def usage_chunk(id_: str, created: int, usage: dict) -> dict:
-        return R.completion(id_, created, model.name, [], usage, model.system_fingerprint)
-
-    def whole(run: EngineRun, id_: str, created: int) -> dict:
-        choices = []
-        for p, out in enumerate(run.latest):
-            prompt_text = _prompt_text(model, prompts[p]) if body.echo else ""
-            for c in _best(out.outputs, n):
-                logprobs = None
-                if body.logprobs is not None:
-                    echoed = out.prompt_token_ids if body.echo else ()
-                    logprobs = R.CompletionLogprobs(model.token_text).build(
-                        c.logprobs or [], echoed, out.prompt_logprobs
-                    )
-                text = prompt_text + c.text
-                choices.append(R.completion_choice(len(choices), text, c.finish_reason, logprobs))
-        return R.completion(id_, created, model.name, choices, run_usage(run), model.system_fingerprint)
-
-    return await respond(
-        request,
-        model,
-        prompts,
-        params,
-        body,
-        endpoint="completions",
-        id_prefix="cmpl",
-        param_names=names,
-        events=events,
-        usage_chunk=usage_chunk,
-        whole=whole,
+    reply = await start_reply(
+        request, model, prompts, params, body, endpoint="completions", id_prefix="cmpl", param_names=names
     )
+    if body.stream:
+        return reply.stream(_completion_events(reply, model, prompts, n, body))
+    await reply.complete()
+    return JSONResponse(_completion(reply, model, prompts, n, body))
+
+
+def _completion(
+    reply: Reply, model: ServedModel, prompts: list[str | list[int]], n: int, body: CompletionRequest
+) -> dict:
+    choices = []
+    for p, out in enumerate(reply.run.latest):
+        prompt_text = _prompt_text(model, prompts[p]) if body.echo else ""
+        for c in _best(out.outputs, n):
+            logprobs = None
+            if body.logprobs is not None:
+                echoed = out.prompt_token_ids if body.echo else ()
+                logprobs = R.CompletionLogprobs(model.token_text).build(
+                    c.logprobs or [], echoed, out.prompt_logprobs
+                )
+            choices.append(R.completion_choice(len(choices), prompt_text + c.text, c.finish_reason, logprobs))
+    usage = run_usage(reply.run)
+    return R.completion(reply.id, reply.created, model.name, choices, usage, model.system_fingerprint)
 
 
 def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
@@ -128,22 +117,17 @@ def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
 def _prompt_text(model: ServedModel, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
-    return model.engine.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+    return model.engine.decode(prompt)
 
 
 async def _completion_events(
-    run: EngineRun,
-    id_: str,
-    created: int,
-    model: ServedModel,
-    prompts: list[str | list[int]],
-    n: int,
-    body: CompletionRequest,
-    include_usage: bool,
-    continuous_usage: bool = False,
+    reply: Reply, model: ServedModel, prompts: list[str | list[int]], n: int, body: CompletionRequest
 ) -> AsyncIterator[str]:
-    """Choice index = prompt index * n + sample index, as OpenAI numbers them. `continuous_usage`: every
-    chunk's `usage` is the usage so far, over every prompt's latest output sent (else null)."""
+    """Choice index = prompt index * n + sample index, as OpenAI numbers them. With
+    stream_options.include_usage every chunk has `usage` (null, or with continuous_usage_stats the usage
+    so far over every prompt's latest output sent) and a final chunk carries the settled usage."""
+    run, id_, created = reply.run, reply.id, reply.created
+    include_usage, continuous_usage = wants_usage_chunk(body), wants_continuous_usage(body)
     num_prompts = len(run.latest)
     finished = [False] * (num_prompts * n)
     echoed = [not body.echo] * (num_prompts * n)
@@ -181,3 +165,7 @@ async def _completion_events(
             parts.append(chunk(index, prefix + text, reason, logprobs))
         if parts:
             yield "".join(parts)
+    if include_usage:
+        yield event(
+            R.completion(id_, created, model.name, [], await reply.settle(), model.system_fingerprint)
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from llmaas.engine.async_engine import AsyncEngine
 from llmaas.errors import ModelNotFoundError
@@ -22,12 +21,7 @@ class ServedModel:
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.system_fingerprint = engine.system_fingerprint  # on every completion and chunk
-        tokenizer = engine.engine.tokenizer
-        # Token strings and bytes for logprobs, computed once per id.
-        self.token_text = lru_cache(maxsize=65536)(
-            lambda tid: tokenizer.decode([tid], skip_special_tokens=False)
-        )
-        self.token_bytes = lru_cache(maxsize=65536)(lambda tid: list(tokenizer.token_bytes(tid)))
+        self.token_text, self.token_bytes = engine.token_text, engine.token_bytes  # for logprobs
 
 
 class ModelRegistry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 
 from fastapi import Request
 
@@ -13,13 +14,17 @@ from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBill
 from llmaas.server.draining import Drain
 from llmaas.server.generation import EngineRun, spawn, watch_disconnect
 from llmaas.server.metrics import Metrics
-from llmaas.server.prompts import PromptSource, tokenize_prompts
 from llmaas.server.registry import ModelRegistry, ServedModel
 from llmaas.server.request_ids import CLIENT_REQUEST_ID
 from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook, RequestUsage
 
 log = logging.getLogger("llmaas.server")
+
+# A request's prompts (texts or token ids), or a function that makes them (chat renders its template):
+# called in a worker thread, after the rate-limit slot, never on the event loop (a chat template over
+# megabytes of messages, or tokenizing them, takes long enough to stall every other connection).
+PromptSource = Sequence[str | list[int]] | Callable[[], Sequence[str | list[int]]]
 
 
 def bearer_token(request: Request) -> str | None:
@@ -128,20 +133,23 @@ class ServerState:
         request_id: str,
     ) -> tuple[Admission | None, list[list[int]]]:
         """In one worker thread, in this order: one request from the rate limit (ServerBilling.begin),
-        the prompts' CPU work (template, tokenizer: server/prompts.py), then their tokens from the rate
-        limit and the hold of the worst-case cost (ServerBilling.admit_prompts). Without billing, only
-        the prompts' work. Returns (admission or None, token ids of each prompt)."""
-        billing, engine = self.billing, model.engine.engine
+        the prompts' CPU work (template, tokenizer, context window: AsyncEngine.tokenize), then their
+        tokens from the rate limit and the hold of the worst-case cost (ServerBilling.admit_prompts).
+        Without billing, only the prompts' work. Returns (admission or None, token ids of each prompt)."""
+        billing, engine = self.billing, model.engine
+
+        def tokenize() -> list[list[int]]:
+            return engine.tokenize(prompts() if callable(prompts) else prompts, params)
 
         def admit() -> tuple[Admission | None, list[list[int]]]:
             if billing is None:
-                return None, tokenize_prompts(engine, prompts, params)
+                return None, tokenize()
             admission = billing.begin(
                 request.scope.get(PRINCIPAL), model.name, request_id, request.scope.get(CLIENT_REQUEST_ID)
             )
             request.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
             billing.check_request_size(admission, 1 if callable(prompts) else len(prompts), params.n)
-            token_ids = tokenize_prompts(engine, prompts, params)
+            token_ids = tokenize()
             billing.admit_prompts(admission, engine, model.name, token_ids, params)
             request.scope[RATE_HEADERS] = admission.headers
             return admission, token_ids

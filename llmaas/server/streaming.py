@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
@@ -67,14 +67,9 @@ def event(obj: object) -> str:
     return f"data: {dumps(obj)}\n\n"
 
 
-def sse_response(body: AsyncIterator[str], run: EngineRun, stall_timeout_s: float) -> SSEResponse:
-    return SSEResponse(body, run, stall_timeout_s)
-
-
-async def guarded(
-    run: EngineRun, watcher: asyncio.Task, events: AsyncIterator[str], final: Callable[[], str | None]
-) -> AsyncIterator[str]:
-    """Yield `events`, settle usage, then the optional usage event and [DONE].
+async def guarded(run: EngineRun, watcher: asyncio.Task, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Yield `events`, settle usage (if `events` did not: its final usage chunk needs the cost), then
+    [DONE].
 
     An engine failure mid-stream becomes an error event (the status line has gone already);
     a client that left, or a cancelled response, aborts the engine requests.
@@ -83,9 +78,6 @@ async def guarded(
         async for text in events:
             yield text
         await run.finish()
-        tail = final()
-        if tail:
-            yield tail
         yield DONE
     except ClientDisconnected:
         return

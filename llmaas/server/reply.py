@@ -1,0 +1,126 @@
+"""The walk every generation request shares, as steps a handler calls in order:
+
+    reply = await start_reply(request, model, prompts, params, body, ...)   # admitted, submitted
+    if body.stream:
+        return reply.stream(my_events(reply, ...))      # SSE: the handler's events, then [DONE]
+    await reply.complete()                              # every output in, usage settled
+    return JSONResponse(my_body(reply, ...))
+
+A client that leaves before its answer gets nothing (status 499, `client_left`); its tokens so far are
+billed all the same (generation.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Response
+
+from llmaas.engine.outputs import RequestOutput
+from llmaas.engine.sampling_params import SamplingParams
+from llmaas.errors import LlmaasError
+from llmaas.server import responses as R
+from llmaas.server.errors import rename_param
+from llmaas.server.generation import ClientDisconnected, EngineRun
+from llmaas.server.protocol import _SamplingFields
+from llmaas.server.registry import ServedModel
+from llmaas.server.request_ids import adopt_body_request_id, request_id_of
+from llmaas.server.state import PromptSource, ServerState
+from llmaas.server.streaming import SSEResponse, guarded
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+
+
+@dataclass
+class Reply:
+    """One HTTP request's generation: its id (also the x-request-id header), when it was created, and
+    the engine run behind it."""
+
+    run: EngineRun
+    id: str
+    created: int
+    _watcher: asyncio.Task  # aborts the run when the client disconnects
+    _stall_timeout_s: float
+
+    def stream(self, events: AsyncIterator[str]) -> SSEResponse:
+        """Server-sent `events`, then [DONE]; an engine error mid-stream becomes an error event."""
+        return SSEResponse(guarded(self.run, self._watcher, events), self.run, self._stall_timeout_s)
+
+    async def complete(self) -> None:
+        """Wait for every output and settle the usage (a non-streamed response)."""
+        try:
+            async for _ in self.run.outputs():
+                pass
+            await self.run.finish()
+        finally:
+            self._watcher.cancel()
+            self.run.abort()  # a no-op once finished
+
+    async def settle(self) -> dict[str, Any]:
+        """Settle now (idempotent) and return the usage with its cost: a stream's final usage chunk."""
+        await self.run.finish()
+        return run_usage(self.run)
+
+
+async def start_reply(
+    request: Request,
+    model: ServedModel,
+    prompts: PromptSource,
+    params: SamplingParams,
+    body: _SamplingFields,
+    *,
+    endpoint: str,
+    id_prefix: str,
+    param_names: dict[str, str] | None = None,
+) -> Reply:
+    """Admit (rate limit, hold), tokenize and submit; returns once every prompt is in the engine.
+    `param_names`: the endpoint's names for the engine's parameters (e.g. prompt -> messages)."""
+    state: ServerState = request.app.state.llmaas
+    request_id = request_id_of(request.scope, id_prefix)
+    adopt_body_request_id(request.scope, body.request_id, body.rid)
+    with params_named(param_names or {}):
+        run, watcher = await state.start_run(
+            request, model, prompts, params, request_id, endpoint, body.user, every_step=bool(body.stream)
+        )
+    return Reply(run, request_id, R.now(), watcher, state.stream_stall_timeout_s)
+
+
+async def client_left(request: Request, exc: ClientDisconnected) -> Response:
+    """The exception handler for a client that left before its answer."""
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+@contextmanager
+def params_named(names: dict[str, str]) -> Iterator[None]:
+    """Engine errors name the endpoint's parameter (e.g. prompt -> messages for chat)."""
+    try:
+        yield
+    except LlmaasError as exc:
+        raise rename_param(exc, names) from None
+
+
+def wants_usage_chunk(body: _SamplingFields) -> bool:
+    """stream_options.include_usage: a final chunk with the usage (and `"usage": null` in the others)."""
+    return bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+
+def wants_continuous_usage(body: _SamplingFields) -> bool:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage, as vLLM reads it): every chunk
+    carries the usage so far; the final usage chunk still comes, with the cost."""
+    return wants_usage_chunk(body) and bool(body.stream_options.continuous_usage_stats)
+
+
+def run_usage(run: EngineRun) -> dict[str, Any]:
+    return R.usage(run.prompt_tokens, run.cached_tokens, run.completion_tokens, run.cost_micros)
+
+
+def usage_so_far(run: EngineRun, sent: Iterable[RequestOutput | None]) -> dict[str, Any]:
+    """The usage a stream has delivered: every prompt (known once the run started), the completion
+    tokens of the outputs sent so far (the latest of each prompt; None: none yet). No cost: that is
+    settled at the end and comes in the final usage chunk."""
+    completion = sum(out.completion_tokens for out in sent if out is not None)
+    return R.usage(run.prompt_tokens, run.cached_tokens, completion)
