@@ -49,3 +49,11 @@ class EngineOverloadedError(LlmaasError):
     status_code = 503
     error_type = "server_error"
     code = "engine_overloaded"
+
+
+class NotFoundError(LlmaasError):
+    """A stored object (a response, ...) that does not exist or belongs to another account."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"

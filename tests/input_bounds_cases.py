@@ -129,6 +129,14 @@ MINIMAL = {
     "FunctionDef": {"name": "f"},
     "FunctionName": {"name": "f"},
     "NamedToolChoice": {"type": "function", "function": {"name": "f"}},
+    # /v1/responses
+    "MessageItem": {"role": "user", "content": "x"},
+    "InputText": {"type": "input_text", "text": "x"},
+    "FunctionCallItem": {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+    "FunctionCallOutputItem": {"type": "function_call_output", "call_id": "c", "output": "x"},
+    "FunctionTool": {"type": "function", "name": "f"},
+    "NamedFunctionChoice": {"type": "function", "name": "f"},
+    "TextFormat": {"type": "json_schema", "name": "x", "schema": {"type": "object"}},
 }
 
 

@@ -54,6 +54,7 @@ BASE_BODIES = {
         "max_tokens": 2,
     },
     ("post", "/v1/completions"): lambda fresh: {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+    ("post", "/v1/responses"): lambda fresh: {"model": MODEL, "input": "hi", "max_output_tokens": 2},
     ("post", "/admin/accounts"): lambda fresh: {"name": fresh(create=False)},
     ("post", "/admin/accounts/{account}/plan"): lambda fresh: {"plan": "plus"},
     ("post", "/admin/keys"): lambda fresh: {"account": fresh()},
@@ -78,13 +79,16 @@ RELATED = {
     name: {"start_time", "end_time", "bucket_width"} for name in ("start_time", "end_time", "bucket_width")
 }
 # Tools are rendered into the prompt: a conversation too long for the context window names `messages`.
-RELATED |= {"tools": {"messages"}, "functions": {"messages"}}
+# (`input` on /v1/responses, where the instructions are rendered too).
+RELATED |= {"tools": {"messages", "input"}, "functions": {"messages"}, "instructions": {"input"}}
 NO_INPUT = {("get", "/health"), ("get", "/metrics"), ("get", "/v1/models"), ("get", "/admin/accounts")}
 # Fields the walk cannot see (map values); changed like any other.
 EXTRA_PATHS = {
     ("post", "/v1/chat/completions"): [("logit_bias", "5"), ("metadata", "k")],
     ("post", "/v1/completions"): [("logit_bias", "5")],
+    ("post", "/v1/responses"): [("metadata", "k")],
 }
+ENGINE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def _operations():
@@ -200,6 +204,7 @@ def _request(server: Server, method: str, path: str, where: str, field: tuple, h
         "account": server.fresh,
         "key_id": server.fresh_key_id,
         "model_id": lambda: MODEL,
+        "response_id": lambda: "resp-unknown",
     }
     url = path
     for name, value in path_values.items():
@@ -251,8 +256,13 @@ def assert_answered_as_a_client_error(r: httpx.Response, text: str, field: tuple
             related = RELATED.get(field[0], set())
             assert names_the_field(error["param"], field, related), f"param {error['param']!r}: {text[:200]}"
     elif r.headers.get("content-type", "").startswith("text/event-stream"):
-        assert text.rstrip().endswith("data: [DONE]"), text[-300:]
-        assert '"error"' not in text, text[-300:]
+        last = text.rstrip().rsplit("\n\n", 1)[-1]
+        # chat and completions end with [DONE]; /v1/responses with its final typed event
+        assert last == "data: [DONE]" or last.startswith(
+            ("event: response.completed", "event: response.incomplete")
+        ), text[-300:]
+        failed = ("event: error", "event: response.failed") if last.startswith("event:") else ('"error"',)
+        assert not any(sign in text for sign in failed), text[-300:]
 
 
 @pytest.mark.parametrize("method, path, where, field, hostile", _params())
@@ -261,7 +271,7 @@ def test_hostile_value(server, method, path, where, field, hostile):
     try:
         assert_answered_as_a_client_error(r, text, None if hostile.unparsable else field)
     finally:
-        if path in ("/v1/chat/completions", "/v1/completions"):  # the routes that reach the engine
+        if path in ENGINE_ROUTES:
             assert_no_work_left_behind(server)
 
 

@@ -185,3 +185,19 @@ class UsageRecord(Base):
     # `request_id` is the response's id and x-request-id header; this is the client's own id for the
     # request (X-Client-Request-Id), when it sent one. 0003.
     client_request_id: Mapped[str | None] = mapped_column(String(MAX_CLIENT_REQUEST_ID), nullable=True)
+
+
+class StoredResponse(Base):
+    """A response of /v1/responses kept for retrieval and for `previous_response_id` (store: true),
+    readable only by its account, until `expires_at` (the server's retention setting). 0004."""
+
+    __tablename__ = "stored_responses"
+    __table_args__ = (Index("ix_stored_responses_expires", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # the response's id (resp-...)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    previous_response_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    response: Mapped[dict] = mapped_column(JSON)  # the response object as it was returned
+    input_items: Mapped[list] = mapped_column(JSON)  # this turn's input items (not the earlier turns')

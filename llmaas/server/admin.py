@@ -353,7 +353,7 @@ def _scoped_report(request: Request, args: dict[str, Any]) -> tuple[list, int | 
     if principal is not None and principal.account_name == ADMIN_ACCOUNT:
         scope = {"accounts": projects} if projects else {}
     else:
-        scope = {"account": principal.account_id if principal is not None else billing._account_id(None)}
+        scope = {"account": principal.account_id if principal is not None else billing.account_id(None)}
     return usage_report(billing.db, **args, **scope), next_page
 
 

@@ -25,6 +25,8 @@ from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
 from llmaas.server.registry import ModelRegistry, ServedModel
 from llmaas.server.reply import client_left
 from llmaas.server.request_ids import RequestIdMiddleware
+from llmaas.server.responses_api import routes as responses_api
+from llmaas.server.responses_api.store import DEFAULT_RETENTION_S, ResponseStore
 from llmaas.server.state import ServerState
 from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook
@@ -71,6 +73,7 @@ def create_app(
     billing: ServerBilling | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stream_stall_timeout_s: float = DEFAULT_STREAM_STALL_TIMEOUT_S,
+    response_retention_s: float = DEFAULT_RETENTION_S,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engines` (served name -> AsyncEngine, already loaded).
 
@@ -83,12 +86,14 @@ def create_app(
 
     A body over `max_body_bytes` is refused 413 before it is read (body_limit.py); a stream whose
     client reads nothing for `stream_stall_timeout_s` is aborted and billed like a disconnect
-    (streaming.py).
+    (streaming.py). Stored /v1/responses are kept `response_retention_s` (in the billing database;
+    in memory without billing).
     """
     registry = ModelRegistry([*model_names, *(engines or {})])
     for name, engine in (engines or {}).items():
         registry.add(name, engine)
     state = ServerState(registry, billing_hook, billing, stream_stall_timeout_s=stream_stall_timeout_s)
+    state.responses = ResponseStore(billing.db if billing is not None else None, response_retention_s)
 
     async def load_all() -> None:
         for name in model_names:
@@ -117,6 +122,7 @@ def create_app(
     app.add_exception_handler(ClientDisconnected, client_left)  # 499: nothing to answer
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses_api.router)
     app.include_router(admin.admin)
     app.include_router(admin.organization)
     if billing is not None:

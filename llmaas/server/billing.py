@@ -217,7 +217,9 @@ class ServerBilling:
         self.keys.put(hash_key(secret), verified)
         return verified.principal
 
-    def _account_id(self, principal: Principal | None) -> int:
+    def account_id(self, principal: Principal | None) -> int:
+        """The account a request is billed to: its key's, or (no auth) the default account (a database
+        read the first time: call it from a worker thread)."""
         if principal is not None:
             return principal.account_id
         if self._default_account_id is None:
@@ -241,7 +243,7 @@ class ServerBilling:
             and model not in principal.allowed_models
         ):
             raise ModelNotAllowedError(f"This API key may not use model {model!r}.", param="model")
-        admission = Admission(request_id, self._account_id(principal), principal, 0)
+        admission = Admission(request_id, self.account_id(principal), principal, 0)
         admission.client_request_id = client_request_id
         if principal is not None:
             decision = self.limiter.acquire(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from llmaas.engine.sampling_params import SamplingParams
 from llmaas.engine.structured import StructuredOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
@@ -22,6 +24,7 @@ from llmaas.server.reply import (
     wants_usage_chunk,
 )
 from llmaas.server.sampling import sampling_params
+from llmaas.server.state import PromptSource
 from llmaas.server.streaming import event
 from llmaas.server.structured import structured_output
 from llmaas.server.tools import (
@@ -46,31 +49,12 @@ _STREAM_DOC = {"text/event-stream": {"schema": ChatCompletionChunk.model_json_sc
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     model = request.app.state.llmaas.registry.get(body.model)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     names = {
         "prompt": "messages",
         "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         "logprobs": "top_logprobs",
     }
-    if body.top_logprobs is not None and not body.logprobs:
-        raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    plan = plan_tools(body, model.engine.chat_template)
-    structured = output_constraint(body, plan)
-
-    def render() -> list[str]:  # CPU work: in a worker thread, after the rate-limit slot (state.py)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        if plan is not None and plan.native:
-            return [model.engine.render_chat(messages, tools=template_tools(plan))]
-        return [model.engine.render_chat(generic_messages(messages, plan))]
-
-    with params_named(names):
-        params = sampling_params(
-            body,
-            max_tokens=max_tokens,
-            n=body.n or 1,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        )
-    params.structured = structured
+    plan, params, render = prepare_chat(body, model, names)
     reply = await start_reply(
         request,
         model,
@@ -85,6 +69,43 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return reply.stream(_chat_events(reply, model, body, params.n, has_tools=plan is not None))
     await reply.complete()
     return JSONResponse(_chat_completion(reply, model, bool(body.logprobs), has_tools=plan is not None))
+
+
+def prepare_chat(
+    body: ChatCompletionRequest,
+    model: ServedModel,
+    names: dict[str, str],
+    conversation: Callable[[], list[dict[str, Any]]] | None = None,
+) -> tuple[ToolPlan | None, SamplingParams, PromptSource]:
+    """A chat request -> (its tools, if any; its sampling parameters with the output's grammar; the
+    prompt, rendered by the model's own template in a worker thread once the request is admitted).
+    /v1/responses goes through here too, with the conversation turned into chat messages;
+    `conversation()`: the messages to render instead of body.messages (called in that worker thread:
+    earlier turns read from a store)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    plan = plan_tools(body, model.engine.chat_template)
+    structured = output_constraint(body, plan)
+
+    def render() -> list[str]:
+        if conversation is not None:
+            messages = conversation()
+        else:
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        if plan is not None and plan.native:
+            return [model.engine.render_chat(messages, tools=template_tools(plan))]
+        return [model.engine.render_chat(generic_messages(messages, plan))]
+
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    with params_named(names):
+        params = sampling_params(
+            body,
+            max_tokens=max_tokens,
+            n=body.n or 1,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+    params.structured = structured
+    return plan, params, render
 
 
 def _chat_completion(reply: Reply, model: ServedModel, want_logprobs: bool, has_tools: bool) -> dict:

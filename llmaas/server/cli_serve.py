@@ -89,6 +89,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="seconds a streaming client may read nothing before its request is aborted and billed for "
         "the tokens so far, like a disconnect (default: 30)",
     )
+    p.add_argument(
+        "--response-retention-days",
+        type=_bounded(float, 0.001, 3650),
+        default=None,
+        help="days a stored /v1/responses response (store: true) is kept for retrieval and "
+        "previous_response_id (default: 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -179,6 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits["max_body_bytes"] = args.max_body_bytes
     if args.stream_stall_timeout is not None:
         limits["stream_stall_timeout_s"] = args.stream_stall_timeout
+    if args.response_retention_days is not None:
+        limits["response_retention_s"] = args.response_retention_days * 86_400
     app = create_app(load=load, model_names=names, billing=billing, **limits)
     config = uvicorn.Config(
         app,

@@ -77,8 +77,8 @@ def _is_union_tag(part: str) -> bool:
 
 
 def param_path(loc: tuple[Any, ...]) -> str | None:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
-    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    """("body", "messages", 0, "role") -> "messages[0].role"; ("query", "limit") -> "limit"."""
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
     out = ""
     for part in parts:
         if isinstance(part, int):

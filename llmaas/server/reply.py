@@ -30,7 +30,7 @@ from llmaas.server.protocol import _SamplingFields
 from llmaas.server.registry import ServedModel
 from llmaas.server.request_ids import adopt_body_request_id, request_id_of
 from llmaas.server.state import PromptSource, ServerState
-from llmaas.server.streaming import SSEResponse, guarded
+from llmaas.server.streaming import DONE, SSEResponse, guarded
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 
@@ -46,9 +46,9 @@ class Reply:
     _watcher: asyncio.Task  # aborts the run when the client disconnects
     _stall_timeout_s: float
 
-    def stream(self, events: AsyncIterator[str]) -> SSEResponse:
-        """Server-sent `events`, then [DONE]; an engine error mid-stream becomes an error event."""
-        return SSEResponse(guarded(self.run, self._watcher, events), self.run, self._stall_timeout_s)
+    def stream(self, events: AsyncIterator[str], done: str | None = DONE) -> SSEResponse:
+        """Server-sent `events`, then `done`; an engine error mid-stream becomes an error event."""
+        return SSEResponse(guarded(self.run, self._watcher, events, done), self.run, self._stall_timeout_s)
 
     async def complete(self) -> None:
         """Wait for every output and settle the usage (a non-streamed response)."""

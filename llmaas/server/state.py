@@ -50,6 +50,7 @@ class ServerState:
         self.drain = Drain()  # set to draining on SIGTERM (`llmaas serve`)
         self.billing_hook = billing_hook
         self.billing = billing
+        self.responses = None  # stored /v1/responses (a ResponseStore, set by create_app)
 
     async def start_run(
         self,

@@ -67,9 +67,11 @@ def event(obj: object) -> str:
     return f"data: {dumps(obj)}\n\n"
 
 
-async def guarded(run: EngineRun, watcher: asyncio.Task, events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def guarded(
+    run: EngineRun, watcher: asyncio.Task, events: AsyncIterator[str], done: str | None = DONE
+) -> AsyncIterator[str]:
     """Yield `events`, settle usage (if `events` did not: its final usage chunk needs the cost), then
-    [DONE].
+    `done` ([DONE], as chat and completions end; None: nothing, as /v1/responses ends).
 
     An engine failure mid-stream becomes an error event (the status line has gone already);
     a client that left, or a cancelled response, aborts the engine requests.
@@ -78,7 +80,8 @@ async def guarded(run: EngineRun, watcher: asyncio.Task, events: AsyncIterator[s
         async for text in events:
             yield text
         await run.finish()
-        yield DONE
+        if done:
+            yield done
     except ClientDisconnected:
         return
     except LlmaasError as exc:
