@@ -161,6 +161,51 @@ def test_openai_sdk_parse_with_a_forced_tool_gives_parsed_arguments(client):
     assert isinstance(call.function.parsed_arguments, Weather)
 
 
+def test_openai_sdk_responses_plain_streamed_and_stored(client):
+    """client.responses.*: a reply, the same reply streamed (its deltas are its text), retrieve, delete."""
+    kw = dict(model=MODEL, input="Name three colours.", max_output_tokens=40, temperature=0)
+    whole = client.responses.create(**kw)
+    assert whole.status in ("completed", "incomplete") and whole.output_text
+    events = list(client.responses.create(**kw, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == whole.output_text  # greedy: the same text
+    assert client.responses.retrieve(whole.id).output_text == whole.output_text
+    client.responses.delete(whole.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(whole.id)
+
+
+def test_openai_sdk_responses_parse_and_previous_response_id(client):
+    first = client.responses.parse(
+        model=MODEL, input="Describe Paris, the capital of France, as JSON.", text_format=City,
+        max_output_tokens=MAX_TOKENS, temperature=0,
+    )  # fmt: skip
+    assert first.status == "completed" and isinstance(first.output_parsed, City)
+    validates(City, first.output_text)
+    second = client.responses.create(
+        model=MODEL, input="Which country was that city in?", previous_response_id=first.id,
+        max_output_tokens=20, temperature=0,
+    )  # fmt: skip
+    # The second turn's prompt holds the first turn: its tokens come from the prefix cache.
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert second.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_openai_sdk_responses_function_tool_round_trip(client):
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    asked = client.responses.create(
+        model=MODEL, input="What is the weather in Paris?", tools=[tool], tool_choice="required",
+        parallel_tool_calls=False, max_output_tokens=MAX_TOKENS, temperature=0,
+    )  # fmt: skip
+    (call,) = [item for item in asked.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(Weather.model_validate_json(call.arguments), Weather)
+    answer = client.responses.create(
+        model=MODEL, previous_response_id=asked.id, tools=[tool], max_output_tokens=30, temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 21}'}],
+    )  # fmt: skip
+    assert answer.output_text and answer.output[0].type == "message"
+
+
 # -- LangChain ---------------------------------------------------------------------------------------------
 
 
