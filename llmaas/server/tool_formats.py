@@ -8,6 +8,8 @@ Three conventions (docs/structured-outputs.md shows each):
   Several calls are separated by "; " (the templates render one call per assistant turn; "; " is what
   vLLM's llama3_json parser reads, so clients of both servers see the same text). Llama's
   `<|python_tag|>` may come first (the model writes it before calls out of habit) and is skipped.
+  A normal reply cannot start with "{" (what starts with "{" is a call): the shortest rule that the
+  matcher's lexer can hold, since it must rule text out within a byte of the call's first lexeme.
 - Mistral (the v3-style templates that render `[AVAILABLE_TOOLS]`): `[TOOL_CALLS][{"name": "f",
   "arguments": {...}}, ...]`, one JSON array for all calls. Templates that write `[TOOL_CALLS] [`
   (Mistral 7B v0.3) get that spelling. Call ids are 9 letters and digits, as these templates demand.
@@ -92,7 +94,7 @@ HERMES = ToolFormat(
 LLAMA3_JSON = ToolFormat(
     "llama3_json",
     "parameters",
-    lead='{"name": ',
+    lead="{",
     separator="; ",
     optional_open="<|python_tag|>",
     markers=("<|python_tag|>",),

@@ -152,13 +152,24 @@ def grammar(plan: ToolPlan, reply: StructuredOutput | None = None) -> Structured
         for i, (name, _, params) in enumerate(wanted)
     ]
     body = " | ".join(f"call_{i}" for i in range(len(wanted)))
-    opening = _lark_literal(fmt.block_open, special)
+    optional = ""
     if fmt.optional_open in special:  # only as its token: spelled out, it would be a normal reply's start
-        opening = f"<[{special[fmt.optional_open]}]>? {opening}"
-    more = f" ({_lark_literal(fmt.separator, special)} call)*" if plan.parallel else ""
-    calls = f"{opening} call{more} {_lark_literal(fmt.block_close, special)}"
-    call = f"{_lark_literal(fmt.call_open, special)} call_body {_lark_literal(fmt.call_close, special)}"
-    rules = [f"calls: {calls.strip()}", f"call: {call.strip()}", f"call_body: {body}", *lines]
+        optional = f"<[{special[fmt.optional_open]}]>?"
+    more = f"({_lark_literal(fmt.separator, special)} call)*" if plan.parallel else ""
+    calls = [
+        optional,
+        _lark_literal(fmt.block_open, special),
+        "call",
+        more,
+        _lark_literal(fmt.block_close, special),
+    ]
+    call = [_lark_literal(fmt.call_open, special), "call_body", _lark_literal(fmt.call_close, special)]
+    rules = [
+        "calls: " + " ".join(filter(None, calls)),
+        "call: " + " ".join(filter(None, call)),
+        f"call_body: {body}",
+        *lines,
+    ]
     if not plan.allows_text:
         start = "start: calls"
     elif reply is None:
