@@ -60,7 +60,12 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1000. Prices per million tokens, credits 
 """
 
 
-def _write_tokenizer(model_dir: Path, vocab_size: int) -> None:
+def _write_tokenizer(
+    model_dir: Path,
+    vocab_size: int,
+    extra_special_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -69,7 +74,7 @@ def _write_tokenizer(model_dir: Path, vocab_size: int) -> None:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -88,7 +93,7 @@ def _write_tokenizer(model_dir: Path, vocab_size: int) -> None:
         "pad_token": BOS_TOKEN,
         "add_bos_token": False,
         "model_max_length": TINY_DEFAULTS["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
@@ -104,12 +109,21 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(0.2 * torch.randn(param.shape, generator=gen))
 
 
-def make_tiny_checkpoint(family: str, tmp_path: Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_checkpoint(
+    family: str,
+    tmp_path: Path,
+    seed: int = 0,
+    *,
+    extra_special_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+    **overrides: Any,
+) -> Path:
     """Write a tiny random `family` model (llama, qwen2, qwen3, mistral, ...) under tmp_path.
 
     `overrides` are config fields passed to `AutoConfig.for_model` (e.g. tie_word_embeddings=True,
     sliding_window=4, rope_parameters={...}); they replace TINY_DEFAULTS. Returns the model directory
-    (a new subdirectory of tmp_path, so one tmp_path can hold several models).
+    (a new subdirectory of tmp_path, so one tmp_path can hold several models). `extra_special_tokens`
+    come after the three fixed ones (ids 3, 4, ...); `chat_template` replaces the ChatML one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -133,5 +147,5 @@ def make_tiny_checkpoint(family: str, tmp_path: Path, seed: int = 0, **overrides
         pad_token_id=fields["pad_token_id"],
     )
     generation.save_pretrained(model_dir)
-    _write_tokenizer(model_dir, fields["vocab_size"])
+    _write_tokenizer(model_dir, fields["vocab_size"], extra_special_tokens, chat_template)
     return model_dir

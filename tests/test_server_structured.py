@@ -20,6 +20,7 @@ from llmaas.engine.structured import StructuredOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server.protocol import ChatCompletionRequest, CompletionRequest
 from llmaas.server.structured import structured_output
+from llmaas.server.tool_formats import HERMES
 from llmaas.server.tools import ToolCallParser, generic_messages, grammar, parse_whole, plan_tools
 from tests.model_factory import make_tiny_checkpoint
 from tests.test_server_api import make_engine, serve
@@ -215,10 +216,10 @@ def test_history_with_tool_calls_reaches_a_template_without_tool_support():
     ],
 )
 def test_streamed_pieces_reassemble_to_the_whole_parse(text):
-    content, calls = parse_whole(text)
+    content, calls = parse_whole(text, HERMES)
     for seed in range(20):
         rng = random.Random(seed)
-        parser, streamed_content, streamed = ToolCallParser(), "", {}
+        parser, streamed_content, streamed = ToolCallParser(HERMES), "", {}
         i = 0
         while i < len(text):
             j = i + rng.randint(1, 6)

@@ -320,6 +320,12 @@ class AsyncEngine:
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return self.engine.render_chat(messages, tools)
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (a handful of marker texts per model)
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is one special token for the grammar matcher (a tool-call
+        format's marker such as "[TOOL_CALLS]"), else None (GrammarCompiler.special_token_id)."""
+        return self.engine.grammars.special_token_id(text)
+
     def tokenize(self, prompts: Sequence[str | list[int]], params: SamplingParams) -> list[list[int]]:
         """Token ids of each prompt (texts tokenized, id lists checked), each checked against the context
         window with `params.max_tokens`: the engine's own rule (LLMEngine.tokenize_prompt and

@@ -248,6 +248,15 @@ class GrammarCompiler:
                 )
             return self._ll_tokenizer
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is one token that the matcher treats as special (Mistral's
+        "[TOOL_CALLS]", Llama's "<|python_tag|>", an added "<tool_call>"): a grammar must name such a
+        token by id (`<[id]>`), since no string literal ever matches it. None otherwise."""
+        token_id = self.tokenizer.token_to_id(text)
+        if token_id is None or not 0 <= token_id < self.vocab_size:
+            return None
+        return token_id if self._lltokenizer().is_special_token(token_id) else None
+
     def start(self, structured: StructuredOutput) -> _Entry:
         """The cache entry for `structured`, its build queued if it is new."""
         check_structured(structured)

@@ -27,14 +27,8 @@ from llmaas.server.sampling import sampling_params
 from llmaas.server.state import PromptSource
 from llmaas.server.streaming import event
 from llmaas.server.structured import structured_output
-from llmaas.server.tools import (
-    ToolCallParser,
-    ToolPlan,
-    generic_messages,
-    parse_whole,
-    plan_tools,
-    template_tools,
-)
+from llmaas.server.tool_formats import ToolFormat
+from llmaas.server.tools import ToolCallParser, ToolPlan, parse_whole, plan_tools, prompt_messages
 from llmaas.server.tools import grammar as tool_grammar
 
 router = APIRouter()
@@ -66,9 +60,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         param_names=names,
     )
     if body.stream:
-        return reply.stream(_chat_events(reply, model, body, params.n, has_tools=plan is not None))
+        return reply.stream(_chat_events(reply, model, body, params.n, plan.format if plan else None))
     await reply.complete()
-    return JSONResponse(_chat_completion(reply, model, bool(body.logprobs), has_tools=plan is not None))
+    return JSONResponse(_chat_completion(reply, model, bool(body.logprobs), plan.format if plan else None))
 
 
 def prepare_chat(
@@ -84,7 +78,7 @@ def prepare_chat(
     earlier turns read from a store)."""
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
-    plan = plan_tools(body, model.engine.chat_template)
+    plan = plan_tools(body, model.engine.chat_template, model.engine.special_token_id)
     structured = output_constraint(body, plan)
 
     def render() -> list[str]:
@@ -92,9 +86,8 @@ def prepare_chat(
             messages = conversation()
         else:
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        if plan is not None and plan.native:
-            return [model.engine.render_chat(messages, tools=template_tools(plan))]
-        return [model.engine.render_chat(generic_messages(messages, plan))]
+        messages, tools = prompt_messages(messages, plan, model.engine.chat_template)
+        return [model.engine.render_chat(messages, tools=tools)]
 
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     with params_named(names):
@@ -105,14 +98,18 @@ def prepare_chat(
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
     params.structured = structured
+    if plan is not None:  # a format's markers may be special tokens: the parser must see them
+        params.skip_special_tokens = False
     return plan, params, render
 
 
-def _chat_completion(reply: Reply, model: ServedModel, want_logprobs: bool, has_tools: bool) -> dict:
+def _chat_completion(
+    reply: Reply, model: ServedModel, want_logprobs: bool, tool_format: ToolFormat | None
+) -> dict:
     choices = []
     for c in reply.run.latest[0].outputs:
         logprobs = R.chat_logprobs(c.logprobs, model.token_text, model.token_bytes) if want_logprobs else None
-        content, calls = parse_whole(c.text) if has_tools else (c.text, [])
+        content, calls = parse_whole(c.text, tool_format) if tool_format else (c.text, [])
         choices.append(
             R.chat_choice(c.index, content, c.finish_reason, logprobs, [t.as_dict() for t in calls])
         )
@@ -149,7 +146,7 @@ def output_constraint(body: ChatCompletionRequest, plan: ToolPlan | None) -> Str
 
 
 async def _chat_events(
-    reply: Reply, model: ServedModel, body: ChatCompletionRequest, n: int, has_tools: bool
+    reply: Reply, model: ServedModel, body: ChatCompletionRequest, n: int, tool_format: ToolFormat | None
 ) -> AsyncIterator[str]:
     """One chunk per choice per step; with stream_options.include_usage every chunk has `usage` (null,
     or the usage so far with continuous_usage_stats) and a final chunk carries the settled usage."""
@@ -170,7 +167,7 @@ async def _chat_events(
     ]
     yield "".join(event(_chunk(id_, created, model, [c], include_usage, usage)) for c in first)
     finished = [False] * n
-    parsers = [ToolCallParser() for _ in range(n)] if has_tools else None
+    parsers = [ToolCallParser(tool_format) for _ in range(n)] if tool_format else None
     async for _, out in run.outputs():
         parts = []
         if continuous_usage:

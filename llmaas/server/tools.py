@@ -1,36 +1,37 @@
 """Function calling: tools -> the prompt and a grammar; the model's output -> tool calls (whole or streamed).
 
-One call format, the Hermes/Qwen convention, on every model (docs/structured-outputs.md):
+Calls are written in the model's own convention (tool_formats.py: Hermes/Qwen, Llama 3 JSON, Mistral),
+detected from its chat template, which then renders the tools and the history itself. A template
+without tool support (SmolLM2's), or one in a convention not known here, gets the generic format: a
+system message describing the tools, and calls in the Hermes format:
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-A template that renders `tools` itself and speaks this convention (it mentions `<tool_call>`) gets the
-tools through its own `tools=`; any other template (SmolLM2's has no tool support) gets the generic
-format: a system message describing the tools and the format. Either way the output is constrained by a
-grammar: `auto` allows a normal reply (one that does not start with `<tool_call>`) or calls; `required`
-and a named function allow only calls, each call's arguments constrained to its function's schema.
+Either way the output is constrained by a grammar built from the format: `auto` allows a normal reply
+(one that does not start like a call) or calls; `required` and a named function allow only calls, each
+call's arguments constrained to its function's schema.
 
 Streamed and whole replies go through the same incremental parser (`ToolCallParser`), so the calls a
 stream re-assembles to are exactly the calls of the whole reply; `arguments` is the JSON text the model
-wrote for the arguments object.
+wrote for the arguments object (under "arguments" or, in Llama's format, "parameters").
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmaas.engine.structured import StructuredOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server.protocol import ChatCompletionRequest
+from llmaas.server.tool_formats import HERMES, ToolFormat, detect_format
 
-OPEN = "<tool_call>"
-CLOSE = "</tool_call>"
 _NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 # One JSON spelling, {"a": 1, "b": [1, 2]}, as the engine uses for json_schema (engine/grammar.py): free
 # whitespace lets a small model pad a call with newlines until max_tokens.
@@ -44,20 +45,23 @@ class ToolPlan:
     functions: tuple[tuple[str, str, dict[str, Any]], ...]  # (name, description, parameters schema)
     choice: str  # "auto" | "required" | a function name (forced)
     parallel: bool
-    native: bool  # the chat template renders the tools itself
+    native: bool  # the chat template renders the tools itself, in `format`
+    format: ToolFormat = HERMES  # how calls are written (the generic format: Hermes)
+    special_tokens: tuple[tuple[str, int], ...] = ()  # the format's markers that are one special token
 
     @property
     def allows_text(self) -> bool:
         return self.choice == "auto"
 
 
-def template_takes_tools(chat_template: str | None) -> bool:
-    """A template that renders `tools` and the <tool_call> convention this server parses."""
-    return bool(chat_template) and "tools" in chat_template and OPEN in chat_template
-
-
-def plan_tools(body: ChatCompletionRequest, chat_template: str | None) -> ToolPlan | None:
-    """None when the request has no tools or tool_choice is "none" (a plain reply, tools unrendered)."""
+def plan_tools(
+    body: ChatCompletionRequest,
+    chat_template: str | None,
+    special_token_id: Callable[[str], int | None] | None = None,
+) -> ToolPlan | None:
+    """None when the request has no tools or tool_choice is "none" (a plain reply, tools unrendered).
+    `special_token_id`: the engine's lookup of marker texts that are one special token
+    (AsyncEngine.special_token_id); without it markers are matched as text."""
     if body.tools is not None and body.functions is not None:
         raise InvalidRequestError("send 'tools' or the deprecated 'functions', not both", param="functions")
     if body.tool_choice is not None and body.function_call is not None:
@@ -105,37 +109,80 @@ def plan_tools(body: ChatCompletionRequest, chat_template: str | None) -> ToolPl
     if choice == "none":
         return None
     parallel = body.parallel_tool_calls is not False and choice in ("auto", "required")
-    return ToolPlan(tuple(functions), choice, parallel, native=template_takes_tools(chat_template))
+    native = detect_format(chat_template)
+    fmt = native or HERMES
+    special = ()
+    if special_token_id is not None:
+        found = ((marker, special_token_id(marker)) for marker in fmt.markers)
+        special = tuple((marker, token_id) for marker, token_id in found if token_id is not None)
+    return ToolPlan(tuple(functions), choice, parallel, native is not None, fmt, special)
 
 
 # ------------------------------------------------------------------------------------------ the grammar
-def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+def _call_schema(fmt: ToolFormat, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     return {
         **_COMPACT,
         "type": "object",
-        "properties": {"name": {"const": name}, "arguments": parameters},
-        "required": ["name", "arguments"],
+        "properties": {"name": {"const": name}, fmt.arguments_key: parameters},
+        "required": ["name", fmt.arguments_key],
         "additionalProperties": False,
     }
 
 
+def _lark_literal(text: str, special: dict[str, int]) -> str:
+    """`text` as Lark items: each marker that is a special token as that token (`<[id]>`: no string
+    literal matches a special token), the rest as strings."""
+    if not text:
+        return ""
+    pieces = re.split("(" + "|".join(map(re.escape, special)) + ")", text) if special else [text]
+    return " ".join(f"<[{special[p]}]>" if p in special else json.dumps(p) for p in pieces if p)
+
+
+def _lark_regex_literal(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\.+*?()|[]{}^$/" else ch for ch in text)
+
+
 def grammar(plan: ToolPlan, reply: StructuredOutput | None = None) -> StructuredOutput:
-    """A Lark grammar (llguidance's dialect, with %json): the calls, or (auto) a normal reply instead.
-    `reply`: a JSON constraint on the normal reply (response_format alongside tools)."""
+    """A Lark grammar (llguidance's dialect, with %json) in the plan's format: the calls, or (auto) a
+    normal reply instead. `reply`: a JSON constraint on the normal reply (response_format with tools)."""
+    fmt, special = plan.format, dict(plan.special_tokens)
     wanted = [f for f in plan.functions if plan.choice in ("auto", "required") or f[0] == plan.choice]
     lines = [
-        f"call_{i}: %json {json.dumps(_call_schema(name, params))}"
+        f"call_{i}: %json {json.dumps(_call_schema(fmt, name, params))}"
         for i, (name, _, params) in enumerate(wanted)
     ]
     body = " | ".join(f"call_{i}" for i in range(len(wanted)))
-    calls = 'calls: call ("\\n" call)*' if plan.parallel else "calls: call"
-    rules = [calls, f'call: "{OPEN}\\n" call_body "\\n{CLOSE}"', f"call_body: {body}", *lines]
+    optional = ""
+    if fmt.optional_open in special:  # only as its token: spelled out, it would be a normal reply's start
+        optional = f"<[{special[fmt.optional_open]}]>?"
+    more = f"({_lark_literal(fmt.separator, special)} call)*" if plan.parallel else ""
+    calls = [
+        optional,
+        _lark_literal(fmt.block_open, special),
+        "call",
+        more,
+        _lark_literal(fmt.block_close, special),
+    ]
+    call = [_lark_literal(fmt.call_open, special), "call_body", _lark_literal(fmt.call_close, special)]
+    rules = [
+        "calls: " + " ".join(filter(None, calls)),
+        "call: " + " ".join(filter(None, call)),
+        f"call_body: {body}",
+        *lines,
+    ]
     if not plan.allows_text:
         start = "start: calls"
     elif reply is None:
         start = "start: calls | TEXT"
-        rules.append(f"TEXT: /(?s:.*)/ & ~/{re.escape(OPEN)}(?s:.*)/")
+        leads = "|".join(_lark_regex_literal(lead) for lead in fmt.leads)
+        rules.append(f"TEXT: /(?s:.*)/ & ~/(?:{leads})(?s:.*)/")
     else:
+        if fmt.lead.startswith("{"):
+            raise InvalidRequestError(
+                f"'{reply.param}' cannot be combined with tools on this model: its tool calls ({fmt.name}) "
+                "are bare JSON objects, which a JSON reply could not be told apart from",
+                param=reply.param,
+            )
         schema = json.loads(reply.spec) if reply.kind == "json_schema" else {"type": "object"}
         start = "start: calls | reply"
         rules.append(f"reply: %json {json.dumps({**schema, **_COMPACT})}")
@@ -143,13 +190,33 @@ def grammar(plan: ToolPlan, reply: StructuredOutput | None = None) -> Structured
 
 
 # ------------------------------------------------------------------------------------------ the prompt
-def _call_text(name: str, arguments: Any) -> str:
+def _arguments_object(arguments: Any) -> Any:
+    """History arguments as an object (what templates render with tojson), when their JSON text is one."""
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            value = json.loads(arguments)
         except ValueError:
-            pass
-    return f'{OPEN}\n{{"name": {json.dumps(name)}, "arguments": {json.dumps(arguments)}}}\n{CLOSE}'
+            return arguments
+        return value if isinstance(value, dict) else arguments
+    return arguments
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content or ""
+
+
+def _calls_as_text(message: dict[str, Any], fmt: ToolFormat) -> dict[str, Any]:
+    """An assistant turn with its calls written into the content, as the model writes them."""
+    calls = [
+        (c.get("function", {}).get("name", ""), _arguments_object(c.get("function", {}).get("arguments", {})))
+        for c in message["tool_calls"]
+        if isinstance(c, dict)
+    ]
+    text = _text(message.get("content"))
+    written = fmt.write_calls(calls)
+    return {"role": "assistant", "content": f"{text}\n{written}" if text else written}
 
 
 def system_text(plan: ToolPlan) -> str:
@@ -164,8 +231,8 @@ def system_text(plan: ToolPlan) -> str:
         when = "Call one or more of these functions now."
     else:
         when = f"Call the function {plan.choice!r} now."
-    call = '{"name": <function name>, "arguments": <JSON object>}'
-    how = f"To call a function, reply with {OPEN}\n{call}\n{CLOSE}"
+    call = f'{{"name": <function name>, "{HERMES.arguments_key}": <JSON object>}}'
+    how = f"To call a function, reply with {HERMES.call_open}{call}{HERMES.call_close}"
     if plan.parallel:
         how += " (one block per call)."
     return f"# Tools\n\n{when}\n\nFunctions:\n{described}\n\n{how}"
@@ -173,25 +240,14 @@ def system_text(plan: ToolPlan) -> str:
 
 def generic_messages(messages: list[dict[str, Any]], plan: ToolPlan | None) -> list[dict[str, Any]]:
     """The conversation for a template without tool support: the tools in a system message, earlier
-    assistant calls written out in the call format, tool results as user turns naming their call."""
+    assistant calls written out in the Hermes format, tool results as user turns naming their call."""
     out = []
     for m in messages:
         role = m.get("role")
         if role == "assistant" and m.get("tool_calls"):
-            calls = [
-                _call_text(c.get("function", {}).get("name", ""), c.get("function", {}).get("arguments", {}))
-                for c in m["tool_calls"]
-                if isinstance(c, dict)
-            ]
-            text = m.get("content") or ""
-            if isinstance(text, list):
-                text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
-            out.append({"role": "assistant", "content": "\n".join([text, *calls] if text else calls)})
+            out.append(_calls_as_text(m, HERMES))
         elif role == "tool":
-            content = m.get("content") or ""
-            if isinstance(content, list):
-                content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-            call_id = m.get("tool_call_id") or ""
+            content, call_id = _text(m.get("content")), m.get("tool_call_id") or ""
             out.append(
                 {
                     "role": "user",
@@ -209,6 +265,35 @@ def generic_messages(messages: list[dict[str, Any]], plan: ToolPlan | None) -> l
     return out
 
 
+def _template_call(call: dict[str, Any], fmt: ToolFormat) -> dict[str, Any]:
+    function = call.get("function")
+    if isinstance(function, dict) and "arguments" in function:
+        call = {**call, "function": {**function, "arguments": _arguments_object(function["arguments"])}}
+    if "id" in call:
+        call = {**call, "id": fmt.template_call_id(call["id"])}
+    return call
+
+
+def native_messages(messages: list[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, Any]]:
+    """The conversation for a template that renders tools in `fmt`: calls' arguments as objects (the
+    shape templates expect), ids as the template accepts them (Mistral: 9 letters/digits), and, where
+    the template renders one call per turn (Llama), a turn of several calls written as the model
+    wrote it."""
+    out = []
+    for m in messages:
+        role = m.get("role")
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [c for c in m["tool_calls"] if isinstance(c, dict)]
+            if fmt.one_call_per_turn and len(calls) > 1:
+                out.append(_calls_as_text(m, fmt))
+                continue
+            m = {**m, "tool_calls": [_template_call(c, fmt) for c in calls]}
+        elif role == "tool" and "tool_call_id" in m:
+            m = {**m, "tool_call_id": fmt.template_call_id(m["tool_call_id"])}
+        out.append(m)
+    return out
+
+
 def template_tools(plan: ToolPlan) -> list[dict[str, Any]]:
     """OpenAI's tools list, for a template that renders them itself (forced: only the named one)."""
     return [
@@ -218,14 +303,50 @@ def template_tools(plan: ToolPlan) -> list[dict[str, Any]]:
     ]
 
 
+def prompt_messages(
+    messages: list[dict[str, Any]], plan: ToolPlan | None, chat_template: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, tools) to render with the model's template: in its own convention when it has one
+    (history too, with tool_choice "none"), else the generic format."""
+    if plan is not None:
+        if plan.native:
+            return native_messages(messages, plan.format), template_tools(plan)
+        return generic_messages(messages, plan), None
+    fmt = detect_format(chat_template)
+    if fmt is not None:
+        return native_messages(messages, fmt), None
+    return generic_messages(messages, None), None
+
+
 # ------------------------------------------------------------------------------------------ the parser
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
-_TAIL = re.compile(r"\s*\}\s*" + re.escape(CLOSE))
-_NEXT = re.compile(r"\s*" + re.escape(OPEN))
+def _loose(text: str, markers: tuple[str, ...]) -> str:
+    """A regex for `text` that allows any whitespace before and between its parts (markers and runs of
+    other non-space characters): the grammar writes one spelling, a detokenizer may space it out."""
+    split = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
+    parts = [p for chunk in text.split() for p in (split.split(chunk) if split else [chunk]) if p]
+    return "".join(r"\s*" + re.escape(p) for p in parts)
 
 
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
+@dataclass(frozen=True)
+class _Patterns:
+    open: re.Pattern[str]  # from the start of a reply of calls to the first call object
+    head: re.Pattern[str]  # a call object up to its arguments' value (group 1: the name)
+    tail: re.Pattern[str]  # after the arguments: the object's end and the call's close
+    next: re.Pattern[str]  # between two calls
+    end: re.Pattern[str] | None  # after the last call
+
+
+@functools.lru_cache(maxsize=16)
+def _patterns(fmt: ToolFormat) -> _Patterns:
+    optional = f"(?:{re.escape(fmt.optional_open)})?" if fmt.optional_open else ""
+    key = re.escape(json.dumps(fmt.arguments_key))
+    return _Patterns(
+        open=re.compile(r"\s*" + optional + _loose(fmt.block_open + fmt.call_open, fmt.markers)),
+        head=re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*' + key + r"\s*:\s*"),
+        tail=re.compile(r"\s*\}" + _loose(fmt.call_close, fmt.markers)),
+        next=re.compile(_loose(fmt.separator + fmt.call_open, fmt.markers)),
+        end=re.compile(_loose(fmt.block_close, fmt.markers)) if fmt.block_close else None,
+    )
 
 
 @dataclass
@@ -244,13 +365,14 @@ class ToolCall:
 
 @dataclass
 class ToolCallParser:
-    """Reads one choice's output as it grows. `feed` returns what is new: content text, or
-    (call index, first-delta-or-fragment) pieces; `finish` flushes. The same object reads a whole
-    reply (feed it all, then finish), so streamed and whole calls cannot differ."""
+    """Reads one choice's output, written in `format`, as it grows. `feed` returns what is new: content
+    text, or (call index, first-delta-or-fragment) pieces; `finish` flushes. The same object reads a
+    whole reply (feed it all, then finish), so streamed and whole calls cannot differ."""
 
+    format: ToolFormat
     buf: str = ""
-    mode: str = "start"  # start -> text | calls; calls: head -> args -> tail -> head ... | done
-    stage: str = "head"
+    mode: str = "start"  # start -> text | calls; calls: open -> head -> args -> tail -> between ... | done
+    stage: str = "open"
     pos: int = 0
     calls: list[ToolCall] = field(default_factory=list)
     content: str = ""
@@ -265,9 +387,10 @@ class ToolCallParser:
             return text, []
         self.buf += text
         if self.mode == "start":
-            if self.buf.startswith(OPEN):
-                self.mode, self.pos = "calls", len(OPEN)
-            elif OPEN.startswith(self.buf):
+            leads = self.format.leads
+            if any(self.buf.startswith(lead) for lead in leads):
+                self.mode = "calls"
+            elif any(lead.startswith(self.buf) for lead in leads):
                 return "", []  # could still become a call: hold back
             else:
                 self.mode, self.content = "text", self.buf
@@ -281,15 +404,26 @@ class ToolCallParser:
         return "", []
 
     def _advance(self) -> list[dict[str, Any]]:
+        patterns = _patterns(self.format)
         deltas: list[dict[str, Any]] = []
         while self.pos < len(self.buf):
             rest = self.buf[self.pos :]
-            if self.stage == "head":
-                m = _HEAD.match(rest)
+            if self.stage in ("open", "between"):
+                m = (patterns.open if self.stage == "open" else patterns.next).match(rest)
+                if m:
+                    self.pos += m.end()
+                    self.stage = "head"
+                elif self.stage == "between" and patterns.end and (m := patterns.end.match(rest)):
+                    self.pos += m.end()
+                    self.stage = "done"
+                else:
+                    break
+            elif self.stage == "head":
+                m = patterns.head.match(rest)
                 if not m or m.end() == len(rest):  # incomplete (whitespace before the value may still come)
                     break
                 name = json.loads(f'"{m.group(1)}"')
-                call = ToolCall(new_call_id(), name)
+                call = ToolCall(self.format.new_call_id(), name)
                 self.calls.append(call)
                 deltas.append(
                     {
@@ -309,18 +443,12 @@ class ToolCallParser:
                 if self.stage == "args":
                     break
             elif self.stage == "tail":
-                m = _TAIL.match(rest)
+                m = patterns.tail.match(rest)
                 if not m:
                     break
                 self.pos += m.end()
                 self.stage = "between"
-            elif self.stage == "between":
-                m = _NEXT.match(rest)
-                if not m:
-                    break
-                self.pos += m.end()
-                self.stage = "head"
-            else:  # done: nothing after a malformed call is read
+            else:  # done: nothing after the calls (or after a malformed call) is read
                 break
         return deltas
 
@@ -352,9 +480,9 @@ class ToolCallParser:
         return rest
 
 
-def parse_whole(text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole reply -> (content, calls); content is None when the reply is calls."""
-    parser = ToolCallParser()
+def parse_whole(text: str, fmt: ToolFormat) -> tuple[str | None, list[ToolCall]]:
+    """A whole reply in `fmt` -> (content, calls); content is None when the reply is calls."""
+    parser = ToolCallParser(fmt)
     parser.feed(text)
     parser.finish()
     if parser.mode == "calls":

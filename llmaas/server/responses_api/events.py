@@ -22,6 +22,7 @@ from typing import Any
 from llmaas.errors import LlmaasError
 from llmaas.server.reply import Reply
 from llmaas.server.responses_api import convert
+from llmaas.server.tool_formats import ToolFormat
 from llmaas.server.tools import ToolCall, ToolCallParser
 
 Finish = Callable[[dict[str, Any]], Any]  # the final response object -> awaitable (stores it)
@@ -51,7 +52,7 @@ class _OpenItem:
 async def response_events(
     reply: Reply,
     snapshot: Callable[..., dict[str, Any]],
-    has_tools: bool,
+    tool_format: ToolFormat | None,
     finish: Finish,
 ) -> AsyncIterator[str]:
     """`snapshot(status=..., output=..., ...)`: the response object at that point (convert.response_object
@@ -60,7 +61,7 @@ async def response_events(
     emit = _Writer()
     yield emit("response.created", response=snapshot(status="in_progress", output=[]))
     yield emit("response.in_progress", response=snapshot(status="in_progress", output=[]))
-    parser = ToolCallParser() if has_tools else None
+    parser = ToolCallParser(tool_format) if tool_format is not None else None
     done: list[dict[str, Any]] = []  # finished output items
     text: _OpenItem | None = None
     call: _OpenItem | None = None

@@ -73,10 +73,12 @@ async def create_response(body: ResponseCreateRequest, request: Request) -> Resp
             await asyncio.to_thread(store.save, reply.id, owner, body.previous_response_id, response, items)
 
     if body.stream:
-        return reply.stream(response_events(reply, snapshot, plan is not None, finish), done=None)
+        return reply.stream(
+            response_events(reply, snapshot, plan.format if plan is not None else None, finish), done=None
+        )
     await reply.complete()
     choice = reply.run.latest[0].outputs[0]
-    content, calls = parse_whole(choice.text) if plan is not None else (choice.text, [])
+    content, calls = parse_whole(choice.text, plan.format) if plan is not None else (choice.text, [])
     status, incomplete = convert.status_of(choice.finish_reason)
     usage = run_usage(reply.run)
     response = snapshot(
