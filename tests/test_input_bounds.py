@@ -84,7 +84,7 @@ RELATED |= {"tools": {"messages", "input"}, "functions": {"messages"}, "instruct
 NO_INPUT = {("get", "/health"), ("get", "/metrics"), ("get", "/v1/models"), ("get", "/admin/accounts")}
 # Fields the walk cannot see (map values); changed like any other.
 EXTRA_PATHS = {
-    ("post", "/v1/chat/completions"): [("logit_bias", "5"), ("metadata", "k")],
+    ("post", "/v1/chat/completions"): [("logit_bias", "5"), ("metadata", "k"), ("chat_template_kwargs", "k")],
     ("post", "/v1/completions"): [("logit_bias", "5")],
     ("post", "/v1/responses"): [("metadata", "k")],
 }

@@ -580,3 +580,38 @@ def test_streamed_auto_replies_equal_whole_ones(client):
         content, calls, reason = _reassemble(client.chat.completions.create(seed=seed, stream=True, **kw))
         expected = [(t.id[:5], t.function.name, t.function.arguments) for t in whole.message.tool_calls or []]
         assert (content, calls, reason) == (whole.message.content, expected, whole.finish_reason)
+
+
+def test_chat_template_kwargs_reach_the_template_and_reserved_names_are_refused(client, model_dir):
+    """vLLM's chat_template_kwargs: extra template variables (the tiny template ignores unknown ones, so
+    the prompt is unchanged), never the server's own; bounded in count and names."""
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
+    extra = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=1,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert extra.usage.prompt_tokens == plain.usage.prompt_tokens
+    for kwargs, why in [
+        ({"messages": []}, "messages"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+        ({"bad-name": 1}, "chat_template_kwargs"),
+        ({f"k{i}": i for i in range(33)}, "chat_template_kwargs"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=1, extra_body={"chat_template_kwargs": kwargs}
+            )
+        assert err.value.body["param"].startswith("chat_template_kwargs"), err.value.body
+        assert why in err.value.body["message"] or why == "chat_template_kwargs"
+
+
+def test_chat_template_kwargs_are_template_variables(model_dir):
+    from llmaas.models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer.chat_template = "{% if greeting %}{{ greeting }} {% endif %}{{ messages[0]['content'] }}"
+    tokenizer.__dict__.pop("_compiled_template", None)  # compiled from the template just set
+    assert tokenizer.apply_chat_template(ASK, variables={"greeting": "Hi!"}) == "Hi! " + ASK[0]["content"]
+    assert tokenizer.apply_chat_template(ASK) == ASK[0]["content"]

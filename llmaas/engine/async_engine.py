@@ -317,8 +317,10 @@ class AsyncEngine:
         """The model's own chat template (None: it has none)."""
         return self.engine.tokenizer.chat_template
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        return self.engine.render_chat(messages, tools)
+    def render_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, variables: dict | None = None
+    ) -> str:
+        return self.engine.render_chat(messages, tools, variables)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (a handful of marker texts per model)
     def special_token_id(self, text: str) -> int | None:

@@ -128,10 +128,15 @@ class LLMEngine:
         )
 
     # ----------------------------------------------------------------- requests
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def render_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, variables: dict | None = None
+    ) -> str:
         """A conversation's prompt text, by the model's own chat template (`tools`: OpenAI's tool list,
-        for a template that renders tools itself)."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        for a template that renders tools itself; `variables`: more template variables, e.g.
+        enable_thinking)."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=tools, variables=variables
+        )
 
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; a text provably longer than the context window (more characters than

@@ -375,15 +375,18 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        variables: dict[str, Any] | None = None,
     ) -> str:
         """The prompt text for a conversation, rendered the way transformers renders it (`tools`: OpenAI's
-        tool list, for a template that renders tools itself)."""
+        tool list, for a template that renders tools itself; `variables`: more template variables, such
+        as vLLM's chat_template_kwargs, never overriding the ones set here)."""
         import jinja2
 
         template = self._compiled_template
         chat = normalize_messages(messages)
         try:
             return template.render(
+                **(variables or {}),
                 messages=chat,
                 tools=tools,
                 documents=None,

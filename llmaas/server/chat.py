@@ -87,7 +87,7 @@ def prepare_chat(
         else:
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
         messages, tools = prompt_messages(messages, plan, model.engine.chat_template)
-        return [model.engine.render_chat(messages, tools=tools)]
+        return [model.engine.render_chat(messages, tools=tools, variables=body.chat_template_kwargs)]
 
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     with params_named(names):

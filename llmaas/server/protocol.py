@@ -84,6 +84,17 @@ def _find_lone_surrogate(value: Any, path: str) -> str | None:
     return None
 
 
+def free_form_unicode(value: dict[str, Any]) -> None:
+    """Free-form JSON that reaches a chat template: every string and key valid Unicode, or a 400 naming
+    the first that is not."""
+    if where := _find_lone_surrogate(value, ""):
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "'{field}' is not valid Unicode: it holds a lone surrogate",
+            {"field": where[1:]},
+        )
+
+
 # Every string a client sends may reach a tokenizer, a chat template, a stop matcher or the ledger.
 Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
 Float = Annotated[float, Strict()]  # accepts JSON integers, rejects strings, booleans and NaN
@@ -123,12 +134,8 @@ class _FreeForm(BaseModel):
 
     @model_validator(mode="after")
     def _extras_are_unicode(self):
-        if self.model_extra and (where := _find_lone_surrogate(self.model_extra, "")):
-            raise PydanticCustomError(
-                "invalid_unicode",
-                "'{field}' is not valid Unicode: it holds a lone surrogate",
-                {"field": where[1:]},
-            )
+        if self.model_extra:
+            free_form_unicode(self.model_extra)
         return self
 
 
@@ -265,6 +272,19 @@ class _StructuredFields(_Body):
 _NO_EFFECT = "accepted; no effect here"
 
 
+MAX_TEMPLATE_KWARGS = 32
+TemplateName = Annotated[
+    str, Strict(), Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+]
+# What the server itself passes to a chat template (Tokenizer.apply_chat_template and the special tokens).
+RESERVED_TEMPLATE_NAMES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "raise_exception", "strftime_now"}
+    | {"bos_token", "eos_token", "unk_token", "pad_token"}
+)
+
+TemplateVariables = Annotated[dict[TemplateName, Any], Field(max_length=MAX_TEMPLATE_KWARGS)]
+
+
 class _ChatExtensionFields(_SamplingFields):
     """Chat-only extensions of vLLM's and SGLang's servers (SGLang's router sends the last four always)."""
 
@@ -272,6 +292,22 @@ class _ChatExtensionFields(_SamplingFields):
     continue_final_message: StrictBool | None = Field(None, description="extension: false only")
     separate_reasoning: StrictBool | None = Field(None, description=_NO_EFFECT_EXT + " (no reasoning models)")
     stream_reasoning: StrictBool | None = Field(None, description=_NO_EFFECT_EXT + " (no reasoning models)")
+    chat_template_kwargs: TemplateVariables | None = Field(
+        None,
+        description="extension (vLLM's): more variables for the model's chat template (e.g. "
+        "enable_thinking: false); the server's own (messages, tools, ...) cannot be set",
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            if reserved := sorted(set(value) & RESERVED_TEMPLATE_NAMES):
+                raise PydanticCustomError(
+                    "reserved_name", "'{name}' is set by the server, not by a request", {"name": reserved[0]}
+                )
+            free_form_unicode(value)
+        return value
 
     @field_validator("add_generation_prompt")
     @classmethod
