@@ -89,6 +89,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="seconds a streaming client may read nothing before its request is aborted and billed for "
         "the tokens so far, like a disconnect (default: 30)",
     )
+    g = p.add_argument_group("the console's margin page (docs/console.md)")
+    g.add_argument("--usd-per-hour", default=None, help="what this machine costs per hour, USD (e.g. 0.10)")
+    g.add_argument(
+        "--cost-bench",
+        action="append",
+        default=None,
+        metavar="[MODEL=]BENCH_JSON",
+        help="a `llmaas bench` result for a served model (repeatable): with --usd-per-hour, its tokens' "
+        "machine cost, as `llmaas cost` computes it",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -156,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmaas.engine.async_engine import AsyncEngine
     from llmaas.errors import InvalidRequestError
     from llmaas.server.app import create_app
+    from llmaas.server.console import MachineCosts
     from llmaas.server.draining import DrainingServer
 
     models = args.model or ["smollm2-135m"]
@@ -180,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.stream_stall_timeout is not None:
         limits["stream_stall_timeout_s"] = args.stream_stall_timeout
     app = create_app(load=load, model_names=names, billing=billing, **limits)
+    app.state.console_machine_costs = MachineCosts.load(args.usd_per_hour, args.cost_bench)
     config = uvicorn.Config(
         app,
         host=args.host,
