@@ -34,11 +34,12 @@ async function reply(message) {
   const out = bubble("assistant", "");
   out.node.setAttribute("aria-busy", "true");
   const began = performance.now();
-  let first = null, usage = null, text = "", finish = null;
+  let first = null, usage = null, text = "", finish = null, requestId = null;
   running = new AbortController();
   try {
     const response = await send("/v1/chat/completions", { method: "POST", body: settings(), signal: running.signal });
     if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+    requestId = response.headers.get("x-request-id");
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices || []) {
@@ -71,6 +72,7 @@ async function reply(message) {
   if (first !== null) facts.push(["ttft", `first token ${(first - began).toFixed(0)} ms`]);
   facts.push(["latency", `total ${(total / 1000).toFixed(2)} s`]);
   if (finish) facts.push(["finish", `finish: ${finish}`]);
+  if (requestId) facts.push(["request", `request ${requestId}`]);
   out.meta.append(...facts.map(([name, text]) => el("span", { "data-fact": name }, text)));
 }
 
