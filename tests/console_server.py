@@ -17,6 +17,7 @@ ADMIN_KEY = "sk-admin-console-test"
 @dataclass
 class ConsoleServer:
     url: str
+    app: object  # the FastAPI app (a test sets its console's machine costs)
     db: Database
     acme_key: str  # a plus account with $5 of credit
     globex_key: str  # another account: what acme must never see
@@ -24,7 +25,9 @@ class ConsoleServer:
 
 def start_console_server(tmp_path_factory):
     """A generator for a module fixture: yields a ConsoleServer, shuts it down afterwards."""
-    model_dir = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("console"), max_position_embeddings=1024)
+    model_dir = make_tiny_checkpoint(
+        "llama", tmp_path_factory.mktemp("console"), max_position_embeddings=1024
+    )
     engine = make_engine(model_dir)
     db = open_database(f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'billing.sqlite3'}")
     bootstrap(db, [MODEL], admin_key=ADMIN_KEY, say=lambda _line: None)
@@ -34,8 +37,9 @@ def start_console_server(tmp_path_factory):
         create_account(db, name, plan="plus", free_grant=FreeGrant(amount_micros=5_000_000, valid_for=None))
         keys.append(create_key(db, name, name="first").secret)
     try:
-        with serve(create_app({MODEL: engine}, billing=ServerBilling(db))) as url:
-            yield ConsoleServer(url, db, *keys)
+        app = create_app({MODEL: engine}, billing=ServerBilling(db))
+        with serve(app) as url:
+            yield ConsoleServer(url, app, db, *keys)
     finally:
         engine.shutdown()
         db.close()

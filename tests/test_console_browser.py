@@ -75,7 +75,7 @@ def signed_in(browser, server, key, viewport=DESKTOP):
 
 
 def api_call(page, path, method="GET", body=None):
-    """A call from the page's own origin, with its session (and CSRF token) as the console's scripts make it."""
+    """A call from the page's own origin, with its session and CSRF token, as the console's scripts call."""
     return page.evaluate(
         """async ([path, method, body]) => {
             const s = await (await fetch('/console/api/session')).json();
@@ -96,7 +96,8 @@ def test_customer_chats_in_the_playground_and_sees_the_billed_cost(browser, serv
     page.fill("#system", "You are terse.")
     page.evaluate(
         """() => { window.textUpdates = 0; new MutationObserver(() => window.textUpdates++)
-            .observe(document.getElementById('chat'), {subtree: true, characterData: true, childList: true}); }"""
+            .observe(document.getElementById('chat'),
+                     {subtree: true, characterData: true, childList: true}); }"""
     )
     page.fill("#message", "Hello there, how are you?")
     page.keyboard.press("Control+Enter")
@@ -117,9 +118,9 @@ def test_usage_chart_and_table_show_the_apis_numbers(browser, server):
     sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=server.acme_key, max_retries=0)
     for n in (3, 5):
         sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=n)
-    openai.OpenAI(base_url=server.url + "/v1", api_key=server.globex_key, max_retries=0).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Not yours"}], max_tokens=7
-    )
+    openai.OpenAI(
+        base_url=server.url + "/v1", api_key=server.globex_key, max_retries=0
+    ).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Not yours"}], max_tokens=7)
     context, page = signed_in(browser, server, server.acme_key)
     page.goto("/console/usage")
     page.wait_for_selector("#chart rect[data-value]", state="attached")
@@ -127,7 +128,9 @@ def test_usage_chart_and_table_show_the_apis_numbers(browser, server):
     params = {"start_time": start, "end_time": start + 7 * 86400, "bucket_width": "1d", "group_by": "model"}
     headers = {"Authorization": f"Bearer {server.acme_key}"}
     costs = httpx.get(server.url + "/v1/organization/costs", params=params, headers=headers).json()
-    usage = httpx.get(server.url + "/v1/organization/usage/completions", params=params, headers=headers).json()
+    usage = httpx.get(
+        server.url + "/v1/organization/usage/completions", params=params, headers=headers
+    ).json()
     api_cost = sum(round(r["amount"]["value"] * 1e6) for b in costs["data"] for r in b["results"])
     api_tokens = sum(r["input_tokens"] + r["output_tokens"] for b in usage["data"] for r in b["results"])
     chart_values = lambda: page.eval_on_selector_all(  # noqa: E731
@@ -205,16 +208,17 @@ def _check_page(page, path: str, viewport: dict, shots: Path, timings: dict) -> 
     response = page.goto(f"/console/{path}")
     assert response.status == 200, path
     page.wait_for_load_state("networkidle")
-    paint = page.evaluate(
-        "performance.getEntriesByType('paint').map(e => [e.name, e.startTime])"
-    )
+    paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
     first = dict(paint).get("first-contentful-paint") or dict(paint).get("first-paint")
     assert first is not None and first < FIRST_PAINT_BOUND_MS, (path, paint)
     timings[f"{path or 'signin'} @{viewport['width']}"] = first
-    assert page.eval_on_selector("#status", "e => e.classList.contains('bad')") is False, page.inner_text("#status")
+    assert page.eval_on_selector("#status", "e => e.classList.contains('bad')") is False, page.inner_text(
+        "#status"
+    )
     unlabeled = page.evaluate(
         """() => [...document.querySelectorAll('input, select, textarea, button')]
-            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                         && !e.textContent.trim())
             .map(e => e.outerHTML)"""
     )
     assert unlabeled == [], (path, unlabeled)

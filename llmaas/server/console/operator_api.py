@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from fractions import Fraction
 from typing import Any
 
