@@ -43,3 +43,13 @@ def start_console_server(tmp_path_factory):
     finally:
         engine.shutdown()
         db.close()
+
+
+def bench_result(model: str) -> dict:
+    """A `llmaas bench` result of one level (what `llmaas cost` and the margin page read)."""
+    level = {
+        "concurrency": 4, "request_rate": None, "completed": 10, "errors": 0, "duration_s": 10.0,
+        "input_tokens": 20_000, "output_tokens": 5_000, "ttft_sum_s": 5.0, "e2e_sum_s": 40.0,
+        "output_tok_per_s": 500.0, "ttft_s": {"p99": 0.6},
+    }  # fmt: skip
+    return {"model": model, "levels": [level]}

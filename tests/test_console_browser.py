@@ -8,6 +8,7 @@ tests skip and say so; with LLMAAS_REQUIRE_SERVICES=1 (CI, `.ci/run` installs it
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -18,9 +19,10 @@ import httpx
 import openai
 import pytest
 
-from llmaas.billing import get_usage
+from llmaas.billing import current_price, get_account, get_usage, set_plan
+from llmaas.server.console import MachineCosts
 from tests.billing_services import unavailable
-from tests.console_server import ADMIN_KEY, start_console_server
+from tests.console_server import ADMIN_KEY, bench_result, start_console_server
 from tests.test_server_api import MODEL
 
 pytestmark = pytest.mark.browser
@@ -191,6 +193,34 @@ def test_operator_grants_credit_and_the_customer_sees_it(browser, server):
     operator.close()
 
 
+def test_operator_sets_a_price_version_and_changes_a_plan(browser, server):
+    context, page = signed_in(browser, server, ADMIN_KEY)
+    page.goto("/console/admin/prices")
+    page.fill("#price-model", MODEL)
+    page.fill("#price-input", "1.10")
+    page.fill("#price-cached", "0.55")
+    page.fill("#price-output", "2.20")
+    page.get_by_role("button", name="Set price").click()
+    page.wait_for_selector("#status:has-text('Price version')")
+    versions = page.locator("#prices tbody tr")
+    assert "$1.100000" in versions.first.inner_text() and "in force" in versions.first.inner_text()
+    assert versions.count() >= 2  # the earlier versions stay listed
+    assert current_price(server.db, MODEL).output_micros_per_m == 2_200_000
+    page.fill("#price-output", "not-a-number")
+    page.fill("#price-model", MODEL)
+    page.fill("#price-input", "1")
+    page.fill("#price-cached", "1")
+    page.get_by_role("button", name="Set price").click()
+    page.wait_for_selector("#status.bad")  # the API's 400, naming the field, on the status line
+    page.goto("/console/admin/accounts")
+    page.select_option("#accounts select[aria-label='Plan of globex']", "free")
+    page.get_by_role("button", name="Change plan of globex").click()
+    page.wait_for_selector("#status:has-text('globex is now on the free plan')")
+    assert get_account(server.db, "globex").plan == "free"
+    set_plan(server.db, "globex", "plus")
+    context.close()
+
+
 def test_a_customer_is_refused_at_the_operator_pages(browser, server):
     context, page = signed_in(browser, server, server.acme_key)
     for path in OPERATOR_PAGES:
@@ -204,10 +234,20 @@ def test_a_customer_is_refused_at_the_operator_pages(browser, server):
     context.close()
 
 
+def _watch_errors(page) -> list[str]:
+    """Script errors and console errors of the page (a module that fails to load leaves a blank page)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    return errors
+
+
 def _check_page(page, path: str, viewport: dict, shots: Path, timings: dict) -> None:
+    errors = _watch_errors(page)
     response = page.goto(f"/console/{path}")
     assert response.status == 200, path
     page.wait_for_load_state("networkidle")
+    assert errors == [], (path, errors)
     paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
     first = dict(paint).get("first-contentful-paint") or dict(paint).get("first-paint")
     assert first is not None and first < FIRST_PAINT_BOUND_MS, (path, paint)
@@ -228,7 +268,12 @@ def _check_page(page, path: str, viewport: dict, shots: Path, timings: dict) -> 
     page.screenshot(path=str(shots / f"{name}-{viewport['width']}.png"), full_page=True)
 
 
-def test_every_page_paints_fast_has_labels_fits_a_phone_and_is_photographed(browser, server, shots, request):
+def test_every_page_paints_fast_has_labels_fits_a_phone_and_is_photographed(
+    browser, server, shots, request, tmp_path
+):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(bench_result(MODEL)))
+    server.app.state.console_machine_costs = MachineCosts.load("0.10", [str(bench)])
     timings: dict[str, float] = {}
     for viewport in (DESKTOP, PHONE):
         anonymous = browser.new_context(viewport=viewport, base_url=server.url)
@@ -242,4 +287,8 @@ def test_every_page_paints_fast_has_labels_fits_a_phone_and_is_photographed(brow
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     line = "first contentful paint (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
     (reporter.write_line if reporter is not None else print)(line)
+    context, page = signed_in(browser, server, ADMIN_KEY)
+    page.goto("/console/admin/margin")
+    assert MODEL in page.inner_text("#rates") and "$0.10 per hour" in page.inner_text("#rates")
+    context.close()
     assert len(list(shots.glob("*.png"))) == 2 * (1 + len(CUSTOMER_PAGES) + len(OPERATOR_PAGES))

@@ -13,7 +13,7 @@ from llmaas.bench.cost import bench_costs, choose_level, machine_cost, parse_cos
 from llmaas.billing import get_usage
 from llmaas.billing.money import format_usd, usd_to_micros
 from llmaas.server.console import MachineCosts
-from tests.console_server import ADMIN_KEY, start_console_server
+from tests.console_server import ADMIN_KEY, bench_result, start_console_server
 from tests.test_server_api import MODEL
 
 
@@ -39,6 +39,12 @@ def test_the_session_cookie_is_httponly_strict_and_holds_no_key(server):
     for bad in ("sk-not-a-key", "", "no-prefix"):
         refused = httpx.post(server.url + "/console/api/session", json={"api_key": bad})
         assert refused.status_code == 401 and "set-cookie" not in refused.headers
+    elsewhere = httpx.post(
+        server.url + "/console/api/session",
+        json={"api_key": server.acme_key},
+        headers={"origin": "https://evil.example"},
+    )
+    assert elsewhere.status_code == 403 and "set-cookie" not in elsewhere.headers
     too_long = httpx.post(server.url + "/console/api/session", json={"api_key": "sk-" + "x" * 300})
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "api_key"
 
@@ -69,7 +75,7 @@ def test_a_session_needs_its_csrf_token_and_this_origin(server):
         json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
     )
     assert r.status_code == 403
-    assert client.delete("/console/api/session").status_code == 401  # signing out needs the token too
+    assert client.delete("/console/api/session").status_code == 403  # signing out needs the token too
     assert client.delete("/console/api/session", headers=csrf).status_code == 200
     assert client.get("/console/api/account", headers=csrf).status_code == 401  # the session is gone
 
@@ -144,18 +150,9 @@ def test_the_playgrounds_stream_is_billed_like_the_api(server):
     assert usage["completion_tokens"] == record.completion_tokens
 
 
-def _bench(model: str) -> dict:
-    level = {
-        "concurrency": 4, "request_rate": None, "completed": 10, "errors": 0, "duration_s": 10.0,
-        "input_tokens": 20_000, "output_tokens": 5_000, "ttft_sum_s": 5.0, "e2e_sum_s": 40.0,
-        "output_tok_per_s": 500.0, "ttft_s": {"p99": 0.6},
-    }  # fmt: skip
-    return {"model": model, "levels": [level]}
-
-
 def test_the_margin_page_costs_tokens_as_llmaas_cost_does(server, tmp_path):
     bench_file = tmp_path / "bench.json"
-    bench_file.write_text(json.dumps(_bench(MODEL)))
+    bench_file.write_text(json.dumps(bench_result(MODEL)))
     sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=server.acme_key, max_retries=0)
     sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Cost?"}], max_tokens=5)
     admin, csrf = sign_in(server, ADMIN_KEY)
@@ -164,7 +161,7 @@ def test_the_margin_page_costs_tokens_as_llmaas_cost_does(server, tmp_path):
     body = admin.get("/console/api/admin/margin", params={"start_time": start, "end_time": start + 86400},
                      headers=csrf).json()  # fmt: skip
     (row,) = [r for r in body["data"] if r["model"] == MODEL]
-    level = choose_level(bench_costs(_bench(MODEL), parse_cost_args("0.36", "0", None, "0.1")))
+    level = choose_level(bench_costs(bench_result(MODEL), parse_cost_args("0.36", "0", None, "0.1")))
     expected = machine_cost(level, row["input_tokens"], row["input_cached_tokens"], row["output_tokens"])
     expected_micros = -(-expected.numerator // expected.denominator)
     assert row["machine_usd"] == format_usd(expected_micros)

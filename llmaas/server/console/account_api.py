@@ -17,7 +17,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmaas.billing import AuthenticationError, NotFoundError, balance, create_key, list_keys, revoke_key
+from llmaas.billing import (
+    AuthenticationError,
+    NotFoundError,
+    balance,
+    create_key,
+    get_account,
+    list_keys,
+    revoke_key,
+)
 from llmaas.billing import operator_input as check
 from llmaas.billing.credit_lines import credit_lines
 from llmaas.billing.keys import KEY_PREFIX
@@ -29,9 +37,9 @@ from llmaas.server.admin import _billing
 from llmaas.server.billing import ServerBilling, bearer
 from llmaas.server.bootstrap import ADMIN_ACCOUNT, is_admin_key
 from llmaas.server.console.sessions import (
-    CsrfError,
     SessionStore,
     check_csrf,
+    check_origin,
     cookie_header,
     session_id_from,
 )
@@ -69,6 +77,7 @@ def router(store: SessionStore) -> APIRouter:
 
     @api.post("/session")
     async def sign_in(body: SignIn, request: Request) -> JSONResponse:
+        check_origin(request.scope)  # no signing a browser in from another site's page
         billing = _billing(request)
         secret = body.api_key.strip() or None
         if billing.auth and (secret is None or not secret.startswith(KEY_PREFIX)):
@@ -90,8 +99,8 @@ def router(store: SessionStore) -> APIRouter:
     @api.get("/session")
     async def who(request: Request) -> JSONResponse:
         session = store.get(session_id_from(request.scope))
-        if session is None:
-            raise AuthenticationError("Not signed in.")
+        if session is None:  # a plain answer, not a 401: the sign-in page asks before anyone signed in
+            return JSONResponse({"account": None, "role": None, "csrf_token": None})
         role = "admin" if session.is_admin else "customer"
         return JSONResponse({"account": session.account, "role": role, "csrf_token": session.csrf_token})
 
@@ -100,10 +109,7 @@ def router(store: SessionStore) -> APIRouter:
         session_id = session_id_from(request.scope)
         session = store.get(session_id)
         if session is not None:
-            try:
-                check_csrf(request.scope, session)
-            except CsrfError as exc:
-                raise AuthenticationError(str(exc), param="x-csrf-token") from None
+            check_csrf(request.scope, session)
             store.close(session_id)
         return JSONResponse(
             {"signed_out": True}, headers={"set-cookie": cookie_header(None, secure(request))}
@@ -115,8 +121,6 @@ def router(store: SessionStore) -> APIRouter:
         name, account_id = await _customer(billing, request)
 
         def run() -> dict[str, Any]:
-            from llmaas.billing import get_account
-
             plan = get_plan(get_account(billing.db, account_id).plan)
             lines = credit_lines(billing.db, account_id)
             return {

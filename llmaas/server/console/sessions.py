@@ -19,14 +19,14 @@ one replica (sticky sessions) or it is asked to sign in again.
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 
-from llmaas.server.errors import error_body
+from llmaas.errors import LlmaasError
+from llmaas.server.errors import error_response
 
 COOKIE = "llmaas_console"
 CSRF_HEADER = "x-csrf-token"
@@ -129,16 +129,24 @@ def cookie_header(session: Session | None, secure: bool) -> str:
     return f"{COOKIE}={value}; Max-Age={age}; Path=/; HttpOnly; SameSite=Strict{flags}"
 
 
-class CsrfError(Exception):
-    pass
+class CsrfError(LlmaasError):
+    """A console request without its session's CSRF token, or from another site -> 403."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "csrf_failed"
 
 
 def check_csrf(scope, session: Session) -> None:
     given = header(scope, CSRF_HEADER.encode()) or ""
     if not hmac.compare_digest(given.encode(), session.csrf_token.encode()):
-        raise CsrfError(f"A console request needs its session's '{CSRF_HEADER}' header.")
+        raise CsrfError(f"A console request needs its session's '{CSRF_HEADER}' header.", CSRF_HEADER)
+    check_origin(scope)
+
+
+def check_origin(scope) -> None:
     if scope["method"] not in SAFE_METHODS and not same_origin(scope):
-        raise CsrfError("A console request from another site is refused.")
+        raise CsrfError("A console request from another site is refused.", "origin")
 
 
 class SessionMiddleware:
@@ -158,15 +166,8 @@ class SessionMiddleware:
         try:
             check_csrf(scope, session)
         except CsrfError as exc:
-            return await _refuse(send, str(exc))
+            return await error_response(exc)(scope, receive, send)
         if session.secret is not None:
             bearer = (b"authorization", b"Bearer " + session.secret.encode("latin-1"))
             scope = {**scope, "headers": [*scope["headers"], bearer]}
         await self.app(scope, receive, send)
-
-
-async def _refuse(send, message: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", CSRF_HEADER, "csrf_failed")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 403, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -15,6 +15,7 @@ export async function currentSession() {
   const response = await fetch("/console/api/session", { credentials: "same-origin" });
   if (!response.ok) return null;
   const session = await response.json();
+  if (!session.role) return null; // not signed in
   csrfToken = session.csrf_token;
   return session;
 }

@@ -16,7 +16,14 @@ export function stackedBars(container, { labels, series, format, title }) {
   container.replaceChildren();
   const width = 720, height = 260, left = 70, bottom = 36, top = 12, right = 10;
   const totals = labels.map((_, i) => series.reduce((sum, s) => sum + (s.values[i] || 0), 0));
-  const max = Math.max(1, ...totals);
+  if (!totals.some((t) => t > 0)) {
+    const empty = document.createElement("p");
+    empty.className = "muted";
+    empty.textContent = `${title}: nothing in this range.`;
+    container.append(empty);
+    return;
+  }
+  const max = Math.max(...totals);
   const svg = node("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title });
   svg.append(node("title", {}, title));
   const plotH = height - top - bottom, plotW = width - left - right;

@@ -48,7 +48,7 @@ function draw(days, measure) {
     name: model,
     values: days.map((d) => rows.filter((r) => r.day === d && r.model === model).reduce((s, r) => s + value(r), 0)),
   }));
-  const format = measure === "cost" ? (v) => usd(Math.round(v), 4) : (v) => count(Math.round(v));
+  const format = measure === "cost" ? (v) => usd(Math.round(v)) : (v) => count(Math.round(v));
   const title = measure === "cost" ? "Spend per day by model (USD)" : "Tokens per day by model";
   stackedBars(document.getElementById("chart"), { labels: days, series, format, title });
   const columns = [

@@ -9,16 +9,21 @@ function show(body) {
   document.getElementById("rates").replaceChildren(rates.length
     ? table(`At $${body.usd_per_hour} per hour`, [{ label: "Model" }, { label: "Bench" }, { label: "Concurrency", num: true },
       { label: "Output tok/s", num: true }, { label: "Cost / 1M input", num: true }, { label: "Cost / 1M output", num: true }],
-    rates.map(([model, r]) => [model, r.bench, String(r.concurrency), r.output_tok_per_s.toFixed(1),
+    rates.map(([model, r]) => [model, r.bench.split("/").pop(), String(r.concurrency), r.output_tok_per_s.toFixed(1),
       usd(micros(r.input_cost_usd_per_1m)), usd(micros(r.output_cost_usd_per_1m))]))
     : el("p", { class: "muted" }, "No machine cost: give a price per hour and a bench result (llmaas serve " +
       "--usd-per-hour 0.10 --cost-bench bench.json); revenue is shown alone."));
   const days = body.days.map(day);
   const sumBy = (field) => days.map((d) => body.data.filter((r) => day(r.day) === d && r[field] !== null)
     .reduce((s, r) => s + micros(r[field]), 0));
+  // Priced and never at a loss: each day's bar is its revenue, split into machine cost and margin.
+  const machine = sumBy("machine_usd"), margin = sumBy("margin_usd");
+  const split = body.data.length > 0 && body.data.every((r) => r.machine_usd !== null) && margin.every((m) => m >= 0);
   stackedBars(document.getElementById("chart"), {
-    labels: days, title: "Revenue per day (machine cost beside it in the table)", format: (v) => usd(Math.round(v), 4),
-    series: [{ name: "revenue", values: sumBy("revenue_usd") }],
+    labels: days, format: (v) => usd(Math.round(v)),
+    title: split ? "Revenue per day: machine cost and margin" : "Revenue per day",
+    series: split ? [{ name: "machine cost", values: machine }, { name: "margin", values: margin }]
+      : [{ name: "revenue", values: sumBy("revenue_usd") }],
   });
   const pct = (r) => (r.margin_usd === null || micros(r.revenue_usd) === 0 ? "—"
     : `${((100 * micros(r.margin_usd)) / micros(r.revenue_usd)).toFixed(1)}%`);
