@@ -21,11 +21,11 @@ import pytest
 
 from llmaas.billing import current_price, get_account, get_usage, set_plan
 from llmaas.server.console import MachineCosts
-from tests.billing_services import unavailable
 from tests.console_server import ADMIN_KEY, bench_result, start_console_server
 from tests.test_server_api import MODEL
 
 pytestmark = pytest.mark.browser
+pytest_plugins = ["tests.billing_services"]
 CHROMIUM = "/usr/bin/chromium"
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
@@ -43,6 +43,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    from tests.billing_services import unavailable  # after pytest_plugins registered it (no rewrite warning)
+
     if not os.path.exists(CHROMIUM):
         unavailable(f"LOUD SKIP: no {CHROMIUM}: the console's browser tests need `apt-get install chromium`")
     try:

@@ -33,7 +33,7 @@ from llmaas.billing.money import format_usd
 from llmaas.billing.plans import get_plan
 from llmaas.billing.records import balance_record, iso_time, key_record
 from llmaas.billing.schema import utcnow
-from llmaas.server.admin import _billing
+from llmaas.server.admin import billing_of
 from llmaas.server.billing import ServerBilling, bearer
 from llmaas.server.bootstrap import ADMIN_ACCOUNT, is_admin_key
 from llmaas.server.console.sessions import (
@@ -78,7 +78,7 @@ def router(store: SessionStore) -> APIRouter:
     @api.post("/session")
     async def sign_in(body: SignIn, request: Request) -> JSONResponse:
         check_origin(request.scope)  # no signing a browser in from another site's page
-        billing = _billing(request)
+        billing = billing_of(request)
         secret = body.api_key.strip() or None
         if billing.auth and (secret is None or not secret.startswith(KEY_PREFIX)):
             raise AuthenticationError("Sign in with an API key: 'sk-...'.", param="api_key")
@@ -117,7 +117,7 @@ def router(store: SessionStore) -> APIRouter:
 
     @api.get("/account")
     async def account(request: Request) -> JSONResponse:
-        billing = _billing(request)
+        billing = billing_of(request)
         name, account_id = await _customer(billing, request)
 
         def run() -> dict[str, Any]:
@@ -146,14 +146,14 @@ def router(store: SessionStore) -> APIRouter:
 
     @api.get("/keys")
     async def keys(request: Request) -> JSONResponse:
-        billing = _billing(request)
+        billing = billing_of(request)
         name, account_id = await _customer(billing, request)
         found = await asyncio.to_thread(list_keys, billing.db, account_id)
         return JSONResponse({"object": "list", "data": [key_record(k, name) for k in found]})
 
     @api.post("/keys")
     async def new_key(body: KeyCreate, request: Request) -> JSONResponse:
-        billing = _billing(request)
+        billing = billing_of(request)
         check.text(body.name, "name", required=False)
         valid_for = check.expires_in_days(body.expires_in_days)
         name, account_id = await _customer(billing, request)
@@ -165,7 +165,7 @@ def router(store: SessionStore) -> APIRouter:
 
     @api.post("/keys/{key_id}/revoke")
     async def revoke(key_id: str, request: Request) -> JSONResponse:
-        billing = _billing(request)
+        billing = billing_of(request)
         check.key_id(key_id)
         name, account_id = await _customer(billing, request)
 

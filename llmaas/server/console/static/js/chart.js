@@ -14,7 +14,9 @@ function node(tag, attributes = {}, text) {
 // labels: x positions (days); series: [{name, values: [number per label]}]; format: value -> text.
 export function stackedBars(container, { labels, series, format, title }) {
   container.replaceChildren();
-  const width = 720, height = 260, left = 70, bottom = 36, top = 12, right = 10;
+  // Drawn at the container's own width, so that its text stays readable on a phone.
+  const width = Math.max(300, Math.round(container.clientWidth || 720)), height = 260;
+  const left = 78, bottom = 36, top = 12, right = 10;
   const totals = labels.map((_, i) => series.reduce((sum, s) => sum + (s.values[i] || 0), 0));
   if (!totals.some((t) => t > 0)) {
     const empty = document.createElement("p");
@@ -50,7 +52,7 @@ export function stackedBars(container, { labels, series, format, title }) {
       bar.append(node("title", {}, `${label} · ${s.name}: ${format(value)}`));
       svg.append(bar);
     });
-    const every = Math.ceil(labels.length / 8);
+    const every = Math.ceil(labels.length / Math.max(2, Math.floor(plotW / 60)));
     if (i % every === 0) {
       svg.append(node("text", { x: x + barW / 2, y: height - bottom + 16, "text-anchor": "middle", "font-size": 11,
         fill: "#5b6475" }, label.slice(5)));

@@ -57,6 +57,23 @@ export function table(caption, columns, rows, footer) {
       footer ? el("tfoot", {}, line(footer)) : null));
 }
 
-export function utcDayStart(date) {
-  return Math.floor(Date.UTC(date.getUTCFullYear(), date.getUTCMonth(), date.getUTCDate()) / 1000);
+const DAY_S = 86400;
+
+// A range of whole UTC days picked with two <input type=date>: the last 7 days to start with.
+export class DayRange {
+  constructor(fromId, toId) {
+    this.from = document.getElementById(fromId);
+    this.to = document.getElementById(toId);
+    const today = new Date();
+    this.to.value = today.toISOString().slice(0, 10);
+    this.from.value = new Date(today.getTime() - 6 * DAY_S * 1000).toISOString().slice(0, 10);
+  }
+
+  // [start, end) in epoch seconds, the `to` day included; throws when `from` is after `to`.
+  bounds() {
+    const start = Date.parse(this.from.value + "T00:00:00Z") / 1000;
+    const end = Date.parse(this.to.value + "T00:00:00Z") / 1000 + DAY_S;
+    if (!(end > start)) throw new Error("'From' must be on or before 'To'.");
+    return [start, end];
+  }
 }

@@ -1,8 +1,7 @@
 import { api, query, say, start } from "../js/api.js";
 import { stackedBars } from "../js/chart.js";
-import { count, day, el, micros, table, usd, utcDayStart } from "../js/format.js";
+import { DayRange, count, day, el, micros, table, usd } from "../js/format.js";
 
-const DAY = 86400;
 let rows = [];
 
 // Every page of one organization report (31 daily buckets a page).
@@ -78,22 +77,17 @@ function csv() {
 }
 
 start(async () => {
-  const from = document.getElementById("from"), to = document.getElementById("to");
+  const range = new DayRange("from", "to");
   const measure = document.getElementById("measure");
-  const today = new Date();
-  to.value = today.toISOString().slice(0, 10);
-  from.value = new Date(today.getTime() - 6 * DAY * 1000).toISOString().slice(0, 10);
   let days = [];
   const show = async () => {
-    const start = utcDayStart(new Date(from.value + "T00:00:00Z"));
-    const end = utcDayStart(new Date(to.value + "T00:00:00Z")) + DAY;
-    if (!(end > start)) return say("'From' must be on or before 'To'.", true);
+    const [start, end] = range.bounds();
     say("Loading…");
     const loaded = await load(start, end);
     rows = loaded.rows;
     days = loaded.days;
     draw(days, measure.value);
-    say(`${rows.length} rows from ${from.value} to ${to.value}.`);
+    say(`${rows.length} ${rows.length === 1 ? "row" : "rows"} from ${range.from.value} to ${range.to.value}.`);
   };
   document.getElementById("range").addEventListener("submit", (event) => {
     event.preventDefault();

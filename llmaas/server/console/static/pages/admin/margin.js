@@ -1,8 +1,7 @@
 import { api, query, say, start } from "../../js/api.js";
 import { stackedBars } from "../../js/chart.js";
-import { count, day, el, micros, table, usd, utcDayStart } from "../../js/format.js";
+import { DayRange, count, day, el, micros, table, usd } from "../../js/format.js";
 
-const DAY = 86400;
 
 function show(body) {
   const rates = Object.entries(body.rates);
@@ -42,19 +41,15 @@ function show(body) {
 }
 
 start(async () => {
-  const from = document.getElementById("from"), to = document.getElementById("to");
+  const range = new DayRange("from", "to");
   const perHour = document.getElementById("per-hour");
-  const today = new Date();
-  to.value = today.toISOString().slice(0, 10);
-  from.value = new Date(today.getTime() - 6 * DAY * 1000).toISOString().slice(0, 10);
   const load = async () => {
-    const start = utcDayStart(new Date(from.value + "T00:00:00Z"));
-    const end = utcDayStart(new Date(to.value + "T00:00:00Z")) + DAY;
+    const [start, end] = range.bounds();
     const body = await api(`/console/api/admin/margin?${query({ start_time: start, end_time: end,
       usd_per_hour: perHour.value.trim() || null })}`);
     if (!perHour.value && body.usd_per_hour) perHour.placeholder = body.usd_per_hour;
     show(body);
-    say(`${body.data.length} rows.`);
+    say(`${body.data.length} ${body.data.length === 1 ? "row" : "rows"}.`);
   };
   document.getElementById("range").addEventListener("submit", (event) => {
     event.preventDefault();
