@@ -91,7 +91,7 @@ def api_call(page, path, method="GET", body=None):
     )
 
 
-def test_customer_chats_in_the_playground_and_sees_the_billed_cost(browser, server):
+def test_customer_chats_in_the_playground_and_sees_the_billed_cost(browser, server, shots):
     context, page = signed_in(browser, server, server.acme_key)
     page.goto("/console/playground")
     page.wait_for_selector("#model option", state="attached")
@@ -115,6 +115,7 @@ def test_customer_chats_in_the_playground_and_sees_the_billed_cost(browser, serv
     assert cost == f"cost ${Decimal(record.cost_micros) / 1_000_000:.6f}"  # exactly what the ledger charged
     assert page.inner_text("[data-fact=completion]") == f"{record.completion_tokens} completion tokens"
     assert page.inner_text("[data-fact=prompt]") == f"{record.prompt_tokens} prompt tokens"
+    page.screenshot(path=str(shots / "playground-reply-1280.png"), full_page=True)
     context.close()
 
 
@@ -293,4 +294,5 @@ def test_every_page_paints_fast_has_labels_fits_a_phone_and_is_photographed(
     page.goto("/console/admin/margin")
     assert MODEL in page.inner_text("#rates") and "$0.10 per hour" in page.inner_text("#rates")
     context.close()
-    assert len(list(shots.glob("*.png"))) == 2 * (1 + len(CUSTOMER_PAGES) + len(OPERATOR_PAGES))
+    names = [(p or "signin").replace("/", "-") for p in ["", *CUSTOMER_PAGES, *OPERATOR_PAGES]]
+    assert all((shots / f"{n}-{v['width']}.png").exists() for n in names for v in (DESKTOP, PHONE))
