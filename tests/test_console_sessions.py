@@ -12,9 +12,11 @@ import pytest
 from llmaas.bench.cost import bench_costs, choose_level, machine_cost, parse_cost_args
 from llmaas.billing import get_usage
 from llmaas.billing.money import format_usd, usd_to_micros
+from llmaas.server import create_app
+from llmaas.server.billing import ServerBilling
 from llmaas.server.console import MachineCosts
 from tests.console_server import ADMIN_KEY, bench_result, start_console_server
-from tests.test_server_api import MODEL
+from tests.test_server_api import MODEL, serve
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +175,18 @@ def test_the_margin_page_costs_tokens_as_llmaas_cost_does(server, tmp_path):
     assert what_if["usd_per_hour"] == "0.72"
     assert admin.get("/console/api/admin/margin", params={"start_time": start, "usd_per_hour": "-1"},
                      headers=csrf).status_code == 400  # fmt: skip
+
+
+def test_without_auth_the_console_signs_in_as_default_and_only_a_signed_in_browser(server):
+    app = create_app({}, billing=ServerBilling(server.db, auth=False))  # no model needed for the console
+    with serve(app) as url:
+        assert httpx.get(url + "/console/api/account").status_code == 401  # a request from nowhere
+        assert httpx.post(url + "/console/api/keys", json={}).status_code == 401
+        client = httpx.Client(base_url=url)
+        r = client.post("/console/api/session", json={"api_key": ""})
+        assert r.status_code == 200 and r.json()["account"] == "default"
+        csrf = {"x-csrf-token": r.json()["csrf_token"]}
+        assert client.get("/console/api/account", headers=csrf).json()["account"] == "default"
+        assert client.get("/console/api/account").status_code == 403  # still CSRF-checked
+        admin = httpx.post(url + "/console/api/session", json={"api_key": ADMIN_KEY}).json()
+        assert admin["role"] == "admin"

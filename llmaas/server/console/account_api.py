@@ -58,12 +58,14 @@ class KeyCreate(BaseModel):
     expires_in_days: int | None = None
 
 
-async def _customer(billing: ServerBilling, request: Request) -> tuple[str, int]:
-    """(account name, id) of the key this request carries; --no-auth: the default account."""
+async def _customer(billing: ServerBilling, request: Request, store: SessionStore) -> tuple[str, int]:
+    """(account name, id) of the key this request carries. --no-auth: the default account, for a signed-in
+    browser only (its session's CSRF token was checked; a request from nowhere gets 401)."""
     principal = await asyncio.to_thread(billing.authenticate, bearer(request.scope["headers"]), fresh=True)
     if principal is None:
-        account = billing.default_account
-        return account, billing._account_id(None)
+        if store.get(session_id_from(request.scope)) is None:
+            raise AuthenticationError("Sign in to the console first.")
+        return billing.default_account, billing._account_id(None)
     if principal.account_name == ADMIN_ACCOUNT:
         raise AuthenticationError("The admin key has no account of its own: use the operator's pages.")
     return principal.account_name, principal.account_id
@@ -118,7 +120,7 @@ def router(store: SessionStore) -> APIRouter:
     @api.get("/account")
     async def account(request: Request) -> JSONResponse:
         billing = billing_of(request)
-        name, account_id = await _customer(billing, request)
+        name, account_id = await _customer(billing, request, store)
 
         def run() -> dict[str, Any]:
             plan = get_plan(get_account(billing.db, account_id).plan)
@@ -147,7 +149,7 @@ def router(store: SessionStore) -> APIRouter:
     @api.get("/keys")
     async def keys(request: Request) -> JSONResponse:
         billing = billing_of(request)
-        name, account_id = await _customer(billing, request)
+        name, account_id = await _customer(billing, request, store)
         found = await asyncio.to_thread(list_keys, billing.db, account_id)
         return JSONResponse({"object": "list", "data": [key_record(k, name) for k in found]})
 
@@ -156,7 +158,7 @@ def router(store: SessionStore) -> APIRouter:
         billing = billing_of(request)
         check.text(body.name, "name", required=False)
         valid_for = check.expires_in_days(body.expires_in_days)
-        name, account_id = await _customer(billing, request)
+        name, account_id = await _customer(billing, request, store)
         expires = utcnow() + valid_for if valid_for else None
         new = await asyncio.to_thread(create_key, billing.db, account_id, name=body.name, expires_at=expires)
         return JSONResponse(
@@ -167,7 +169,7 @@ def router(store: SessionStore) -> APIRouter:
     async def revoke(key_id: str, request: Request) -> JSONResponse:
         billing = billing_of(request)
         check.key_id(key_id)
-        name, account_id = await _customer(billing, request)
+        name, account_id = await _customer(billing, request, store)
 
         def run():
             if key_id not in {k.id for k in list_keys(billing.db, account_id)}:
