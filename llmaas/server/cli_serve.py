@@ -184,6 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return AsyncEngine.from_config(configs[name], max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
+    machine_costs = MachineCosts.load(args.usd_per_hour, args.cost_bench)  # bad input fails before any work
     billing, lease = _billing(args, names)
     limits = {}
     if args.max_body_bytes is not None:
@@ -191,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.stream_stall_timeout is not None:
         limits["stream_stall_timeout_s"] = args.stream_stall_timeout
     app = create_app(load=load, model_names=names, billing=billing, **limits)
-    app.state.console_machine_costs = MachineCosts.load(args.usd_per_hour, args.cost_bench)
+    app.state.console_machine_costs = machine_costs
     config = uvicorn.Config(
         app,
         host=args.host,
