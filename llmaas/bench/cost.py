@@ -127,6 +127,21 @@ def level_cost(
     )
 
 
+def machine_cost(
+    level: LevelCost,
+    input_tokens: int,
+    cached_tokens: int,
+    output_tokens: int,
+    cached_input_ratio: Fraction = Fraction(1, 10),
+) -> Fraction:
+    """What serving these tokens cost the machine, micro-USD, exact: each token at the level's cost per
+    1M (its break-even price), a cached prompt token at `cached_input_ratio` of an input one (it skips
+    the prefill, as `--cached-input-ratio` prices it)."""
+    uncached = input_tokens - cached_tokens
+    input_cost = level.input_cost_per_m * (uncached + cached_input_ratio * cached_tokens)
+    return (input_cost + level.output_cost_per_m * output_tokens) / TOKENS_PER_PRICE_UNIT
+
+
 def load_bench(path: str | Path) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

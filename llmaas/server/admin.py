@@ -58,7 +58,8 @@ class BillingDisabledError(LlmaasError):
     code = "billing_disabled"
 
 
-def _billing(request: Request) -> ServerBilling:
+def billing_of(request: Request) -> ServerBilling:
+    """The server's billing; 404 billing_disabled when it runs without (the admin API and the console)."""
     billing = request.app.state.llmaas.billing
     if billing is None:
         raise BillingDisabledError("This server runs without billing.")
@@ -66,7 +67,7 @@ def _billing(request: Request) -> ServerBilling:
 
 
 async def require_admin(request: Request) -> ServerBilling:
-    billing = _billing(request)
+    billing = billing_of(request)
     secret = bearer(request.scope["headers"])
     if not await asyncio.to_thread(is_admin_key, billing.db, secret):
         raise AuthenticationError("The admin API needs the admin key: 'Authorization: Bearer sk-...'.")
@@ -338,7 +339,7 @@ def _scoped_report(request: Request, args: dict[str, Any]) -> tuple[list, int | 
     """Runs in a thread. The admin key sees every account; any other key only its own.
 
     Returns the buckets of this page and the cursor of the next page (None when this is the last)."""
-    billing = _billing(request)
+    billing = billing_of(request)
     principal = request.scope.get(PRINCIPAL)
     projects = args.pop("projects")
     limit = args.pop("limit")

@@ -16,10 +16,11 @@ from llmaas.engine.async_engine import AsyncEngine
 from llmaas.server import admin, chat, completions
 from llmaas.server.billing import BillingMiddleware, ServerBilling
 from llmaas.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from llmaas.server.console import install_console
 from llmaas.server.draining import DrainMiddleware
 from llmaas.server.errors import error_body, install_error_handlers
 from llmaas.server.generation import ClientDisconnected
-from llmaas.server.metrics import HttpMetricsMiddleware
+from llmaas.server.metrics import HttpMetricsMiddleware, engine_stats
 from llmaas.server.openapi import document_statuses
 from llmaas.server.protocol import ERROR_RESPONSES, ModelCard, ModelList
 from llmaas.server.registry import ModelRegistry, ServedModel
@@ -32,8 +33,6 @@ from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook
 
 log = logging.getLogger("llmaas.server")
-
-STATS_TIMEOUT_S = 2.0
 
 
 async def _in_short_lived_thread(fn: Callable, *args):
@@ -127,6 +126,7 @@ def create_app(
     app.include_router(admin.organization)
     if billing is not None:
         app.add_middleware(BillingMiddleware, billing=billing)
+    install_console(app)  # its pages, and its sessions' keys for the API (outside billing's middleware)
     app.add_middleware(DrainMiddleware, drain=state.drain)  # outside billing: a refused request is not billed
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # before anything reads the body
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
@@ -168,14 +168,7 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> PlainTextResponse:
-        stats = {}
-        for name, model in registry.models.items():
-            if model.engine is not None:
-                try:
-                    future = model.engine.call(lambda e: e.stats())
-                    stats[name] = await asyncio.wait_for(asyncio.wrap_future(future), STATS_TIMEOUT_S)
-                except Exception:  # a stuck engine must not take /metrics down with it
-                    log.warning("no stats from %s", name)
+        stats = await engine_stats(registry.models)
         return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     def openapi() -> dict:

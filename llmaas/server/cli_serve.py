@@ -96,6 +96,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="days a stored /v1/responses response (store: true) is kept for retrieval and "
         "previous_response_id (default: 30)",
     )
+    g = p.add_argument_group("the console's margin page (docs/console.md)")
+    g.add_argument("--usd-per-hour", default=None, help="what this machine costs per hour, USD (e.g. 0.10)")
+    g.add_argument(
+        "--cost-bench",
+        action="append",
+        default=None,
+        metavar="[MODEL=]BENCH_JSON",
+        help="a `llmaas bench` result for a served model (repeatable): with --usd-per-hour, its tokens' "
+        "machine cost, as `llmaas cost` computes it",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -163,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmaas.engine.cli_args import engine_config_from_args
     from llmaas.errors import InvalidRequestError
     from llmaas.server.app import create_app
+    from llmaas.server.console import MachineCosts
     from llmaas.server.draining import DrainingServer
 
     models = args.model or ["smollm2-135m"]
@@ -180,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return AsyncEngine.from_config(configs[name], max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
+    machine_costs = MachineCosts.load(args.usd_per_hour, args.cost_bench)  # bad input fails before any work
     billing, lease = _billing(args, names)
     limits = {}
     if args.max_body_bytes is not None:
@@ -189,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.response_retention_days is not None:
         limits["response_retention_s"] = args.response_retention_days * 86_400
     app = create_app(load=load, model_names=names, billing=billing, **limits)
+    app.state.console_machine_costs = machine_costs
     config = uvicorn.Config(
         app,
         host=args.host,

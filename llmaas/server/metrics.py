@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import logging
 from collections import defaultdict
 from collections.abc import Mapping
+
+log = logging.getLogger("llmaas.server")
+
+STATS_TIMEOUT_S = 2.0
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -75,6 +81,20 @@ ENGINE_GAUGES = {
     ),
     "preemptions": ("llmaas_preemptions_total", "sequences preempted for lack of KV blocks"),
 }
+
+
+async def engine_stats(models: Mapping) -> dict[str, dict]:
+    """Each loaded model's `LLMEngine.stats()` (name -> ServedModel); a stuck engine is left out, not waited
+    on for more than STATS_TIMEOUT_S."""
+    stats = {}
+    for name, model in models.items():
+        if model.engine is not None:
+            try:
+                future = model.engine.call(lambda e: e.stats())
+                stats[name] = await asyncio.wait_for(asyncio.wrap_future(future), STATS_TIMEOUT_S)
+            except Exception:  # a stuck engine must not take /metrics (or the console) down with it
+                log.warning("no stats from %s", name)
+    return stats
 
 
 class Metrics:

@@ -1,0 +1,3 @@
+import { start } from "../js/api.js";
+
+start(async () => {});
