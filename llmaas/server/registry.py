@@ -6,22 +6,33 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from llmaas.engine.async_embedding_engine import AsyncEmbeddingEngine
 from llmaas.engine.async_engine import AsyncEngine
-from llmaas.errors import ModelNotFoundError
+from llmaas.errors import InvalidRequestError, ModelNotFoundError
 from llmaas.server.errors import ModelLoadingError
+
+# What each kind of model answers; asking a model of the other kind is a 400 that says where to go.
+GENERATION, EMBEDDINGS = "generation", "embeddings"
+ENDPOINTS_OF = {GENERATION: "/v1/chat/completions and /v1/completions", EMBEDDINGS: "/v1/embeddings"}
 
 
 @dataclass
 class ServedModel:
     name: str
-    engine: AsyncEngine | None = None  # None while loading
+    engine: AsyncEngine | AsyncEmbeddingEngine | None = None  # None while loading
     error: str | None = None  # why loading failed
     created: int = field(default_factory=lambda: int(time.time()))
     system_fingerprint: str | None = None  # set once loaded
 
-    def attach(self, engine: AsyncEngine) -> None:
+    @property
+    def kind(self) -> str:
+        return EMBEDDINGS if isinstance(self.engine, AsyncEmbeddingEngine) else GENERATION
+
+    def attach(self, engine: AsyncEngine | AsyncEmbeddingEngine) -> None:
         self.engine = engine
         self.system_fingerprint = engine.system_fingerprint  # on every completion and chunk
+        if self.kind == EMBEDDINGS:
+            return  # no logprobs, so no token texts to cache
         tokenizer = engine.engine.tokenizer
         # Token strings and bytes for logprobs, computed once per id.
         self.token_text = lru_cache(maxsize=65536)(
@@ -34,14 +45,15 @@ class ModelRegistry:
     def __init__(self, names: list[str] | tuple[str, ...] = ()):
         self.models: dict[str, ServedModel] = {name: ServedModel(name) for name in names}
 
-    def add(self, name: str, engine: AsyncEngine) -> None:
+    def add(self, name: str, engine: AsyncEngine | AsyncEmbeddingEngine) -> None:
         self.models.setdefault(name, ServedModel(name)).attach(engine)
 
     @property
     def ready(self) -> bool:
         return bool(self.models) and all(m.engine is not None for m in self.models.values())
 
-    def get(self, name: str) -> ServedModel:
+    def get(self, name: str, kind: str = GENERATION) -> ServedModel:
+        """The loaded model `name`, which must be of `kind` (the endpoint's)."""
         model = self.models.get(name)
         if model is None:
             raise ModelNotFoundError(
@@ -50,4 +62,12 @@ class ModelRegistry:
         if model.engine is None:
             why = f"failed to load: {model.error}" if model.error else "is still loading; retry shortly"
             raise ModelLoadingError(f"The model '{name}' {why}", param="model")
+        if model.kind != kind:
+            what = "an embedding" if model.kind == EMBEDDINGS else "a text generation"
+            raise InvalidRequestError(
+                f"The model '{name}' is {what} model: it serves {ENDPOINTS_OF[model.kind]}, not this "
+                "endpoint.",
+                param="model",
+                code="model_not_supported",
+            )
         return model
