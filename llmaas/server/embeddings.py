@@ -32,12 +32,11 @@ from llmaas.server.protocol import ERROR_RESPONSES
 from llmaas.server.registry import EMBEDDINGS, ServedModel
 from llmaas.server.request_ids import CLIENT_REQUEST_ID, adopt_body_request_id, request_id_of
 from llmaas.server.state import ServerState, bearer_token
-from llmaas.server.usage import RequestUsage
+from llmaas.server.usage import EMBEDDINGS_ENDPOINT, RequestUsage
 
 log = logging.getLogger("llmaas.server")
 
 router = APIRouter()
-ENDPOINT = "embeddings"  # the ledger's and the metrics' name for this endpoint
 
 
 def input_list(value: str | list) -> list[str | list[int]]:
@@ -152,13 +151,13 @@ async def _end(
 ) -> int | None:
     """Settle (finished) or release (rejected) the hold, count the request, tell the billing hook.
     Returns the cost in micro-USD when billed. A finished request that cannot be settled is a 503."""
-    state.metrics.requests.inc(model=model.name, endpoint=ENDPOINT, status=status)
+    state.metrics.requests.inc(model=model.name, endpoint=EMBEDDINGS_ENDPOINT, status=status)
     state.metrics.prompt_tokens.inc(prompt_tokens, model=model.name)
     state.metrics.e2e.observe(time.monotonic() - start, model=model.name)
     record = RequestUsage(
         request_id=request_id,
         model=model.name,
-        endpoint=ENDPOINT,
+        endpoint=EMBEDDINGS_ENDPOINT,
         prompt_tokens=prompt_tokens,
         cached_tokens=0,
         completion_tokens=0,
