@@ -90,6 +90,11 @@ class AsyncEmbeddingEngine:
     def dimensions(self) -> int:
         return self.engine.dimensions
 
+    def describe(self) -> dict[str, int | str]:
+        """What the model is and costs to run (/v1/models metadata): family, parameters, dimensions."""
+        e = self.engine
+        return {"family": e.model_config.family, **e.model_report.as_dict(), "dimensions": e.dimensions}
+
     def prepare(self, inputs: list[str | list[int]]) -> list[list[int]]:
         """Texts or token ids -> the ids `embed` takes (EmbeddingEngine.prepare; thread-safe, CPU work:
         call it from a worker thread)."""

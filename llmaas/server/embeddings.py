@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import logging
 import time
 
@@ -25,7 +24,7 @@ from llmaas.billing.plans import get_plan
 from llmaas.engine.async_embedding_engine import AsyncEmbeddingEngine
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
-from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, SettlementError
+from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission
 from llmaas.server.embeddings_protocol import EmbeddingList, EmbeddingRequest
 from llmaas.server.generation import spawn
 from llmaas.server.protocol import ERROR_RESPONSES
@@ -149,7 +148,7 @@ async def _end(
     status: str,
     start: float,
 ) -> int | None:
-    """Settle (finished) or release (rejected) the hold, count the request, tell the billing hook.
+    """Count the request, then settle (finished) or release (rejected) its hold (ServerState.settle).
     Returns the cost in micro-USD when billed. A finished request that cannot be settled is a 503."""
     state.metrics.requests.inc(model=model.name, endpoint=EMBEDDINGS_ENDPOINT, status=status)
     state.metrics.prompt_tokens.inc(prompt_tokens, model=model.name)
@@ -167,20 +166,4 @@ async def _end(
         api_key=bearer_token(request),
         client_request_id=request.scope.get(CLIENT_REQUEST_ID),
     )
-    cost = None
-    if admission is not None:
-        try:
-            settled = await asyncio.to_thread(state.billing.finish, admission, record)
-            cost = settled.cost_micros if settled is not None else None
-        except Exception as exc:
-            log.exception("settling %s failed", request_id)
-            if status == "finished":  # no ledger record: the response must not complete
-                raise SettlementError() from exc
-    if state.billing_hook is not None and status == "finished":
-        try:
-            result = state.billing_hook(record)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("billing hook failed for %s", request_id)
-    return cost
+    return await state.settle(admission, record)
