@@ -5,9 +5,11 @@ over loopback by C concurrent clients, each sending requests of --inputs-per-req
 (base64 vectors, as the openai SDK asks for them) until the texts are used up. The peer:
 sentence-transformers' SentenceTransformer on the same folder (fp32, its default), `encode` over the
 same texts in one call (its own length-sorted batches of --st-batch-size), in this process while no
-server runs, with torch's default threads (one per core, as the server). Texts: the first --texts
-sentences of the news corpus (llmaas.distill.data.news_sentences). Every llmaas vector is checked
-against sentence-transformers' (the worst cosine is printed).
+server runs (before the servers and after them; ratios against the mean), with torch's default
+threads (one per core, as the server). On a machine other processes share, run it with
+OMP_WAIT_POLICY=PASSIVE: both sides (the server inherits it) then sleep instead of spinning.
+Texts: the first --texts sentences of the news corpus (llmaas.distill.data.news_sentences). Every
+llmaas vector is checked against sentence-transformers' (the worst cosine is printed).
 
     PYTHONPATH=. .venv/bin/python benchmarks/embeddings.py [--texts 1024] [--concurrency 1,16]
         [--dtype auto,float32] [--inputs-per-request 1] [--st-batch-size 32]
@@ -105,21 +107,30 @@ def main() -> int:
           f"llmaas requests of {args.inputs_per_request} sentence(s)")  # fmt: skip
     print(f"load average before: {os.getloadavg()[0]:.2f}")
 
-    st_rate, st_vectors = sentence_transformers_rate(texts, args.st_batch_size)
-    print(f"sentence-transformers encode (fp32, batch {args.st_batch_size}): {st_rate:.1f} sentences/s")
+    # The peer before and after the servers, the ratios against the mean: a machine whose load drifts
+    # during the run moves both sides.
+    st_before, st_vectors = sentence_transformers_rate(texts, args.st_batch_size)
     tmp = Path(tempfile.mkdtemp(prefix="llmaas-embeddings-"))
-    print("| llmaas dtype | clients | sentences/s | vs sentence-transformers | worst cosine |")
-    print("|---|---:|---:|---:|---:|")
+    rows = []
     for dtype in args.dtype.split(","):
         proc, url = serve(dtype, tmp)
         try:
             for clients in levels:
                 rate, vectors = asyncio.run(llmaas_rate(url, texts, clients, args.inputs_per_request))
-                worst = float(np.min(np.sum(vectors * st_vectors, axis=1)))
-                print(f"| {dtype} | {clients} | {rate:.1f} | {rate / st_rate:.2f}x | {worst:.6f} |")
+                rows.append((dtype, clients, rate, float(np.min(np.sum(vectors * st_vectors, axis=1)))))
+                print(f"llmaas {dtype}, {clients} clients: {rate:.1f} sentences/s", flush=True)
         finally:
             stop_process_group(proc)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    st_after, _ = sentence_transformers_rate(texts, args.st_batch_size)
+    st_rate = (st_before + st_after) / 2
+    print(f"sentence-transformers encode (fp32, batch {args.st_batch_size}): {st_before:.1f} sentences/s "
+          f"before, {st_after:.1f} after, mean {st_rate:.1f}")  # fmt: skip
+    print("| llmaas dtype | clients | sentences/s | vs sentence-transformers | worst cosine |")
+    print("|---|---:|---:|---:|---:|")
+    for dtype, clients, rate, worst in rows:
+        print(f"| {dtype} | {clients} | {rate:.1f} | {rate / st_rate:.2f}x | {worst:.6f} |")
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    print(f"load average after: {os.getloadavg()[0]:.2f}; OMP_WAIT_POLICY={policy}")
     return 0
 
 
