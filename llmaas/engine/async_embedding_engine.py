@@ -22,6 +22,7 @@ import torch
 
 from llmaas.engine.async_engine import IDLE_WAIT_S, EngineDeadError
 from llmaas.engine.embedding_engine import EmbeddingEngine
+from llmaas.engine.engine_thread import start_engine_thread
 from llmaas.engine.llm_engine import EngineConfig
 from llmaas.errors import EngineOverloadedError
 
@@ -57,7 +58,6 @@ class AsyncEmbeddingEngine:
     def __init__(self, engine: EmbeddingEngine | Callable[[], EmbeddingEngine], max_waiting: int = 256):
         """`engine`, or a function that builds it on the loop thread (preferred). Returns once built; a
         build error is raised here. More than `max_waiting` requests queued: 503 (EngineOverloadedError)."""
-        self.engine: EmbeddingEngine = None  # type: ignore[assignment]  # set by the loop thread
         self.max_waiting = max_waiting
         self._incoming: queue.SimpleQueue[_Job | Callable[[], None]] = queue.SimpleQueue()
         self._jobs: list[_Job] = []  # loop thread only
@@ -66,17 +66,8 @@ class AsyncEmbeddingEngine:
         self._wakeup = threading.Event()
         self._order = itertools.count()
         self._stopping = False
-        self._ready = threading.Event()
-        self._build_error: BaseException | None = None
         build = engine if callable(engine) else (lambda: engine)
-        self._thread = threading.Thread(
-            target=self._run, args=(build,), name="llmaas-embeddings", daemon=True
-        )
-        self._thread.start()
-        self._ready.wait()
-        if self._build_error is not None:
-            self._thread.join()
-            raise self._build_error
+        self._thread, self.engine = start_engine_thread(build, self._serve, "llmaas-embeddings")
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_waiting: int = 256) -> AsyncEmbeddingEngine:
@@ -101,14 +92,8 @@ class AsyncEmbeddingEngine:
         return self.engine.prepare(inputs)
 
     # ------------------------------------------------------------- loop thread
-    def _run(self, build: Callable[[], EmbeddingEngine]) -> None:
-        try:
-            self.engine = build()
-        except BaseException as exc:  # handed to the constructor
-            self._build_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
+    def _serve(self, engine: EmbeddingEngine) -> None:
+        self.engine = engine
         try:
             while not self._stopping:
                 self._take_incoming()
