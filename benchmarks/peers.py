@@ -152,7 +152,7 @@ def free_port() -> int:
 def model_gguf() -> Path:
     from llmaas.models.catalog import find_catalog_entry
 
-    path = find_catalog_entry(MODEL).gguf_path()
+    path = find_catalog_entry(MODEL).source_path()
     if path is None:
         raise SystemExit("the default model's wheel is missing: make setup")
     return path

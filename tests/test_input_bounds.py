@@ -24,6 +24,8 @@ import httpx
 import pytest
 
 from llmaas.billing import FreeGrant, create_account, create_key, list_keys, open_database, set_price, top_up
+from llmaas.engine.async_embedding_engine import AsyncEmbeddingEngine
+from llmaas.engine.llm_engine import EngineConfig
 from llmaas.server import create_app
 from llmaas.server.billing import ServerBilling
 from llmaas.server.bootstrap import bootstrap
@@ -42,6 +44,7 @@ from tests.test_server_api import make_engine, serve
 pytest_plugins = ["tests.billing_services"]  # postgres_url
 
 MODEL = "tiny"
+EMBEDDING_MODEL = "minilm-l6"  # the real one: no tiny BERT checkpoint ships with a tokenizer
 ADMIN_KEY = "sk-admin-bounds"
 SPEC = create_app().openapi()  # routes only: no engine, no billing needed to document them
 DEFS = SPEC["components"]["schemas"]
@@ -55,6 +58,7 @@ BASE_BODIES = {
     },
     ("post", "/v1/completions"): lambda fresh: {"model": MODEL, "prompt": "hi", "max_tokens": 2},
     ("post", "/v1/responses"): lambda fresh: {"model": MODEL, "input": "hi", "max_output_tokens": 2},
+    ("post", "/v1/embeddings"): lambda fresh: {"model": EMBEDDING_MODEL, "input": "hi"},
     ("post", "/admin/accounts"): lambda fresh: {"name": fresh(create=False)},
     ("post", "/admin/accounts/{account}/plan"): lambda fresh: {"plan": "plus"},
     ("post", "/admin/keys"): lambda fresh: {"account": fresh()},
@@ -71,6 +75,7 @@ BASE_BODIES = {
 _REPORT_QUERY = ["start_time", "end_time", "bucket_width", "group_by", "project_ids"]
 HAND_PARSED_QUERY = {
     ("get", "/v1/organization/usage/completions"): _REPORT_QUERY,
+    ("get", "/v1/organization/usage/embeddings"): _REPORT_QUERY,
     ("get", "/v1/organization/costs"): _REPORT_QUERY,
 }
 BASE_QUERY = {"start_time": str(int(time.time()) - 86_400), "bucket_width": "1d", "group_by": "model"}
@@ -159,16 +164,24 @@ def engine(tmp_path_factory):
     engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def embedder():
+    engine = AsyncEmbeddingEngine.from_config(EngineConfig(model=EMBEDDING_MODEL, dtype="float32"))
+    yield engine
+    engine.shutdown()
+
+
 @contextmanager
-def _serving(engine, url: str):
+def _serving(engine, url: str, embedder=None):
     db = open_database(url)
-    bootstrap(db, [MODEL], admin_key=ADMIN_KEY, say=lambda _line: None)
+    bootstrap(db, [MODEL, EMBEDDING_MODEL], admin_key=ADMIN_KEY, say=lambda _line: None)
     set_price(db, MODEL, input_usd="1.00", cached_input_usd="0.50", output_usd="2.00")
     create_account(db, "customer", plan="plus", free_grant=None)
     top_up(db, "customer", 1_000_000_000)  # $1,000: no case is refused for its balance
     customer = create_key(db, "customer", requests_per_minute=10**6, tokens_per_minute=10**9).secret
     try:
-        with serve(create_app({MODEL: engine}, billing=ServerBilling(db))) as base_url:
+        engines = {MODEL: engine, **({EMBEDDING_MODEL: embedder} if embedder is not None else {})}
+        with serve(create_app(engines, billing=ServerBilling(db))) as base_url:
             with httpx.Client(base_url=base_url, timeout=120) as client:
                 yield Server(client, db, customer, engine)
     finally:
@@ -176,8 +189,9 @@ def _serving(engine, url: str):
 
 
 @pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
-    with _serving(engine, f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'billing.sqlite3'}") as server:
+def server(engine, embedder, tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'billing.sqlite3'}"
+    with _serving(engine, url, embedder) as server:
         yield server
 
 

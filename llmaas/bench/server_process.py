@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -47,3 +48,10 @@ def wait_until_ready(
         time.sleep(poll_s)
     stop_process_group(proc)
     raise RuntimeError(f"the server did not become ready within {timeout_s:.0f}s: see {log}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

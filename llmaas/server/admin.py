@@ -3,7 +3,8 @@
 /admin/... offers the operations of the `llmaas accounts|keys|credits|prices|usage` verbs, as JSON,
 guarded by the admin key (bootstrap.py). Amounts are decimal USD strings, as the CLI takes them.
 
-`GET /v1/organization/usage/completions` and `GET /v1/organization/costs` have OpenAI's shape. An
+`GET /v1/organization/usage/completions`, `.../usage/embeddings` and `GET /v1/organization/costs` have
+OpenAI's shape (completions' usage leaves embeddings out; costs count every endpoint). An
 account's key always sees its own account only; the admin key sees every account (`project_ids` to
 narrow it). group_by: model, api_key_id, project_id (= our account).
 """
@@ -50,6 +51,7 @@ from llmaas.billing.usage_report import BUCKET_MINUTES
 from llmaas.errors import InvalidRequestError, LlmaasError
 from llmaas.server.billing import PRINCIPAL, ServerBilling, bearer
 from llmaas.server.bootstrap import ADMIN_ACCOUNT, is_admin_key
+from llmaas.server.usage import EMBEDDINGS_ENDPOINT
 
 
 class BillingDisabledError(LlmaasError):
@@ -380,6 +382,7 @@ def _bucket_page(buckets, next_page: int | None, result) -> dict[str, Any]:
 @organization.get("/usage/completions")
 async def usage_completions(request: Request) -> JSONResponse:
     args = _report_args(request)
+    args["exclude_endpoints"] = (EMBEDDINGS_ENDPOINT,)  # those have their own report, below
     grouped = set(args["group_by"])
     buckets, next_page = await asyncio.to_thread(_scoped_report, request, args)
 
@@ -397,6 +400,27 @@ async def usage_completions(request: Request) -> JSONResponse:
             "api_key_id": row.api_key_id if "api_key_id" in grouped else None,
             "model": row.model if "model" in grouped else None,
             "batch": None,
+        }
+
+    return JSONResponse(_bucket_page(buckets, next_page, result))
+
+
+@organization.get("/usage/embeddings")
+async def usage_embeddings(request: Request) -> JSONResponse:
+    args = _report_args(request)
+    args["endpoints"] = (EMBEDDINGS_ENDPOINT,)
+    grouped = set(args["group_by"])
+    buckets, next_page = await asyncio.to_thread(_scoped_report, request, args)
+
+    def result(row) -> dict[str, Any]:
+        return {
+            "object": "organization.usage.embeddings.result",
+            "input_tokens": row.input_tokens,
+            "num_model_requests": row.num_model_requests,
+            "project_id": row.account if "account" in grouped else None,
+            "user_id": None,
+            "api_key_id": row.api_key_id if "api_key_id" in grouped else None,
+            "model": row.model if "model" in grouped else None,
         }
 
     return JSONResponse(_bucket_page(buckets, next_page, result))

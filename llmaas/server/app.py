@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llmaas.engine.async_engine import AsyncEngine
-from llmaas.server import admin, chat, completions
+from llmaas.server import admin, chat, completions, embeddings
 from llmaas.server.billing import BillingMiddleware, ServerBilling
 from llmaas.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from llmaas.server.console import install_console
@@ -122,6 +122,7 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(responses_api.router)
+    app.include_router(embeddings.router)
     app.include_router(admin.admin)
     app.include_router(admin.organization)
     if billing is not None:

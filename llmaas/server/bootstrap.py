@@ -41,6 +41,8 @@ ADMIN_KEY_ENV = "LLMAAS_ADMIN_KEY"
 DEFAULT_ACCOUNT_PLAN = "operator"
 # USD per 1M tokens for a served model with no price yet (the operator changes it with `llmaas prices set`).
 DEFAULT_PRICE = {"input_usd": "0.05", "cached_input_usd": "0.025", "output_usd": "0.20"}
+# An embedding model reads input only: one input price (no prefix cache, no output).
+DEFAULT_EMBEDDING_PRICE = {"input_usd": "0.02", "cached_input_usd": "0.02", "output_usd": "0"}
 
 
 def _account_exists(db: Database, name: str) -> bool:
@@ -106,9 +108,11 @@ def bootstrap(
     served_models: Sequence[str],
     *,
     admin_key: str | None = None,
+    embedding_models: Sequence[str] = (),
     say: Callable[[str], None] = print,
 ) -> None:
-    """Create what a fresh database lacks; print new secrets once through `say`."""
+    """Create what a fresh database lacks; print new secrets once through `say`. `embedding_models`:
+    those of `served_models` that get the embedding default price."""
     admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
     created = False
     if not _account_exists(db, DEFAULT_ACCOUNT):
@@ -132,12 +136,13 @@ def bootstrap(
         try:
             current_price(db, model)
         except (PriceNotSetError, NotFoundError):
-            set_price(db, model, **DEFAULT_PRICE)
+            price = DEFAULT_EMBEDDING_PRICE if model in embedding_models else DEFAULT_PRICE
+            set_price(db, model, **price)
             log.warning(
                 "model %s had no price: set the default $%s in / $%s cached / $%s out per 1M tokens "
                 "(change it with `llmaas prices set`)",
                 model,
-                DEFAULT_PRICE["input_usd"],
-                DEFAULT_PRICE["cached_input_usd"],
-                DEFAULT_PRICE["output_usd"],
+                price["input_usd"],
+                price["cached_input_usd"],
+                price["output_usd"],
             )

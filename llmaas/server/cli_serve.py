@@ -169,9 +169,11 @@ def _add_hold_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from llmaas.engine.async_embedding_engine import AsyncEmbeddingEngine
     from llmaas.engine.async_engine import AsyncEngine
     from llmaas.engine.cli_args import engine_config_from_args
     from llmaas.errors import InvalidRequestError
+    from llmaas.models.catalog import is_embedding_model
     from llmaas.server.app import create_app
     from llmaas.server.console import MachineCosts
     from llmaas.server.draining import DrainingServer
@@ -187,12 +189,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = engine_config_from_args(args)
     configs = {name: dataclasses.replace(base, model=model) for name, model in zip(names, models)}
 
-    def load(name: str) -> AsyncEngine:
-        return AsyncEngine.from_config(configs[name], max_waiting=args.max_waiting)
+    embedding_models = [name for name in names if is_embedding_model(configs[name].model)]
+
+    def load(name: str) -> AsyncEngine | AsyncEmbeddingEngine:
+        kind = AsyncEmbeddingEngine if name in embedding_models else AsyncEngine
+        return kind.from_config(configs[name], max_waiting=args.max_waiting)
 
     logging.getLogger("llmaas").setLevel(getattr(logging, args.log_level.upper()))
     machine_costs = MachineCosts.load(args.usd_per_hour, args.cost_bench)  # bad input fails before any work
-    billing, lease = _billing(args, names)
+    billing, lease = _billing(args, names, embedding_models)
     limits = {}
     if args.max_body_bytes is not None:
         limits["max_body_bytes"] = args.max_body_bytes
@@ -221,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _billing(args: argparse.Namespace, served: list[str]):
+def _billing(args: argparse.Namespace, served: list[str], embedding_models: list[str]):
     """The billing database, bootstrap, limiter, ServerBilling, and this instance's started HoldLease."""
     from llmaas.billing import open_database
     from llmaas.server.billing import ServerBilling
@@ -230,7 +235,7 @@ def _billing(args: argparse.Namespace, served: list[str]):
     from llmaas.server.progress import ProgressPolicy
 
     db = open_database(args.database_url)
-    bootstrap(db, served, say=lambda line: print(line, flush=True))
+    bootstrap(db, served, embedding_models=embedding_models, say=lambda line: print(line, flush=True))
     limiter = in_flight = None
     if args.redis_url:
         from llmaas.billing.inflight_redis import RedisInFlight

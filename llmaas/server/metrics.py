@@ -80,6 +80,8 @@ ENGINE_GAUGES = {
         "share of prompt blocks found in the prefix cache",
     ),
     "preemptions": ("llmaas_preemptions_total", "sequences preempted for lack of KV blocks"),
+    "embedding_forwards": ("llmaas_embedding_forwards_total", "forward passes of an embedding model"),
+    "embedding_inputs": ("llmaas_embedding_inputs_total", "inputs embedded"),
 }
 
 

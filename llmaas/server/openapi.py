@@ -9,8 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 GENERATION = ("/v1/chat/completions", "/v1/completions")
+MODEL_RUNS = (*GENERATION, "/v1/embeddings")  # routes that run a model, billed
 # Routes that read their query by hand (admin.py _report_args): no declared parameters, yet a 400.
-HAND_PARSED_QUERY = ("/v1/organization/usage/completions", "/v1/organization/costs")
+HAND_PARSED_QUERY = (
+    "/v1/organization/usage/completions",
+    "/v1/organization/usage/embeddings",
+    "/v1/organization/costs",
+)
 UNGATED = ("/health", "/metrics")  # the drain middleware lets them through (draining.py)
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
@@ -27,14 +32,15 @@ def _statuses(path: str, operation: dict[str, Any], billing: bool, auth: bool) -
         out[401] = "missing, unknown, revoked or expired API key (the admin key for /admin)"
     if privileged:
         out[404] = "unknown account, key or model; or this server runs without billing"
-    if path in GENERATION or path.startswith("/v1/models/"):
+    if path in MODEL_RUNS or path.startswith("/v1/models/"):
         out[404] = "model not found"
-    if path in GENERATION:
+    if path in MODEL_RUNS:
         if billing:
             out[403] = "this API key may not use the model"
             out[429] = "rate limit reached, or not enough credit (insufficient_quota)"
-        out[499] = "the client closed the connection before the response (nothing is sent)"
         out[500] = "the engine failed while running the request (engine_error)"
+    if path in GENERATION:
+        out[499] = "the client closed the connection before the response (nothing is sent)"
     if path == "/health":
         out[503] = "models still loading, or the server is draining"
     return out

@@ -55,9 +55,14 @@ def usage(
         },
     }
     if cost_micros is not None:
-        # The 6-decimal string parses to the float whose shortest repr is that string: exact on the wire.
-        body["cost"] = float(Decimal(cost_micros) / 1_000_000)
+        body["cost"] = cost_usd(cost_micros)
     return body
+
+
+def cost_usd(cost_micros: int) -> float:
+    """A usage's `cost` in USD. The 6-decimal string parses to the float whose shortest repr is that
+    string: exact on the wire."""
+    return float(Decimal(cost_micros) / 1_000_000)
 
 
 def _lp(value: float) -> float:

@@ -89,22 +89,7 @@ class ServerState:
                 api_key=api_key,
                 client_request_id=request.scope.get(CLIENT_REQUEST_ID),
             )
-            if admission is not None:
-                try:
-                    settled = await asyncio.to_thread(self.billing.finish, admission, record)
-                    run.cost_micros = settled.cost_micros if settled is not None else None
-                except Exception as exc:
-                    log.exception("settling %s failed", request_id)
-                    if status == "finished":  # no ledger record: the response must not complete
-                        raise SettlementError() from exc
-            if self.billing_hook is None:
-                return
-            try:
-                result = self.billing_hook(record)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception("billing hook failed for %s", request_id)
+            run.cost_micros = await self.settle(admission, record)
 
         priority = admission.priority if admission is not None else 0
         run = EngineRun(
@@ -124,6 +109,28 @@ class ServerState:
             watcher.cancel()
             raise
         return run, watcher
+
+    async def settle(self, admission: Admission | None, record: RequestUsage) -> int | None:
+        """Settle the request's hold (release it for status "rejected"), then tell the billing hook.
+        Returns the cost in micro-USD, None when nothing was billed. A finished request that cannot be
+        settled raises SettlementError: no response completes without its ledger record."""
+        cost = None
+        if admission is not None:
+            try:
+                settled = await asyncio.to_thread(self.billing.finish, admission, record)
+                cost = settled.cost_micros if settled is not None else None
+            except Exception as exc:
+                log.exception("settling %s failed", record.request_id)
+                if record.status == "finished":
+                    raise SettlementError() from exc
+        if self.billing_hook is not None:
+            try:
+                result = self.billing_hook(record)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("billing hook failed for %s", record.request_id)
+        return cost
 
     async def _admit(
         self,

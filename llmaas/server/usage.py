@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+EMBEDDINGS_ENDPOINT = "embeddings"  # usage reports show these apart from completions
+
 
 @dataclass(frozen=True)
 class RequestUsage:
     request_id: str
     model: str
-    endpoint: str  # "chat.completions" or "completions"
+    endpoint: str  # "chat.completions", "completions" or EMBEDDINGS_ENDPOINT
     prompt_tokens: int
     cached_tokens: int  # prompt tokens served by the prefix cache
     completion_tokens: int
