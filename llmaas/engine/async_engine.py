@@ -31,6 +31,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 
+from llmaas.engine.engine_thread import start_engine_thread
 from llmaas.engine.llm_engine import EngineConfig, LLMEngine
 from llmaas.engine.outputs import RequestOutput
 from llmaas.engine.sampling_params import SamplingParams
@@ -88,15 +89,8 @@ class AsyncEngine:
         self._stopping = False
         self._closed = False  # set once the loop has ended: commands are refused from then on
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._build_error: BaseException | None = None
         build = engine if callable(engine) else (lambda: engine)
-        self._thread = threading.Thread(target=self._run, args=(build,), name="llmaas-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._build_error is not None:
-            self._thread.join()
-            raise self._build_error
+        self._thread, self.engine = start_engine_thread(build, self._serve, "llmaas-engine")
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_waiting: int = 256) -> AsyncEngine:
@@ -104,14 +98,8 @@ class AsyncEngine:
         return cls(lambda: LLMEngine(config), max_waiting=max_waiting)
 
     # ------------------------------------------------------------- loop thread
-    def _run(self, build: Callable[[], LLMEngine]) -> None:
-        try:
-            self.engine = build()
-        except BaseException as exc:  # handed to the constructor
-            self._build_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
+    def _serve(self, engine: LLMEngine) -> None:
+        self.engine = engine  # before the loop: it may run before the constructor has returned
         try:
             self._loop()
         finally:
