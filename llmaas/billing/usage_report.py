@@ -22,7 +22,7 @@ from llmaas.billing.schema import Account, UsageRecord
 from llmaas.errors import InvalidRequestError
 
 BUCKET_MINUTES = {"1m": 1, "1h": 60, "1d": 1440}
-GROUP_BY = ("model", "api_key_id", "account")
+GROUP_BY = ("model", "api_key_id", "account", "service_tier")
 MAX_BUCKETS = 10_000
 
 
@@ -36,6 +36,7 @@ class UsageRow:
     input_cached_tokens: int
     output_tokens: int
     cost_micros: int
+    service_tier: str | None = None  # None when not grouped by service tier
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,12 @@ def usage_report(
         )
 
     bucket = (UsageRecord.epoch_minute // BUCKET_MINUTES[bucket_width]).label("bucket")
-    columns = {"model": UsageRecord.model, "api_key_id": UsageRecord.key_id, "account": Account.name}
+    columns = {
+        "model": UsageRecord.model,
+        "api_key_id": UsageRecord.key_id,
+        "account": Account.name,
+        "service_tier": func.coalesce(UsageRecord.service_tier, "default"),
+    }
     groups = [columns[g].label(g) for g in GROUP_BY if g in group_by]
     query = (
         select(
@@ -127,6 +133,7 @@ def usage_report(
                 input_cached_tokens=cached,
                 output_tokens=completion,
                 cost_micros=cost,
+                service_tier=values.get("service_tier"),
             )
         )
     return [UsageBucket(t, t + width, by_bucket.get(t, [])) for t in range(first_bucket, end, width)]
