@@ -433,7 +433,6 @@ def test_chat_bad_params_are_400_naming_the_param(client, kw, param):
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"verbosity": "low"}, "verbosity"),
         ({"web_search_options": {}}, "web_search_options"),
-        ({"service_tier": "scale"}, "service_tier"),
     ],
 )
 def test_what_cannot_be_honoured_is_refused_by_name(client, kw, param):
