@@ -263,7 +263,6 @@ class BatchLine(Base):
 
     __tablename__ = "batch_lines"
     __table_args__ = (
-        UniqueConstraint("batch_id", "custom_id"),
         UniqueConstraint("batch_id", "line"),
         Index("ix_batch_lines_batch_status", "batch_id", "status"),
     )
@@ -271,7 +270,7 @@ class BatchLine(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
     line: Mapped[int] = mapped_column(Integer)  # 0-based line number in the input file
-    custom_id: Mapped[str] = mapped_column(String(256))
+    custom_id: Mapped[str | None] = mapped_column(String(256), nullable=True)  # None: a line without one
     body: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))
     claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the server instance

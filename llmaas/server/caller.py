@@ -29,9 +29,11 @@ class Caller:
     # Where admission leaves the rate-limit headers: the ASGI scope, whose BillingMiddleware sends them.
     scope: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)  # the bearer token, for a billing hook
-    # A batch line runs without progress checkpoints (after a crash it is run again, never billed in
-    # part) and without the key's rate and in-flight limits (the batch runner sets its own pace).
-    checkpoints: bool = True
+    # An HTTP client gets its tokens as they are made, so a run cut short is billed for them (and they
+    # are checkpointed on the hold while it runs). A batch line delivers only its whole response: a run
+    # cut short delivered nothing, its hold is released, and the line runs again (batches/runner.py).
+    billed_in_part: bool = True
+    # A batch line runs without the key's rate and in-flight limits (the batch runner sets its pace).
     rate_limited: bool = True
 
 

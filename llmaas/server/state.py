@@ -62,7 +62,7 @@ class ServerState:
         admission, token_ids = await self._admit(caller, model, prompts, params, request_id)
         # The tokens so far, checkpointed on the hold while the request runs (a crash bills them).
         progress = None
-        if admission is not None and caller.checkpoints:
+        if admission is not None and caller.billed_in_part:
             progress = self.billing.progress_checkpoint(request_id)
 
         async def on_end(run: EngineRun, status: str) -> None:
@@ -78,7 +78,8 @@ class ServerState:
                 prompt_tokens=run.prompt_tokens,
                 cached_tokens=run.cached_tokens,
                 completion_tokens=run.completion_tokens,
-                status=status,
+                # A batch line's run cut short delivered nothing: released, not billed (caller.py).
+                status=status if caller.billed_in_part or status == "finished" else "rejected",
                 finish_reasons=run.finish_reasons,
                 user=user,
                 api_key=caller.api_key,

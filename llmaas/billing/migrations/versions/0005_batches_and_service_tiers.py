@@ -59,13 +59,12 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("batch_id", sa.String(length=64), sa.ForeignKey("batches.id"), nullable=False),
         sa.Column("line", sa.Integer(), nullable=False),
-        sa.Column("custom_id", sa.String(length=256), nullable=False),
+        sa.Column("custom_id", sa.String(length=256), nullable=True),
         sa.Column("body", sa.JSON(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("claimed_by", sa.String(length=128), nullable=True),
         sa.Column("response", sa.JSON(), nullable=True),
         sa.Column("error", sa.JSON(), nullable=True),
-        sa.UniqueConstraint("batch_id", "custom_id"),
         sa.UniqueConstraint("batch_id", "line"),
     )
     op.create_index("ix_batch_lines_batch_status", "batch_lines", ["batch_id", "status"])
