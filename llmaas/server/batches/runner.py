@@ -108,10 +108,10 @@ class BatchRunner:
         self.wake = asyncio.Event()  # a batch was created or cancelled, or a line ended
         self._running: dict[int, asyncio.Task] = {}  # line id -> its task
         self._housekept = 0.0
+        self._restarted = False  # this instance's lines from before its restart taken back
 
     async def run(self) -> None:
         """The runner's loop, until cancelled (the app's end)."""
-        await asyncio.to_thread(reclaim_lines, self.db, self.owner, restarting=True)
         try:
             while True:
                 try:
@@ -128,6 +128,9 @@ class BatchRunner:
                 task.cancel()  # each run is aborted and released; its line runs again after a restart
 
     async def _step(self) -> None:
+        if not self._restarted:  # before claiming anything: what a previous run of this instance left
+            await asyncio.to_thread(reclaim_lines, self.db, self.owner, restarting=True)
+            self._restarted = True
         if time.monotonic() - self._housekept > HOUSEKEEPING_S:
             self._housekept = time.monotonic()
             await asyncio.to_thread(self._housekeeping)
