@@ -8,7 +8,8 @@ a temp dir), then, each phase --phase-s seconds:
    words, --max-tokens tokens, ignore_eos): TTFT and TPOT p50 / p99, and their tok/s;
 3. interactive + batch: the same clients while a --batch-lines line batch (/v1/completions, --batch-tokens
    tokens each) runs: the interactive TTFT / TPOT again, and the batch's lines and tokens per second
-   from what is left of the machine (the batch is cancelled at the end of the phase);
+   from what is left of the machine (the batch is cancelled at the end of the phase); then the clients
+   alone once more (the machine is shared: the ratios are against the mean of both runs without it);
 4. full flex load: --flex-clients back-to-back `flex` requests, and --samples `priority` requests
    measured one after another meanwhile: their TTFT against the idle one.
 
@@ -87,7 +88,8 @@ def latency_line(name: str, records: list[RequestRecord], seconds: float) -> dic
         "tpot_p99": pct(tpot, 99),
     }
     print(
-        f"{name:24s} {row['requests']:4d} requests {row['tok_s']:6.0f} tok/s   TTFT p50 "
+        f"{name:24s} (load {os.getloadavg()[0]:4.1f}) {row['requests']:4d} requests "
+        f"{row['tok_s']:6.0f} tok/s   TTFT p50 "
         f"{row['ttft_p50'] * 1000:6.0f} ms p99 {row['ttft_p99'] * 1000:6.0f} ms   TPOT p50 "
         f"{row['tpot_p50'] * 1000:5.1f} ms p99 {row['tpot_p99'] * 1000:5.1f} ms"
     )
@@ -161,6 +163,12 @@ async def run(args: argparse.Namespace, url: str) -> None:
         )
         while (await client.get(f"/v1/batches/{batch_id}")).json()["status"] != "cancelled":
             await asyncio.sleep(0.5)
+        # Alone again: the machine is shared, so the batch phase is bracketed by two runs without it.
+        again = latency_line(
+            "interactive alone again",
+            await ClosedLoop(client, args.clients, body).run_for(args.phase_s),
+            args.phase_s,
+        )
 
         flood = ClosedLoop(client, args.flex_clients, flex)
         tasks = flood.start()
@@ -179,8 +187,8 @@ async def run(args: argparse.Namespace, url: str) -> None:
         )
 
     for name, a, b in (
-        ("interactive TTFT p99", alone["ttft_p99"], with_batch["ttft_p99"]),
-        ("interactive TPOT p99", alone["tpot_p99"], with_batch["tpot_p99"]),
+        ("interactive TTFT p99", (alone["ttft_p99"] + again["ttft_p99"]) / 2, with_batch["ttft_p99"]),
+        ("interactive TPOT p99", (alone["tpot_p99"] + again["tpot_p99"]) / 2, with_batch["tpot_p99"]),
         ("priority TTFT p50 (flex load / idle)", pct(idle_priority, 50), pct(loaded_priority, 50)),
     ):
         ratio = b / a
