@@ -20,7 +20,9 @@ POSTGRES_URLS = (
     else ["postgresql://postgres@127.0.0.1:5432/test", "postgresql://root@127.0.0.1:5432/test"]
 )
 REDIS_URL = os.environ.get("LLMAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TABLES = "usage_records, holds, instances, ledger_entries, prices, api_keys, accounts"
+TABLES = (
+    "batch_lines, batches, files, usage_records, holds, instances, ledger_entries, prices, api_keys, accounts"
+)
 
 
 def unavailable(reason: str):

@@ -101,6 +101,9 @@ def test_cost_command_prints_exact_prices(bench_file, capsys):
     assert "| 4 | 300.0 | 25.0% | $0.250000 | $0.250000 | $0.500000 | $0.050000 | $0.500000 | 0 |" in out
     # The cheapest error-free level is chosen (concurrency 16 had errors).
     assert "At concurrency 4: break-even $0.250000 input / $0.250000 output" in out
+    # Per tier at its default percentage: flex and batch at 50% of a 50%-margin price are at break-even.
+    assert "priority 200%: input $1.000000, cached input $0.100000, output $1.000000" in out
+    assert "flex      50%: input $0.250000, cached input $0.025000, output $0.250000\n" in out
     assert main(["cost", str(bench_file), "--usd-per-hour", "0.36", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["chosen_concurrency"] == 4 and data["levels"][0]["break_even_input_usd_per_1m"] == "1.000000"

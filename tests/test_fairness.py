@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from starlette.requests import Request
 
 from llmaas.billing import FreeGrant, create_account, create_key, open_database, open_holds, set_price
 from llmaas.billing.holds import list_holds
@@ -20,7 +19,8 @@ from llmaas.billing.plans import PLANS
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import InvalidRequestError
 from llmaas.server import create_app
-from llmaas.server.billing import PRINCIPAL, ServerBilling
+from llmaas.server.billing import ServerBilling
+from llmaas.server.caller import Caller
 from llmaas.server.registry import ModelRegistry
 from llmaas.server.state import ServerState
 from llmaas.server.usage import RequestUsage
@@ -301,11 +301,11 @@ def test_an_admission_that_completes_after_its_request_left_is_undone(server, db
     state = ServerState(ModelRegistry([]), billing=billing)
     engine = SimpleNamespace(tokenize=slow_tokenize, resolve_max_tokens=lambda num_prompt_tokens, params: 5)
     model = SimpleNamespace(name=MODEL, engine=engine)
-    request = Request({"type": "http", "headers": [], PRINCIPAL: principal})
+    caller = Caller(principal, None)
 
     async def scenario() -> None:
         admitting = asyncio.ensure_future(
-            state._admit(request, model, ["hi"], SamplingParams(max_tokens=5), "fair-left-1")
+            state._admit(caller, model, ["hi"], SamplingParams(max_tokens=5), "fair-left-1")
         )
         while not tokenizing.is_set():
             await asyncio.sleep(0.01)

@@ -131,7 +131,16 @@ def test_chat_shape_and_usage(client, raw, hook):
     assert (record.prompt_tokens, record.completion_tokens) == (u.prompt_tokens, u.completion_tokens)
     assert record.api_key == "sk-test"
     body = raw.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2}).json()
-    assert set(body) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert set(body) == {
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "choices",
+        "usage",
+        "service_tier",
+    }
     assert set(body["choices"][0]) == {"index", "message", "logprobs", "finish_reason"}
 
 
@@ -424,7 +433,6 @@ def test_chat_bad_params_are_400_naming_the_param(client, kw, param):
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"verbosity": "low"}, "verbosity"),
         ({"web_search_options": {}}, "web_search_options"),
-        ({"service_tier": "flex"}, "service_tier"),
     ],
 )
 def test_what_cannot_be_honoured_is_refused_by_name(client, kw, param):

@@ -34,10 +34,10 @@ from tests.test_server_cli import LAUNCH, free_port
 pytest_plugins = ["tests.billing_services"]  # db_url: SQLite and PostgreSQL
 
 
-def start(model_dir, db_url: str, port: int) -> subprocess.Popen:
+def start(model_dir, db_url: str, port: int, extra: list[str] = ()) -> subprocess.Popen:
     args = ["serve", "--model", str(model_dir), "--served-model-name", "tiny", "--port", str(port)]
     args += ["--dtype", "float32", "--kv-cache-memory", "1MiB", "--block-size", "4", "--log-level", "warning"]
-    args += ["--no-auth", "--database-url", db_url, "--instance-id", "replica-1"]
+    args += ["--no-auth", "--database-url", db_url, "--instance-id", "replica-1", *extra]
     proc = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

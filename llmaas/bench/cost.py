@@ -29,6 +29,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from llmaas.billing.money import TOKENS_PER_PRICE_UNIT, format_usd, usd_to_micros
+from llmaas.billing.prices import TIERS
 from llmaas.errors import InvalidRequestError, LlmaasError
 
 SECONDS_PER_HOUR = 3600
@@ -269,6 +270,21 @@ def price_strings(c: LevelCost) -> tuple[str, str, str]:
     )
 
 
+def tier_prices(c: LevelCost) -> list[tuple[str, int, tuple[str, str, str], bool]]:
+    """Per service tier at its default percentage of the price (billing.prices.TIERS): (tier, percent,
+    (input, cached input, output) USD per 1M, rounded up; whether that is below the break-even cost)."""
+    rows = [("default", 100)] + [(tier, percent) for tier, percent in TIERS.items()]
+    out = []
+    for tier, percent in rows:
+        scaled = [
+            _ceil(Fraction(m * percent, 100))
+            for m in (c.price_input_micros, c.price_cached_input_micros, c.price_output_micros)
+        ]
+        below = scaled[0] < c.break_even_input_micros or scaled[2] < c.break_even_output_micros
+        out.append((tier, percent, tuple(format_usd(m) for m in scaled), below))
+    return out
+
+
 # ---------------------------------------------------------------- CLI
 def _add_cost_options(p: argparse.ArgumentParser, usd_required: bool) -> None:
     p.add_argument(
@@ -348,6 +364,15 @@ def cmd_cost(args: argparse.Namespace) -> int:
                 f"input / ${format_usd(chosen.break_even_output_micros)} output; at {args.margin} margin: "
                 f"input ${inp}, cached input ${cached}, output ${out} per 1M tokens"
             )
+            print(
+                "Per service tier (their default percentages of that price; `llmaas prices set --*-percent`):"
+            )
+            for tier, percent, (t_in, t_cached, t_out), below in tier_prices(chosen):
+                note = "  (below break-even)" if below else ""
+                print(
+                    f"  {tier:8s} {percent:3d}%: input ${t_in}, cached input ${t_cached}, "
+                    f"output ${t_out}{note}"
+                )
         if args.write_prices:
             from llmaas.billing.db import default_database_url, open_database
             from llmaas.billing.prices import set_price

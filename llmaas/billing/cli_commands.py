@@ -31,7 +31,7 @@ from llmaas.billing.db import Database, default_database_url, open_database
 from llmaas.billing.keys import create_key, list_keys, revoke_key
 from llmaas.billing.money import credit_to_micros, format_usd
 from llmaas.billing.plans import DEFAULT_FREE_GRANT, PLANS, get_plan
-from llmaas.billing.prices import list_prices, price_micros, set_price
+from llmaas.billing.prices import TIERS, list_prices, price_micros, set_price
 from llmaas.billing.records import (
     account_record,
     balance_record,
@@ -365,6 +365,9 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
             cached_input_usd=args.cached_input,
             output_usd=args.output,
             effective_from=effective_from,
+            batch_percent=args.batch_percent,
+            flex_percent=args.flex_percent,
+            priority_percent=args.priority_percent,
         )
     record = price_record(price)
     if args.json:
@@ -373,7 +376,8 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
         print(
             f"Price {price.id} for {price.model} from {_when(price.effective_from)}, USD per 1M tokens: "
             f"input {record['input_usd_per_1m']}, cached input {record['cached_input_usd_per_1m']}, "
-            f"output {record['output_usd_per_1m']}"
+            f"output {record['output_usd_per_1m']}; batch {price.batch_percent}%, "
+            f"flex {price.flex_percent}%, priority {price.priority_percent}%"
         )
     return 0
 
@@ -393,9 +397,12 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
         "input_usd_per_1m",
         "cached_input_usd_per_1m",
         "output_usd_per_1m",
+        "batch_percent",
+        "flex_percent",
+        "priority_percent",
         "effective_from",
     ]
-    _table(columns, [[r[c] for c in columns] for r in records], right=columns[:1] + columns[2:5])
+    _table(columns, [[r[c] for c in columns] for r in records], right=columns[:1] + columns[2:8])
     return 0
 
 
@@ -629,6 +636,10 @@ def add_billing_parsers(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--cached-input", help="USD per 1M cached prompt tokens")
     p.add_argument("--output", help="USD per 1M completion tokens")
     p.add_argument("--effective-from", default=None, help="ISO datetime, UTC unless zoned (default: now)")
+    for tier, percent in TIERS.items():
+        p.add_argument(
+            f"--{tier}-percent", default=None, help=f"the {tier} tier's percent of the prices ({percent})"
+        )
     prices_set = p
     p = _leaf(pp, "list", "list every price version, oldest first", cmd_prices_list, common)
     p.add_argument("--model", default=None, help="only this model's history")

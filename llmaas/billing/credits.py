@@ -82,6 +82,7 @@ class HoldInfo:
     price: PriceVersion | None = None  # the version the hold was priced at (from hold_for_request)
     expires_at: datetime | None = None  # the deadline (admission or last progress + the hold TTL)
     client_request_id: str | None = None  # the client's own id for the request (X-Client-Request-Id)
+    service_tier: str | None = None  # the tier it is billed at (prices.TIERS); None: default
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class UsageInfo:
     status: str
     finished_at: datetime
     client_request_id: str | None = None  # the client's own id (X-Client-Request-Id); request_id is ours
+    service_tier: str | None = None  # None: default
 
 
 def _hold_info(h: Hold) -> HoldInfo:
@@ -113,6 +115,7 @@ def _hold_info(h: Hold) -> HoldInfo:
         h.created_at,
         expires_at=h.expires_at,
         client_request_id=h.client_request_id,
+        service_tier=h.service_tier,
     )
 
 
@@ -130,6 +133,7 @@ def _usage_info(u: UsageRecord) -> UsageInfo:
         u.status,
         u.finished_at,
         u.client_request_id,
+        u.service_tier,
     )
 
 
@@ -236,18 +240,19 @@ _HOLD_FACTS = (
 )
 _PRICE_COLUMNS = """,
        p.id AS price_id, p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m,
-       p.effective_from"""
+       p.effective_from, p.batch_percent, p.flex_percent, p.priority_percent"""
 _PRICE_JOIN = """
-  LEFT JOIN (SELECT id, input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from
+  LEFT JOIN (SELECT id, input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from,
+                    batch_percent, flex_percent, priority_percent
                FROM prices WHERE model = :model AND effective_from <= :now
               ORDER BY effective_from DESC LIMIT 1) p ON 1 = 1"""
 _FACTS_AT_PRICE = _HOLD_FACTS.format(price="", price_join="")
 _FACTS_PRICE_IN_FORCE = _HOLD_FACTS.format(price=_PRICE_COLUMNS, price_join=_PRICE_JOIN)
 _INSERT_HOLD = """
 INSERT INTO holds (request_id, account_id, key_id, model, price_id, amount_micros, status, owner, created_at,
-                   expires_at, client_request_id)
+                   expires_at, client_request_id, service_tier)
 VALUES (:request_id, :account_id, :key_id, :model, :price_id, :amount, 'open', :owner, :now, :expires_at,
-        :client_request_id)
+        :client_request_id, :service_tier)
 RETURNING id
 """
 
@@ -271,6 +276,7 @@ def _hold(
     now: datetime,
     ttl_s: float | None = None,
     client_request_id: str | None = None,
+    service_tier: str | None = None,
 ) -> HoldInfo:
     """One transaction: lock the account, read balance + price + key, insert the hold.
 
@@ -302,7 +308,7 @@ def _hold(
             if facts["price_id"] is None:
                 raise PriceNotSetError(f"No price is set for model {model!r}", param="model")
             price = _price_version(facts, model)
-            amount_micros = worst_case_cost_micros(price, *tokens)
+            amount_micros = worst_case_cost_micros(price, *tokens, service_tier)
         available = _balance_of(facts).available_micros
         if amount_micros > available:
             raise InsufficientQuotaError(
@@ -324,6 +330,7 @@ def _hold(
             now=tx.time(now),
             expires_at=tx.time(expires_at),
             client_request_id=client_request_id,
+            service_tier=service_tier,
         )
     return HoldInfo(
         hold_id,
@@ -338,6 +345,7 @@ def _hold(
         price,
         expires_at,
         client_request_id,
+        service_tier,
     )
 
 
@@ -350,6 +358,9 @@ def _price_version(row: dict[str, Any], model: str) -> PriceVersion:
         row["cached_input_micros_per_m"],
         row["output_micros_per_m"],
         read_time(row["effective_from"]),
+        row.get("batch_percent", 50),
+        row.get("flex_percent", 50),
+        row.get("priority_percent", 200),
     )
 
 
@@ -395,12 +406,14 @@ def hold_for_request(
     now: datetime | None = None,
     ttl_s: float | None = None,
     client_request_id: str | None = None,
+    service_tier: str | None = None,
 ) -> HoldInfo:
     """Admission in one transaction: the price in force now, the worst-case cost, the hold.
 
     With `key_id`, the key is checked again in the same transaction (revoked or expired -> 401).
     `ttl_s`: the hold's deadline after admission or its last progress checkpoint (default one hour).
     `client_request_id`: the client's own id for the request, kept on the hold and its usage record.
+    `service_tier`: the tier it is billed at (prices.TIERS; None: default), kept likewise.
     """
     for value, param in ((prompt_tokens, "prompt_tokens"), (max_completion_tokens, "max_completion_tokens")):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -424,26 +437,29 @@ def hold_for_request(
         now=now or utcnow(),
         ttl_s=ttl_s,
         client_request_id=client_request_id,
+        service_tier=service_tier,
     )
 
 
 # The terms a request is billed on: its hold's account, key, model, admission time and price version.
 _HOLD_TERMS = """
 SELECT h.account_id, h.key_id, h.model, h.price_id, h.created_at AS admitted_at, h.client_request_id,
-       p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m, p.effective_from
+       h.service_tier, p.input_micros_per_m, p.cached_input_micros_per_m, p.output_micros_per_m,
+       p.effective_from, p.batch_percent, p.flex_percent, p.priority_percent
   FROM holds h JOIN prices p ON p.id = h.price_id
  WHERE h.request_id = :request_id
 """
 _PRICE_BY_ID = """
-SELECT input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from
+SELECT input_micros_per_m, cached_input_micros_per_m, output_micros_per_m, effective_from,
+       batch_percent, flex_percent, priority_percent
   FROM prices WHERE id = :id
 """
 _INSERT_USAGE = """
 INSERT INTO usage_records (request_id, account_id, key_id, model, endpoint, price_id, prompt_tokens,
                            cached_tokens, completion_tokens, cost_micros, status, admitted_at,
-                           finished_at, epoch_minute, client_request_id)
+                           finished_at, epoch_minute, client_request_id, service_tier)
 VALUES (:request_id, :account_id, :key_id, :model, :endpoint, :price_id, :prompt, :cached, :completion,
-        :cost, :status, :admitted_at, :now, :epoch_minute, :client_request_id)
+        :cost, :status, :admitted_at, :now, :epoch_minute, :client_request_id, :service_tier)
 ON CONFLICT (request_id) DO NOTHING
 """
 _CREDIT_LOTS = f"""
@@ -486,6 +502,7 @@ def _terms_from_admission(tx: Transaction, hold: HoldInfo, now: datetime) -> dic
         "price_id": hold.price_id,
         "admitted_at": tx.time(hold.created_at or now),
         "client_request_id": hold.client_request_id,
+        "service_tier": hold.service_tier,
     }
     if hold.price is not None:
         p = hold.price
@@ -494,6 +511,9 @@ def _terms_from_admission(tx: Transaction, hold: HoldInfo, now: datetime) -> dic
             "cached_input_micros_per_m": p.cached_input_micros_per_m,
             "output_micros_per_m": p.output_micros_per_m,
             "effective_from": p.effective_from,
+            "batch_percent": p.batch_percent,
+            "flex_percent": p.flex_percent,
+            "priority_percent": p.priority_percent,
         }
     price = tx.named(_PRICE_BY_ID, id=hold.price_id)
     return None if price is None else terms | price
@@ -516,7 +536,8 @@ def _charge(
     prompt, cached, completion = tokens
     account_id = terms["account_id"]
     price = _price_version(terms, terms["model"])
-    cost = cost_micros(price, prompt, cached, completion)
+    tier = terms.get("service_tier")
+    cost = cost_micros(price, prompt, cached, completion, tier)
     if tx.postgres:
         tx.one("SELECT id FROM accounts WHERE id = :id FOR UPDATE", id=account_id)
     inserted = tx.run(
@@ -536,6 +557,7 @@ def _charge(
         now=tx.time(now),
         epoch_minute=int(now.timestamp()) // 60,
         client_request_id=terms.get("client_request_id"),
+        service_tier=tier,
     )
     if inserted != 1:
         return None
@@ -551,7 +573,7 @@ def _charge(
         account_id=account_id,
         amount=-cost,
         request_id=request_id,
-        note=f"{price.model} {status}",
+        note=f"{price.model} {status}" + (f" {tier}" if tier else ""),
         now=tx.time(now),
     )
     return UsageInfo(
@@ -567,6 +589,7 @@ def _charge(
         status,
         now,
         terms.get("client_request_id"),
+        tier,
     )
 
 

@@ -24,6 +24,14 @@ class ModelNotAllowedError(LlmaasError):
     code = "model_not_allowed"
 
 
+class ServiceTierNotAllowedError(LlmaasError):
+    """The key's plan does not offer the requested service tier -> 403."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "service_tier_not_allowed"
+
+
 class InsufficientQuotaError(LlmaasError):
     """The account's available balance cannot cover the request's worst-case cost -> 429, no retry."""
 

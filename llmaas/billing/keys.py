@@ -15,6 +15,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 
@@ -185,6 +186,22 @@ def check_key(
     now = now or utcnow()
     with transaction(db, write=False) as tx:  # one indexed read, on the driver (sql.py)
         found = tx.one(_KEY_BY_HASH, key_hash=hash_key(secret))
+    return _verified(found, model, now)
+
+
+_KEY_BY_ID = _KEY_BY_HASH.replace("k.key_hash = :key_hash", "k.id = :key_id")
+
+
+def principal_of_key(db: Database, key_id: str, now: datetime | None = None) -> Principal:
+    """The principal of a key by its id, checked as `check_key` checks a secret (a batch runs its lines
+    under the key that created it: revoked or expired since -> AuthenticationError)."""
+    now = now or utcnow()
+    with transaction(db, write=False) as tx:
+        found = tx.one(_KEY_BY_ID, key_id=key_id)
+    return _verified(found, None, now).principal
+
+
+def _verified(found: Any, model: str | None, now: datetime) -> VerifiedKey:
     if found is None:
         check_key_status(None, None, None, now)
     key_id, account_id, prefix, allowed, rpm, tpm, expires_at, revoked_at, account_name, plan_name = found

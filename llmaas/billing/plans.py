@@ -17,6 +17,10 @@ Free: 8 sequences a request, 16 and 32,768 tokens in flight - two full-size requ
 percent of one replica's batch (64 sequences by default) and KV cache. Plus: 128 (the API's largest n)
 a request, 256 sequences and 2,097,152 tokens (256 x an 8k window) in flight - several replicas' worth.
 
+Service tiers (`service_tier`): every plan may run `default`, `flex` and batches; `priority` is for plus
+and operator keys (free asks get 403 naming the tier). `tier_priority` turns a tier into the engine
+priority.
+
 Operator: the plan of the first start's `default` account (server/bootstrap.py), the operator's own
 account. Its owner runs evaluation and load tools against their own server (lm-eval, guidellm), which
 send hundreds of requests a minute and ignore Retry-After: 20 requests a minute would fail them with
@@ -28,10 +32,25 @@ billed like every account: its credit runs out like anyone's (`llmaas credits to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
+from llmaas.billing.errors import ServiceTierNotAllowedError
 from llmaas.errors import InvalidRequestError
+
+# Engine priority by service tier: `priority` runs above every plan's default work and preempts it,
+# `flex` below every plan's default work, a batch line below everything (in idle capacity). Plans'
+# own priorities lie well inside +-TIER_PRIORITY_STEP.
+TIER_PRIORITY_STEP = 100
+BATCH_PRIORITY = -1_000
+ALL_TIERS = frozenset({"default", "flex", "priority", "batch"})
+
+
+def tier_priority(plan_priority: int, tier: str) -> int:
+    """The engine priority of a request of a plan at `tier` (default, flex, priority or batch)."""
+    if tier == "batch":
+        return BATCH_PRIORITY
+    return plan_priority + {"default": 0, "flex": -TIER_PRIORITY_STEP, "priority": TIER_PRIORITY_STEP}[tier]
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,20 @@ class Plan:
     max_sequences_per_request: int
     max_sequences_in_flight: int
     max_tokens_in_flight: int
+    service_tiers: frozenset[str] = ALL_TIERS  # the tiers its keys may ask for
+
+    def as_dict(self) -> dict:
+        """The plan as JSON (its tiers a sorted list)."""
+        return {**asdict(self), "service_tiers": sorted(self.service_tiers)}
+
+    def check_service_tier(self, tier: str) -> None:
+        """403 naming the tier when the plan does not offer it."""
+        if tier not in self.service_tiers:
+            offered = ", ".join(sorted(self.service_tiers))
+            raise ServiceTierNotAllowedError(
+                f"The {self.name} plan does not offer service_tier {tier!r}; it offers {offered}.",
+                param="service_tier",
+            )
 
     def check_request_sequences(self, prompts: int, n: int) -> None:
         """400 when one request asks for more sequences (prompts x n) than the plan lets one request run."""
@@ -77,6 +110,7 @@ PLANS: dict[str, Plan] = {
         max_sequences_per_request=8,
         max_sequences_in_flight=16,
         max_tokens_in_flight=32_768,
+        service_tiers=frozenset({"default", "flex", "batch"}),
     ),
     "plus": Plan(
         "plus",

@@ -6,7 +6,9 @@ while it runs does not change its cost.
 
 Cached prompt tokens are part of prompt_tokens (as the engine and OpenAI report them): the cost is
     (prompt_tokens - cached_tokens) * input + cached_tokens * cached_input + completion_tokens * output
-per 1M tokens, rounded once, half up, to the micro-USD (see money.py).
+per 1M tokens, times the service tier's percentage, rounded once, half up, to the micro-USD (see
+money.py). Each price version carries its tiers' percentages (TIERS): `default` pays 100%, `flex` and
+`batch` 50% and `priority` 200% unless the operator sets others with the version.
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ class PriceVersion:
     cached_input_micros_per_m: int
     output_micros_per_m: int
     effective_from: datetime
+    batch_percent: int = 50
+    flex_percent: int = 50
+    priority_percent: int = 200
+
+    def tier_percent(self, tier: str | None) -> int:
+        """What `tier` pays, in percent of this version's prices (None and `default`: 100)."""
+        if tier in (None, "default"):
+            return 100
+        if tier not in TIERS:
+            raise InvalidRequestError(f"Unknown service tier {tier!r}", param="service_tier")
+        return getattr(self, f"{tier}_percent")
+
+
+# The tiers a request may be billed at besides `default`, with their default percentage of the price.
+TIERS = {"batch": 50, "flex": 50, "priority": 200}
+MAX_TIER_PERCENT = 1_000
+# Cached prompt tokens cost this percent of the input price unless a price says otherwise.
+DEFAULT_CACHED_INPUT_PERCENT = 10
 
 
 def _version(row: Price) -> PriceVersion:
@@ -50,7 +70,26 @@ def _version(row: Price) -> PriceVersion:
         row.cached_input_micros_per_m,
         row.output_micros_per_m,
         row.effective_from,
+        row.batch_percent,
+        row.flex_percent,
+        row.priority_percent,
     )
+
+
+def tier_percent(value: int | str | None, tier: str) -> int:
+    """An operator's percentage for `tier` (None: the default), an integer 1 to MAX_TIER_PERCENT."""
+    if value is None:
+        return TIERS[tier]
+    param = f"{tier}_percent"
+    try:
+        number = int(str(value).strip().rstrip("%"))
+    except ValueError:
+        raise InvalidRequestError(
+            f"'{param}' must be a whole percentage, got {value!r}", param=param
+        ) from None
+    if not 1 <= number <= MAX_TIER_PERCENT:
+        raise InvalidRequestError(f"'{param}' must be 1 to {MAX_TIER_PERCENT}, got {number}", param=param)
+    return number
 
 
 def price_micros(usd: str | Decimal, param: str) -> int:
@@ -66,13 +105,20 @@ def set_price(
     cached_input_usd: str | Decimal,
     output_usd: str | Decimal,
     effective_from: datetime | None = None,
+    batch_percent: int | str | None = None,
+    flex_percent: int | str | None = None,
+    priority_percent: int | str | None = None,
 ) -> PriceVersion:
-    """A new price version for `model`, in USD per 1M tokens (decimal strings or Decimal, not floats).
+    """A new price version for `model`, in USD per 1M tokens (decimal strings or Decimal, not floats),
+    with its tiers' percentages (None: TIERS' defaults).
 
     Each price is at most MAX_PRICE_MICROS_PER_M; `effective_from` (naive = UTC) lies in the window of
     operator_input.time_in_window."""
     model_name(model)
     row = Price(
+        batch_percent=tier_percent(batch_percent, "batch"),
+        flex_percent=tier_percent(flex_percent, "flex"),
+        priority_percent=tier_percent(priority_percent, "priority"),
         model=model,
         input_micros_per_m=price_micros(input_usd, "input"),
         cached_input_micros_per_m=price_micros(cached_input_usd, "cached_input"),
@@ -129,8 +175,14 @@ def _count(value: int, param: str) -> int:
     return value
 
 
-def cost_micros(price: PriceVersion, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
-    """Exact cost of one request in micro-USD, rounded once, half up."""
+def cost_micros(
+    price: PriceVersion,
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    tier: str | None = None,
+) -> int:
+    """Exact cost of one request in micro-USD at `tier` (None: default), rounded once, half up."""
     prompt = _count(prompt_tokens, "prompt_tokens")
     cached = _count(cached_tokens, "cached_tokens")
     completion = _count(completion_tokens, "completion_tokens")
@@ -141,11 +193,13 @@ def cost_micros(price: PriceVersion, prompt_tokens: int, cached_tokens: int, com
         + cached * price.cached_input_micros_per_m
         + completion * price.output_micros_per_m
     )
-    return round_half_up_div(scaled, TOKENS_PER_PRICE_UNIT)
+    return round_half_up_div(scaled * price.tier_percent(tier), TOKENS_PER_PRICE_UNIT * 100)
 
 
-def worst_case_cost_micros(price: PriceVersion, prompt_tokens: int, max_completion_tokens: int) -> int:
+def worst_case_cost_micros(
+    price: PriceVersion, prompt_tokens: int, max_completion_tokens: int, tier: str | None = None
+) -> int:
     """What a hold must cover: every prompt token at the dearer input price, every allowed output token."""
-    uncached = cost_micros(price, prompt_tokens, 0, max_completion_tokens)
-    all_cached = cost_micros(price, prompt_tokens, prompt_tokens, max_completion_tokens)
+    uncached = cost_micros(price, prompt_tokens, 0, max_completion_tokens, tier)
+    all_cached = cost_micros(price, prompt_tokens, prompt_tokens, max_completion_tokens, tier)
     return max(uncached, all_cached)

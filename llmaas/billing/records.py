@@ -73,6 +73,9 @@ def price_record(price: PriceVersion) -> dict[str, Any]:
         "input_usd_per_1m": format_usd(price.input_micros_per_m),
         "cached_input_usd_per_1m": format_usd(price.cached_input_micros_per_m),
         "output_usd_per_1m": format_usd(price.output_micros_per_m),
+        "batch_percent": price.batch_percent,
+        "flex_percent": price.flex_percent,
+        "priority_percent": price.priority_percent,
         "effective_from": iso_time(price.effective_from),
     }
 
@@ -91,5 +94,6 @@ def usage_record(usage: UsageInfo, account_name: str | None = None) -> dict[str,
         "cached_tokens": usage.cached_tokens,
         "completion_tokens": usage.completion_tokens,
         "cost_usd": format_usd(usage.cost_micros),
+        "service_tier": usage.service_tier or "default",
         "finished_at": iso_time(usage.finished_at),
     }

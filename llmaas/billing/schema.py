@@ -90,6 +90,10 @@ class Price(Base):
     output_micros_per_m: Mapped[int] = mapped_column(BigInteger)
     effective_from: Mapped[datetime] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # What the batch, flex and priority tiers pay, in percent of the prices above (prices.TIERS). 0005.
+    batch_percent: Mapped[int] = mapped_column(Integer, default=50)
+    flex_percent: Mapped[int] = mapped_column(Integer, default=50)
+    priority_percent: Mapped[int] = mapped_column(Integer, default=200)
 
 
 class LedgerEntry(Base):
@@ -141,6 +145,8 @@ class Hold(Base):
     progress_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # The client's own id for the request (X-Client-Request-Id), copied to its usage record. 0003.
     client_request_id: Mapped[str | None] = mapped_column(String(MAX_CLIENT_REQUEST_ID), nullable=True)
+    # The tier it is billed at (prices.TIERS), copied to its usage record; None: default. 0005.
+    service_tier: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Instance(Base):
@@ -185,6 +191,7 @@ class UsageRecord(Base):
     # `request_id` is the response's id and x-request-id header; this is the client's own id for the
     # request (X-Client-Request-Id), when it sent one. 0003.
     client_request_id: Mapped[str | None] = mapped_column(String(MAX_CLIENT_REQUEST_ID), nullable=True)
+    service_tier: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: default. 0005.
 
 
 class StoredResponse(Base):
@@ -201,3 +208,71 @@ class StoredResponse(Base):
     previous_response_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     response: Mapped[dict] = mapped_column(JSON)  # the response object as it was returned
     input_items: Mapped[list] = mapped_column(JSON)  # this turn's input items (not the earlier turns')
+
+
+class StoredFile(Base):
+    """An uploaded file (/v1/files) or a batch's output or error file: its bytes lie under the files
+    directory (billing/files.py) named by `id`; readable only by its account. 0005."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # file-...
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))  # batch | batch_output | batch_error
+    filename: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Batch(Base):
+    """A batch (/v1/batches): its lines are rows of batch_lines; billing/batches.py moves it through
+    OpenAI's statuses. 0005."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_status", "status"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # batch_...
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)  # billed under it
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    batch_metadata: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    errors: Mapped[list | None] = mapped_column(JSON, nullable=True)  # why validation failed
+    output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class BatchLine(Base):
+    """One request of a batch. Its ledger request id is `{batch id}-{line}` (billing/batches.py), so the
+    ledger's unique request_id bills it at most once whatever restarts. 0005.
+
+    status: pending -> running (claimed by `claimed_by`) -> generated (its response recorded, not yet
+    settled) -> succeeded; or failed (its error recorded), or cancelled / expired (never ran)."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "line"),
+        Index("ix_batch_lines_batch_status", "batch_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
+    line: Mapped[int] = mapped_column(Integer)  # 0-based line number in the input file
+    custom_id: Mapped[str | None] = mapped_column(String(256), nullable=True)  # None: a line without one
+    body: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the server instance
+    response: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the endpoint's response body
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"code", "message"}

@@ -25,7 +25,7 @@ from llmaas.billing.schema import Account, UsageRecord
 from llmaas.errors import InvalidRequestError
 
 BUCKET_MINUTES = {"1m": 1, "1h": 60, "1d": 1440}
-GROUP_BY = ("model", "api_key_id", "account", "endpoint")
+GROUP_BY = ("model", "api_key_id", "account", "endpoint", "service_tier")
 MAX_BUCKETS = 10_000
 
 
@@ -40,6 +40,7 @@ class UsageRow:
     output_tokens: int
     cost_micros: int
     endpoint: str | None = None  # None when not grouped by endpoint
+    service_tier: str | None = None  # None when not grouped by service tier
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ def usage_report(
         "api_key_id": UsageRecord.key_id,
         "account": Account.name,
         "endpoint": UsageRecord.endpoint,
+        "service_tier": func.coalesce(UsageRecord.service_tier, "default"),
     }
     groups = [columns[g].label(g) for g in GROUP_BY if g in group_by]
     query = (
@@ -145,6 +147,7 @@ def usage_report(
                 output_tokens=completion,
                 cost_micros=cost,
                 endpoint=values.get("endpoint"),
+                service_tier=values.get("service_tier"),
             )
         )
     return [UsageBucket(t, t + width, by_bucket.get(t, [])) for t in range(first_bucket, end, width)]

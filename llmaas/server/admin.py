@@ -127,6 +127,9 @@ class PriceSet(AdminBody):
     cached_input: str
     output: str
     effective_from: str | None = None  # ISO 8601; without a zone it is UTC (operator_input.parse_time)
+    batch_percent: int | None = None  # the tiers' percentages of the price (None: prices.TIERS)
+    flex_percent: int | None = None
+    priority_percent: int | None = None
 
 
 def _balance_record(db, account: str) -> dict[str, Any]:
@@ -276,6 +279,9 @@ async def admin_set_price(body: PriceSet, billing: Admin):
             cached_input_usd=body.cached_input,
             output_usd=body.output,
             effective_from=effective_from,
+            batch_percent=body.batch_percent,
+            flex_percent=body.flex_percent,
+            priority_percent=body.priority_percent,
         )
 
     return JSONResponse(price_record(await asyncio.to_thread(run)), status_code=201)
@@ -284,7 +290,14 @@ async def admin_set_price(body: PriceSet, billing: Admin):
 # ------------------------------------------------------------ organization usage (OpenAI's shape)
 
 organization = APIRouter(prefix="/v1/organization")
-_GROUPS = {"model": "model", "line_item": "model", "api_key_id": "api_key_id", "project_id": "account"}
+_GROUPS = {
+    "model": "model",
+    "line_item": "model",
+    "api_key_id": "api_key_id",
+    "project_id": "account",
+    "batch": "service_tier",
+    "service_tier": "service_tier",
+}
 
 
 # The most buckets one page may hold (`limit`), per width: OpenAI's own maxima.
@@ -399,7 +412,8 @@ async def usage_completions(request: Request) -> JSONResponse:
             "user_id": None,
             "api_key_id": row.api_key_id if "api_key_id" in grouped else None,
             "model": row.model if "model" in grouped else None,
-            "batch": None,
+            "batch": row.service_tier == "batch" if "service_tier" in grouped else None,
+            "service_tier": row.service_tier if "service_tier" in grouped else None,
         }
 
     return JSONResponse(_bucket_page(buckets, next_page, result))

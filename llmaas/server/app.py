@@ -12,8 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from llmaas.billing.files import DEFAULT_MAX_FILE_BYTES, FileStore
 from llmaas.engine.async_engine import AsyncEngine
-from llmaas.server import admin, chat, completions, embeddings
+from llmaas.paths import llmaas_home
+from llmaas.server import admin, chat, completions, embeddings, files_api
+from llmaas.server.batches import routes as batches_api
+from llmaas.server.batches.runner import DEFAULT_CONCURRENCY, BatchRunner
 from llmaas.server.billing import BillingMiddleware, ServerBilling
 from llmaas.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from llmaas.server.console import install_console
@@ -73,6 +77,9 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stream_stall_timeout_s: float = DEFAULT_STREAM_STALL_TIMEOUT_S,
     response_retention_s: float = DEFAULT_RETENTION_S,
+    files_dir: str | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    batch_concurrency: int = DEFAULT_CONCURRENCY,
 ) -> FastAPI:
     """An OpenAI-compatible app over `engines` (served name -> AsyncEngine, already loaded).
 
@@ -87,12 +94,17 @@ def create_app(
     client reads nothing for `stream_stall_timeout_s` is aborted and billed like a disconnect
     (streaming.py). Stored /v1/responses are kept `response_retention_s` (in the billing database;
     in memory without billing).
+
+    With billing, /v1/files (kept in `files_dir`, default $LLMAAS_HOME/files, up to `max_file_bytes`
+    each) and /v1/batches, whose lines run in the background, `batch_concurrency` at a time.
     """
     registry = ModelRegistry([*model_names, *(engines or {})])
     for name, engine in (engines or {}).items():
         registry.add(name, engine)
     state = ServerState(registry, billing_hook, billing, stream_stall_timeout_s=stream_stall_timeout_s)
     state.responses = ResponseStore(billing.db if billing is not None else None, response_retention_s)
+    if billing is not None:
+        state.files = FileStore(billing.db, files_dir or llmaas_home() / "files", max_file_bytes)
 
     async def load_all() -> None:
         for name in model_names:
@@ -106,9 +118,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loading = asyncio.create_task(load_all()) if load is not None else None
+        if billing is not None:
+            state.batches = BatchRunner(state, state.files, batch_concurrency)
+            batches = asyncio.create_task(state.batches.run())
         try:
             yield
         finally:
+            if billing is not None:
+                batches.cancel()
             if loading is not None:
                 loading.cancel()
                 owned = [m.engine for n, m in registry.models.items() if n in model_names and m.engine]
@@ -123,13 +140,19 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(responses_api.router)
     app.include_router(embeddings.router)
+    if billing is not None:  # an account owns files and batches
+        app.include_router(files_api.router)
+        app.include_router(batches_api.router)
     app.include_router(admin.admin)
     app.include_router(admin.organization)
     if billing is not None:
         app.add_middleware(BillingMiddleware, billing=billing)
     install_console(app)  # its pages, and its sessions' keys for the API (outside billing's middleware)
     app.add_middleware(DrainMiddleware, drain=state.drain)  # outside billing: a refused request is not billed
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # before anything reads the body
+    upload_limit = {"/v1/files": max_file_bytes + 64 * 1024}  # the file and its multipart framing
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=max_body_bytes, per_path=upload_limit
+    )  # before anything reads the body
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets x-request-id
 

@@ -55,7 +55,7 @@ from llmaas.billing import (
 from llmaas.billing.holds import close_owner_holds
 from llmaas.billing.inflight import InFlightLimiter, InProcessInFlight
 from llmaas.billing.keys import VerifiedKey, check_key, hash_key, key_expired
-from llmaas.billing.plans import get_plan
+from llmaas.billing.plans import get_plan, tier_priority
 from llmaas.billing.schema import utcnow
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.errors import LlmaasError
@@ -101,6 +101,8 @@ class Admission:
     prompt_token_ids: list[list[int]] = field(default_factory=list)  # what was priced: the engine's input
     in_flight_account: str | None = None  # counted in flight (fairness): released once when it ends
     client_request_id: str | None = None  # X-Client-Request-Id: kept on the hold and the usage record
+    service_tier: str = "default"  # the tier it is billed at and runs in (plans.tier_priority)
+    rate_limited: bool = True  # False: a batch line (no rpm/tpm, no in-flight caps)
 
 
 class KeyCache:
@@ -227,10 +229,19 @@ class ServerBilling:
         return self._default_account_id
 
     def begin(
-        self, principal: Principal | None, model: str, request_id: str, client_request_id: str | None = None
+        self,
+        principal: Principal | None,
+        model: str,
+        request_id: str,
+        client_request_id: str | None = None,
+        *,
+        service_tier: str = "default",
+        rate_limited: bool = True,
     ) -> Admission:
-        """Before any work on the prompt: the key's model allow-list (403) and one request from its
-        requests-per-minute bucket (429, or also when its token bucket is in debt).
+        """Before any work on the prompt: the key's model allow-list (403), its plan's service tiers
+        (403 naming the tier) and one request from its requests-per-minute bucket (429, or also when
+        its token bucket is in debt). `rate_limited=False` (a batch line): no rate or in-flight limits;
+        its hold still bounds what it can spend.
 
         A request refused after this (a 400 for its prompt, 429 for its tokens or its balance)
         keeps that request used: like OpenAI's, the requests-per-minute limit counts attempts, so a
@@ -243,14 +254,17 @@ class ServerBilling:
             and model not in principal.allowed_models
         ):
             raise ModelNotAllowedError(f"This API key may not use model {model!r}.", param="model")
+        if principal is not None:
+            get_plan(principal.plan).check_service_tier(service_tier)
         admission = Admission(request_id, self.account_id(principal), principal, 0)
         admission.client_request_id = client_request_id
-        if principal is not None:
+        admission.service_tier, admission.rate_limited = service_tier, rate_limited
+        admission.priority = tier_priority(principal.priority if principal else 0, service_tier)
+        if principal is not None and rate_limited:
             decision = self.limiter.acquire(
                 principal.key_id, principal.requests_per_minute, principal.tokens_per_minute, 0
             )
             admission.headers = decision.headers
-            admission.priority = principal.priority
         return admission
 
     def admit_prompts(
@@ -289,8 +303,9 @@ class ServerBilling:
         """After `begin`: the plan's in-flight caps (429 concurrency_limit_exceeded while the account
         has too much running; 400 for a request bigger than the plan ever allows), then `_admit`. The
         in-flight count is released if anything later in admission fails, else by `finish`."""
+        limited = admission.principal if admission.rate_limited else None
         account = self._take_in_flight(
-            admission.principal, admission.request_id, sequences, prompt_tokens + max_completion_tokens
+            limited, admission.request_id, sequences, prompt_tokens + max_completion_tokens
         )
         try:
             self._admit(admission, model, prompt_tokens, max_completion_tokens)
@@ -328,7 +343,7 @@ class ServerBilling:
         insufficient_quota) before any engine work."""
         principal = admission.principal
         estimated = prompt_tokens + max_completion_tokens
-        if principal is not None:
+        if principal is not None and admission.rate_limited:
             decision = self.limiter.acquire(
                 principal.key_id,
                 principal.requests_per_minute,
@@ -350,6 +365,7 @@ class ServerBilling:
                 owner=self.owner,
                 ttl_s=self.hold_ttl_s,
                 client_request_id=admission.client_request_id,
+                service_tier=None if admission.service_tier == "default" else admission.service_tier,
             )
         except LlmaasError as exc:
             self._adjust(admission, -estimated)  # never admitted: give the tokens back
@@ -388,7 +404,7 @@ class ServerBilling:
 
     def _adjust(self, admission: Admission, delta: int) -> None:
         p = admission.principal
-        if p is not None and delta:
+        if p is not None and delta and admission.rate_limited:
             try:
                 self.limiter.adjust(p.key_id, p.requests_per_minute, p.tokens_per_minute, delta)
             except Exception:  # a limiter hiccup must not lose the settlement

@@ -55,19 +55,21 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI; `max_bytes` is the largest body accepted (413 `request_too_large` above it)."""
+    """Pure ASGI; `max_bytes` is the largest body accepted (413 `request_too_large` above it).
+    `per_path`: other caps for some paths (an upload to /v1/files is bounded by the file size limit)."""
 
-    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES):
-        if max_bytes < 1:
+    def __init__(self, app, max_bytes: int = DEFAULT_MAX_BODY_BYTES, per_path: dict[str, int] | None = None):
+        if max_bytes < 1 or any(v < 1 for v in (per_path or {}).values()):
             raise ValueError("max_bytes must be positive")
-        self.app, self.max_bytes = app, max_bytes
+        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, body = _too_large(self.max_bytes)
+        limit = self.per_path.get(scope["path"].rstrip("/"), self.max_bytes)
+        start, body = _too_large(limit)
         declared = _declared_length(scope["headers"])
-        if declared is not None and declared > self.max_bytes:
+        if declared is not None and declared > limit:
             await send(start)
             await send(body)
             return
@@ -80,7 +82,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes and not refused:
+                if received > limit and not refused:
                     refused = True
                     if not responded:
                         await send(start)

@@ -40,7 +40,7 @@ ADMIN_KEY_ENV = "LLMAAS_ADMIN_KEY"
 # account is created: a database from before keeps its plan (`llmaas accounts set-plan default operator`).
 DEFAULT_ACCOUNT_PLAN = "operator"
 # USD per 1M tokens for a served model with no price yet (the operator changes it with `llmaas prices set`).
-DEFAULT_PRICE = {"input_usd": "0.05", "cached_input_usd": "0.025", "output_usd": "0.20"}
+DEFAULT_PRICE = {"input_usd": "0.05", "cached_input_usd": "0.005", "output_usd": "0.20"}  # cached: 10%
 # An embedding model reads input only: one input price (no prefix cache, no output).
 DEFAULT_EMBEDDING_PRICE = {"input_usd": "0.02", "cached_input_usd": "0.02", "output_usd": "0"}
 

@@ -6,25 +6,28 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from llmaas.engine.sampling_params import SamplingParams
 from llmaas.engine.structured import StructuredOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
+from llmaas.server.caller import Caller, http_caller
 from llmaas.server.protocol import ERROR_RESPONSES, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from llmaas.server.registry import ServedModel
 from llmaas.server.reply import (
     Reply,
+    Started,
     params_named,
+    respond,
     run_usage,
     start_reply,
     usage_so_far,
     wants_continuous_usage,
     wants_usage_chunk,
 )
+from llmaas.server.request_ids import request_id_of
 from llmaas.server.sampling import sampling_params
-from llmaas.server.state import PromptSource
+from llmaas.server.state import PromptSource, ServerState
 from llmaas.server.streaming import event
 from llmaas.server.structured import structured_output
 from llmaas.server.tool_formats import ToolFormat
@@ -42,7 +45,18 @@ _STREAM_DOC = {"text/event-stream": {"schema": ChatCompletionChunk.model_json_sc
     responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **ERROR_RESPONSES},
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    model = request.app.state.llmaas.registry.get(body.model)
+    caller = http_caller(request, body.service_tier, body.request_id, body.rid)
+    started = await start_chat(
+        request.app.state.llmaas, caller, body, request_id_of(request.scope, "chatcmpl")
+    )
+    return await respond(started, body.stream)
+
+
+async def start_chat(
+    state: ServerState, caller: Caller, body: ChatCompletionRequest, request_id: str
+) -> Started:
+    """A chat request admitted and in the engine (an HTTP request's or a batch line's)."""
+    model = state.registry.get(body.model)
     names = {
         "prompt": "messages",
         "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
@@ -50,19 +64,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     }
     plan, params, render = prepare_chat(body, model, names)
     reply = await start_reply(
-        request,
+        state,
+        caller,
         model,
         render,
         params,
         body,
         endpoint="chat.completions",
-        id_prefix="chatcmpl",
+        request_id=request_id,
         param_names=names,
     )
-    if body.stream:
-        return reply.stream(_chat_events(reply, model, body, params.n, plan.format if plan else None))
-    await reply.complete()
-    return JSONResponse(_chat_completion(reply, model, bool(body.logprobs), plan.format if plan else None))
+    tool_format = plan.format if plan else None
+    return Started(
+        reply,
+        lambda: _chat_completion(reply, model, bool(body.logprobs), tool_format),
+        lambda: _chat_events(reply, model, body, params.n, tool_format),
+    )
 
 
 def prepare_chat(
@@ -114,17 +131,17 @@ def _chat_completion(
             R.chat_choice(c.index, content, c.finish_reason, logprobs, [t.as_dict() for t in calls])
         )
     usage = run_usage(reply.run)
-    return R.chat_completion(reply.id, reply.created, model.name, choices, usage, model.system_fingerprint)
+    body = R.chat_completion(reply.id, reply.created, model.name, choices, usage, model.system_fingerprint)
+    return {**body, "service_tier": reply.service_tier}
 
 
-def _chunk(
-    id_: str, created: int, model: ServedModel, choices: list, include_usage: bool, usage=None
-) -> dict:
+def _chunk(reply: Reply, model: ServedModel, choices: list, include_usage: bool, usage=None) -> dict:
     chunk = {
-        "id": id_,
+        "id": reply.id,
         "object": "chat.completion.chunk",
-        "created": created,
+        "created": reply.created,
         "model": model.name,
+        "service_tier": reply.service_tier,
         "system_fingerprint": model.system_fingerprint,
         "choices": choices,
     }
@@ -150,7 +167,7 @@ async def _chat_events(
 ) -> AsyncIterator[str]:
     """One chunk per choice per step; with stream_options.include_usage every chunk has `usage` (null,
     or the usage so far with continuous_usage_stats) and a final chunk carries the settled usage."""
-    run, id_, created = reply.run, reply.id, reply.created
+    run = reply.run
     want_logprobs, include_usage = bool(body.logprobs), wants_usage_chunk(body)
     continuous_usage = wants_continuous_usage(body)
     usage = None
@@ -165,7 +182,7 @@ async def _chat_events(
         }
         for i in range(n)
     ]
-    yield "".join(event(_chunk(id_, created, model, [c], include_usage, usage)) for c in first)
+    yield "".join(event(_chunk(reply, model, [c], include_usage, usage)) for c in first)
     finished = [False] * n
     parsers = [ToolCallParser(tool_format) for _ in range(n)] if tool_format else None
     async for _, out in run.outputs():
@@ -201,8 +218,8 @@ async def _chat_events(
                 "finish_reason": reason,
             }
             finished[c.index] = c.finish_reason is not None
-            parts.append(event(_chunk(id_, created, model, [choice], include_usage, usage)))
+            parts.append(event(_chunk(reply, model, [choice], include_usage, usage)))
         if parts:
             yield "".join(parts)
     if include_usage:
-        yield event(_chunk(id_, created, model, [], True, await reply.settle()))
+        yield event(_chunk(reply, model, [], True, await reply.settle()))

@@ -106,6 +106,24 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="a `llmaas bench` result for a served model (repeatable): with --usd-per-hour, its tokens' "
         "machine cost, as `llmaas cost` computes it",
     )
+    p.add_argument(
+        "--files-dir",
+        default=None,
+        help="where /v1/files keeps uploads and batch results (default: $LLMAAS_HOME/files; replicas "
+        "that share a database must share this directory too)",
+    )
+    p.add_argument(
+        "--max-file-bytes",
+        type=_bounded(int, 1, 2**40),
+        default=None,
+        help="the largest file /v1/files accepts (default: 64 MiB)",
+    )
+    p.add_argument(
+        "--batch-concurrency",
+        type=_bounded(int, 1, 4096),
+        default=None,
+        help="batch lines in the engine at once, at the lowest priority (default: 16)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -205,6 +223,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits["stream_stall_timeout_s"] = args.stream_stall_timeout
     if args.response_retention_days is not None:
         limits["response_retention_s"] = args.response_retention_days * 86_400
+    if args.files_dir is not None:
+        limits["files_dir"] = args.files_dir
+    if args.max_file_bytes is not None:
+        limits["max_file_bytes"] = args.max_file_bytes
+    if args.batch_concurrency is not None:
+        limits["batch_concurrency"] = args.batch_concurrency
     app = create_app(load=load, model_names=names, billing=billing, **limits)
     app.state.console_machine_costs = machine_costs
     config = uvicorn.Config(

@@ -5,23 +5,27 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from llmaas.engine.outputs import CompletionOutput, RequestOutput
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
+from llmaas.server.caller import Caller, http_caller
 from llmaas.server.protocol import ERROR_RESPONSES, Completion, CompletionRequest
 from llmaas.server.registry import ServedModel
 from llmaas.server.reply import (
     Reply,
+    Started,
     params_named,
+    respond,
     run_usage,
     start_reply,
     usage_so_far,
     wants_continuous_usage,
     wants_usage_chunk,
 )
+from llmaas.server.request_ids import request_id_of
 from llmaas.server.sampling import sampling_params
+from llmaas.server.state import ServerState
 from llmaas.server.streaming import event
 from llmaas.server.structured import structured_output
 
@@ -47,7 +51,18 @@ def prompt_list(prompt: str | list) -> list[str | list[int]]:
     responses={200: {"model": Completion, "content": _STREAM_DOC}, **ERROR_RESPONSES},
 )
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    model = request.app.state.llmaas.registry.get(body.model)
+    caller = http_caller(request, body.service_tier, body.request_id, body.rid)
+    started = await start_completion(
+        request.app.state.llmaas, caller, body, request_id_of(request.scope, "cmpl")
+    )
+    return await respond(started, body.stream)
+
+
+async def start_completion(
+    state: ServerState, caller: Caller, body: CompletionRequest, request_id: str
+) -> Started:
+    """A completion request admitted and in the engine (an HTTP request's or a batch line's)."""
+    model = state.registry.get(body.model)
     prompts = prompt_list(body.prompt)
     n = body.n or 1
     best_of = body.best_of if body.best_of is not None else n
@@ -77,12 +92,21 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         # The echoed prompt gets real logprobs too; a prompt-only request needs them to be accepted.
         params.prompt_logprobs = body.logprobs or 0
     reply = await start_reply(
-        request, model, prompts, params, body, endpoint="completions", id_prefix="cmpl", param_names=names
+        state,
+        caller,
+        model,
+        prompts,
+        params,
+        body,
+        endpoint="completions",
+        request_id=request_id,
+        param_names=names,
     )
-    if body.stream:
-        return reply.stream(_completion_events(reply, model, prompts, n, body))
-    await reply.complete()
-    return JSONResponse(_completion(reply, model, prompts, n, body))
+    return Started(
+        reply,
+        lambda: _completion(reply, model, prompts, n, body),
+        lambda: _completion_events(reply, model, prompts, n, body),
+    )
 
 
 def _completion(
@@ -100,7 +124,8 @@ def _completion(
                 )
             choices.append(R.completion_choice(len(choices), prompt_text + c.text, c.finish_reason, logprobs))
     usage = run_usage(reply.run)
-    return R.completion(reply.id, reply.created, model.name, choices, usage, model.system_fingerprint)
+    body_ = R.completion(reply.id, reply.created, model.name, choices, usage, model.system_fingerprint)
+    return {**body_, "service_tier": reply.service_tier}
 
 
 def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:

@@ -25,12 +25,13 @@ from llmaas.engine.async_embedding_engine import AsyncEmbeddingEngine
 from llmaas.errors import InvalidRequestError
 from llmaas.server import responses as R
 from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission
+from llmaas.server.caller import bearer_token
 from llmaas.server.embeddings_protocol import EmbeddingList, EmbeddingRequest
 from llmaas.server.generation import spawn
 from llmaas.server.protocol import ERROR_RESPONSES
 from llmaas.server.registry import EMBEDDINGS, ServedModel
 from llmaas.server.request_ids import CLIENT_REQUEST_ID, adopt_body_request_id, request_id_of
-from llmaas.server.state import ServerState, bearer_token
+from llmaas.server.state import ServerState
 from llmaas.server.usage import EMBEDDINGS_ENDPOINT, RequestUsage
 
 log = logging.getLogger("llmaas.server")

@@ -193,10 +193,8 @@ class EngineRun:
         return tuple(c.finish_reason for o in self.latest if o is not None for c in o.outputs)
 
 
-async def watch_disconnect(receive: Callable[[], Awaitable[dict]], run: EngineRun) -> None:
-    """Abort `run` when the client goes away. Cancel this task once the response is complete."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            run.abort()
-            return
+async def abort_when_gone(gone: Callable[[], Awaitable[None]], run: EngineRun) -> None:
+    """Abort `run` once `gone()` returns (its client went away). Cancel this task once the response is
+    complete."""
+    await gone()
+    run.abort()

@@ -207,6 +207,11 @@ class _SamplingFields(_Body):
     rid: ClientRequestId | None = Field(
         None, description="extension (SGLang's): 'request_id' under SGLang's name"
     )
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        None,
+        description='"auto"/"default", "flex" (cheaper, runs below default work) or "priority" (dearer, runs '
+        "above everything); the response echoes the tier that served it",
+    )
     priority: StrictInt | None = Field(
         None, ge=-(2**31), le=2**31 - 1, description=_NO_EFFECT_EXT + " (the plan sets the priority)"
     )
@@ -377,7 +382,6 @@ class ChatCompletionRequest(_ChatExtensionFields, _StructuredFields):
     reasoning_effort: Any = Field(None, description="not supported: null (the models do not reason)")
     verbosity: Any = Field(None, description="not supported: null")
     web_search_options: Any = Field(None, description="not supported: null")
-    service_tier: Text | None = Field(None, description='"auto" or "default" (one tier here)')
 
     @field_validator("modalities")
     @classmethod
@@ -397,13 +401,6 @@ class ChatCompletionRequest(_ChatExtensionFields, _StructuredFields):
                 "web_search_options": "this server does not search the web",
             }[info.field_name]
             raise unsupported(f"'{info.field_name}' is not supported: {why}")
-        return value
-
-    @field_validator("service_tier")
-    @classmethod
-    def _one_tier(cls, value: str | None) -> str | None:
-        if value not in (None, "auto", "default"):
-            raise unsupported(f"'service_tier' {value!r} is not offered: use 'auto' or 'default'")
         return value
 
 

@@ -7,15 +7,14 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 
-from fastapi import Request
-
+from llmaas.billing.plans import tier_priority
 from llmaas.engine.sampling_params import SamplingParams
-from llmaas.server.billing import PRINCIPAL, RATE_HEADERS, Admission, ServerBilling, SettlementError
+from llmaas.server.billing import RATE_HEADERS, Admission, ServerBilling, SettlementError
+from llmaas.server.caller import Caller
 from llmaas.server.draining import Drain
-from llmaas.server.generation import EngineRun, spawn, watch_disconnect
+from llmaas.server.generation import EngineRun, abort_when_gone, spawn
 from llmaas.server.metrics import Metrics
 from llmaas.server.registry import ModelRegistry, ServedModel
-from llmaas.server.request_ids import CLIENT_REQUEST_ID
 from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook, RequestUsage
 
@@ -25,14 +24,6 @@ log = logging.getLogger("llmaas.server")
 # called in a worker thread, after the rate-limit slot, never on the event loop (a chat template over
 # megabytes of messages, or tokenizing them, takes long enough to stall every other connection).
 PromptSource = Sequence[str | list[int]] | Callable[[], Sequence[str | list[int]]]
-
-
-def bearer_token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
 
 
 class ServerState:
@@ -51,10 +42,12 @@ class ServerState:
         self.billing_hook = billing_hook
         self.billing = billing
         self.responses = None  # stored /v1/responses (a ResponseStore, set by create_app)
+        self.files = None  # /v1/files (a FileStore, set by create_app with billing)
+        self.batches = None  # the batch runner (server/batches/runner.py), with billing
 
     async def start_run(
         self,
-        request: Request,
+        caller: Caller,
         model: ServedModel,
         prompts: PromptSource,
         params: SamplingParams,
@@ -62,13 +55,15 @@ class ServerState:
         endpoint: str,
         user: str | None,
         every_step: bool = True,
-    ) -> tuple[EngineRun, asyncio.Task]:
-        """Submit the engine requests and watch for the client leaving; returns once every prompt has
-        its first output (validation errors raise before that). Returns (run, watcher task)."""
-        api_key = bearer_token(request)
-        admission, token_ids = await self._admit(request, model, prompts, params, request_id)
+    ) -> tuple[EngineRun, asyncio.Task | None]:
+        """Submit the engine requests and watch for the caller leaving; returns once every prompt has
+        its first output (validation errors raise before that). Returns (run, watcher task or None:
+        a caller that never leaves)."""
+        admission, token_ids = await self._admit(caller, model, prompts, params, request_id)
         # The tokens so far, checkpointed on the hold while the request runs (a crash bills them).
-        progress = self.billing.progress_checkpoint(request_id) if admission is not None else None
+        progress = None
+        if admission is not None and caller.billed_in_part:
+            progress = self.billing.progress_checkpoint(request_id)
 
         async def on_end(run: EngineRun, status: str) -> None:
             if progress is not None:
@@ -83,15 +78,17 @@ class ServerState:
                 prompt_tokens=run.prompt_tokens,
                 cached_tokens=run.cached_tokens,
                 completion_tokens=run.completion_tokens,
-                status=status,
+                # A batch line's run cut short delivered nothing: released, not billed (caller.py).
+                status=status if caller.billed_in_part or status == "finished" else "rejected",
                 finish_reasons=run.finish_reasons,
                 user=user,
-                api_key=api_key,
-                client_request_id=request.scope.get(CLIENT_REQUEST_ID),
+                api_key=caller.api_key,
+                client_request_id=caller.client_request_id,
+                service_tier=caller.service_tier,
             )
             run.cost_micros = await self.settle(admission, record)
 
-        priority = admission.priority if admission is not None else 0
+        priority = admission.priority if admission is not None else tier_priority(0, caller.service_tier)
         run = EngineRun(
             model.engine,
             token_ids,  # tokenized once, for the hold; the engine reuses them
@@ -102,11 +99,12 @@ class ServerState:
             every_step=every_step,
             on_progress=progress,
         )
-        watcher = spawn(watch_disconnect(request.receive, run))
+        watcher = spawn(abort_when_gone(caller.gone, run)) if caller.gone is not None else None
         try:
             await run.start()
         except BaseException:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             raise
         return run, watcher
 
@@ -134,7 +132,7 @@ class ServerState:
 
     async def _admit(
         self,
-        request: Request,
+        caller: Caller,
         model: ServedModel,
         prompts: PromptSource,
         params: SamplingParams,
@@ -153,13 +151,18 @@ class ServerState:
             if billing is None:
                 return None, tokenize()
             admission = billing.begin(
-                request.scope.get(PRINCIPAL), model.name, request_id, request.scope.get(CLIENT_REQUEST_ID)
+                caller.principal,
+                model.name,
+                request_id,
+                caller.client_request_id,
+                service_tier=caller.service_tier,
+                rate_limited=caller.rate_limited,
             )
-            request.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
+            caller.scope[RATE_HEADERS] = admission.headers  # a refusal from here on still shows them
             billing.check_request_size(admission, 1 if callable(prompts) else len(prompts), params.n)
             token_ids = tokenize()
             billing.admit_prompts(admission, engine, model.name, token_ids, params)
-            request.scope[RATE_HEADERS] = admission.headers
+            caller.scope[RATE_HEADERS] = admission.headers
             return admission, token_ids
 
         admitting = asyncio.ensure_future(asyncio.to_thread(admit))

@@ -68,7 +68,7 @@ def event(obj: object) -> str:
 
 
 async def guarded(
-    run: EngineRun, watcher: asyncio.Task, events: AsyncIterator[str], done: str | None = DONE
+    run: EngineRun, watcher: asyncio.Task | None, events: AsyncIterator[str], done: str | None = DONE
 ) -> AsyncIterator[str]:
     """Yield `events`, settle usage (if `events` did not: its final usage chunk needs the cost), then
     `done` ([DONE], as chat and completions end; None: nothing, as /v1/responses ends).
@@ -90,5 +90,6 @@ async def guarded(
         log.exception("stream failed")
         yield event(error_body("The server had an error while processing your request.", "server_error"))
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         run.abort()  # no-op when finished; otherwise stops generation and reports the tokens so far

@@ -28,6 +28,7 @@ class RequestUsage:
     # logging a RequestUsage never writes a key to a log.
     api_key: str | None = field(default=None, repr=False)
     client_request_id: str | None = None  # the client's own id (X-Client-Request-Id); request_id is ours
+    service_tier: str = "default"  # default | flex | priority | batch
 
 
 # A plain function or a coroutine function; awaited before the response completes when possible.

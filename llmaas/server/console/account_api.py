@@ -10,7 +10,6 @@ account's session reaches its own account only.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -127,7 +126,7 @@ def router(store: SessionStore) -> APIRouter:
             lines = credit_lines(billing.db, account_id)
             return {
                 "account": name,
-                "plan": asdict(plan),
+                "plan": plan.as_dict(),
                 "balance": balance_record(name, balance(billing.db, account_id)),
                 "credits": [
                     {

@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
 from fractions import Fraction
 from typing import Any
 
@@ -58,7 +57,7 @@ def router(machine_costs: Callable[[], MachineCosts]) -> APIRouter:
 
     @api.get("/plans")
     async def plans_known() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [asdict(p) for p in PLANS.values()]})
+        return JSONResponse({"object": "list", "data": [p.as_dict() for p in PLANS.values()]})
 
     @api.get("/holds")
     async def holds(billing: Admin, account: str | None = None) -> JSONResponse:

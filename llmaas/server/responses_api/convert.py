@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmaas.errors import InvalidRequestError, LlmaasError
+from llmaas.server.caller import service_tier
 from llmaas.server.protocol import MAX_MESSAGES, ChatCompletionRequest
 from llmaas.server.responses_api.protocol import (
     FunctionCallItem,
@@ -270,7 +271,7 @@ def response_object(
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": body.previous_response_id,
         "reasoning": {"effort": None, "summary": None},
-        "service_tier": "default",
+        "service_tier": service_tier(body.service_tier),
         "store": body.store is not False,
         "temperature": body.temperature if body.temperature is not None else 1.0,
         "text": {"format": text_format, "verbosity": "medium"},

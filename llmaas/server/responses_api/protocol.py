@@ -167,7 +167,7 @@ class ResponseCreateRequest(_Body):
     )
     seed: Seed | None = Field(None, description="extension: as chat's seed")
     truncation: Literal["disabled"] | None = Field(None, description="only 'disabled': too long is a 400")
-    service_tier: Literal["auto", "default"] | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     reasoning: Any = Field(None, description="not supported: null (the models do not reason)")
     include: list[Text] | None = Field(None, description="only an empty list")
     background: bool | None = Field(None, description="false only")

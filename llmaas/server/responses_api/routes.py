@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse
 
 from llmaas.errors import InvalidRequestError, LlmaasError
 from llmaas.server.billing import PRINCIPAL
+from llmaas.server.caller import http_caller
 from llmaas.server.chat import prepare_chat
 from llmaas.server.protocol import ERROR_RESPONSES
 from llmaas.server.reply import run_usage, start_reply
+from llmaas.server.request_ids import request_id_of
 from llmaas.server.responses_api import convert
 from llmaas.server.responses_api.events import response_events
 from llmaas.server.responses_api.protocol import ResponseCreateRequest
@@ -61,8 +63,18 @@ async def create_response(body: ResponseCreateRequest, request: Request) -> Resp
 
     try:
         plan, params, render = prepare_chat(chat, model, _NAMES, conversation=conversation)
+        caller = http_caller(request, body.service_tier, chat.request_id, chat.rid)
+        request_id = request_id_of(request.scope, "resp")
         reply = await start_reply(
-            request, model, render, params, chat, endpoint="responses", id_prefix="resp", param_names=_NAMES
+            state,
+            caller,
+            model,
+            render,
+            params,
+            chat,
+            endpoint="responses",
+            request_id=request_id,
+            param_names=_NAMES,
         )
     except LlmaasError as exc:
         raise convert.renamed(exc) from None
