@@ -166,7 +166,9 @@ def test_chunked_form_equals_recurrent_form():
     expected, states = [], {}
     for i in range(t):
         states[5 + i] = state[0]
-        o, state = delta_rule.recurrent_step(q[i : i + 1], k[i : i + 1], v[i : i + 1], g[i : i + 1], beta[i : i + 1], state)
+        o, state = delta_rule.recurrent_step(
+            q[i : i + 1], k[i : i + 1], v[i : i + 1], g[i : i + 1], beta[i : i + 1], state
+        )
         expected.append(o[0])
     for chunk in (4, 16, 64):
         out, final, inner = delta_rule.chunked(q, k, v, g, beta, state0, 5, chunk)

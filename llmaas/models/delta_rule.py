@@ -27,9 +27,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
-def prepare(
-    q: torch.Tensor, k: torch.Tensor, heads_per_key: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare(q: torch.Tensor, k: torch.Tensor, heads_per_key: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [T, Hk, Dk] -> fp32, normalised, q scaled, each key head repeated for its value heads."""
     q, k = l2_normalize(q.float()), l2_normalize(k.float())
     q = q * q.shape[-1] ** -0.5
@@ -39,7 +37,12 @@ def prepare(
 
 
 def recurrent_step(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row. q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv] (fp32).
     Returns (o [B, H, Dv], new state)."""

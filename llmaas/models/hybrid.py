@@ -26,7 +26,12 @@ from llmaas.models.gated_deltanet import GatedDeltaNet
 from llmaas.models.hybrid_config import HybridConfig
 from llmaas.models.rope import apply_rotary
 
-_ONE_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
+_ONE_CENTRED_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+)
 
 
 class GatedAttention(Attention):
@@ -100,7 +105,9 @@ def _next_to_qwen3_5(cfg: HybridConfig, qkvz: torch.Tensor, ba: torch.Tensor) ->
     grouped = qkvz.view(lin.num_key_heads, -1, hidden)
     sizes = [lin.key_head_dim, lin.key_head_dim, per * lin.value_head_dim, per * lin.value_head_dim]
     q, k, v, z = (part.reshape(-1, hidden) for part in grouped.split(sizes, dim=1))
-    b, a = (part.reshape(-1, hidden) for part in ba.view(lin.num_key_heads, 2 * per, hidden).split(per, dim=1))
+    b, a = (
+        part.reshape(-1, hidden) for part in ba.view(lin.num_key_heads, 2 * per, hidden).split(per, dim=1)
+    )
     return [torch.cat([q, k, v]), z, b, a]
 
 

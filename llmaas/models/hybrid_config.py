@@ -43,7 +43,9 @@ class HybridConfig(ModelConfig):
 def _layer_types(cfg: dict[str, Any], num_layers: int, path: Path) -> list[str]:
     types = cfg.get("layer_types")
     if types is None:
-        interval = _positive_int(cfg, "full_attention_interval", path) if "full_attention_interval" in cfg else 4
+        interval = (
+            _positive_int(cfg, "full_attention_interval", path) if "full_attention_interval" in cfg else 4
+        )
         return ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(num_layers)]
     if not isinstance(types, list) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
         raise ModelLoadError(

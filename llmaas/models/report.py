@@ -37,7 +37,11 @@ class ModelReport:
         return (
             f"{total} parameters, {active} active per token, "
             f"{self.kv_bytes_per_token:,} KV-cache bytes per token ({self.kv_dtype})"
-        ) + (f", {self.state_bytes_per_sequence:,} state bytes per sequence" if self.state_bytes_per_sequence else "")
+        ) + (
+            f", {self.state_bytes_per_sequence:,} state bytes per sequence"
+            if self.state_bytes_per_sequence
+            else ""
+        )
 
 
 def _human(n: int) -> str:
