@@ -1,6 +1,9 @@
 """ModelRunner: owns the model and its KV cache; turns scheduled chunks into one forward pass.
 
 The KV cache is allocated once, at start-up, from a byte budget: memory never grows with traffic.
+A hybrid model's linear-attention layers take their state pool from the same budget first (a slot per
+sequence, `max_num_seqs` of them, and as many spare slots for prefix-cache snapshots); the KV blocks
+of its attention layers get the rest.
 
 `run` raises only for a fault that belongs to the whole step (the forward pass, the logits). A fault
 in the work done for one sequence (its prompt logprobs, its sampling) is returned in
@@ -15,6 +18,7 @@ the forward runs Python between torch ops; docs/constrained_decoding.md.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +26,7 @@ import torch
 from llmaas.engine import grammar, sampler
 from llmaas.engine.scheduler import ScheduledChunk
 from llmaas.engine.sequence import Sequence, TokenLogprob
+from llmaas.engine.state_slots import StateSlots
 from llmaas.errors import InvalidRequestError
 from llmaas.models.attention import SequenceChunk, build_forward_batch, is_decode
 
@@ -45,6 +50,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int = 0,
+        max_num_seqs: int = 64,
     ):
         self.model = model
         self.block_size = block_size
@@ -53,6 +59,7 @@ class ModelRunner:
         layers = model.attention_layers()
         elem_size = torch.empty(0, dtype=dtype).element_size()
         self.kv_bytes_per_token = sum(layer.cache_elements_per_token() for layer in layers) * elem_size
+        kv_cache_bytes -= self._allocate_state_pool(kv_cache_bytes, max_num_seqs)
         self.num_blocks = int(kv_cache_bytes // (self.kv_bytes_per_token * block_size))
         if self.num_blocks < 2:
             raise InvalidRequestError(
@@ -70,6 +77,65 @@ class ModelRunner:
     @property
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    # ------------------------------------------------------------ linear-attention state (hybrids)
+    def _allocate_state_pool(self, budget: int, max_num_seqs: int) -> int:
+        """Allocate the linear layers' state pool out of `budget`; returns the bytes it takes."""
+        self.linear_layers = self.model.linear_layers() if hasattr(self.model, "linear_layers") else []
+        self.states: StateSlots | None = None
+        self.state_bytes_per_sequence = sum(layer.state_bytes(self.dtype) for layer in self.linear_layers)
+        if not self.linear_layers:
+            return 0
+        self.states = StateSlots(max_num_seqs, max_num_seqs)
+        pool_bytes = self.states.num_slots * self.state_bytes_per_sequence
+        if pool_bytes >= budget:
+            raise InvalidRequestError(
+                f"kv cache memory of {budget} bytes does not hold the linear-attention state of "
+                f"{max_num_seqs} sequences plus as many prefix-cache snapshots "
+                f"({self.state_bytes_per_sequence} bytes each) and KV blocks beside it",
+                param="kv_cache_memory",
+            )
+        for layer in self.linear_layers:
+            layer.allocate_state(self.states.num_slots, self.dtype, self.device)
+        # The delta rule's chunk divides the block size: every block end is a chunk end, where the
+        # chunked form has the state at hand for a snapshot.
+        self.state_chunk_size = math.gcd(self.block_size, 64)
+        return pool_bytes
+
+    @property
+    def state_pool_bytes(self) -> int:
+        return self.states.num_slots * self.state_bytes_per_sequence if self.states else 0
+
+    def _state_batch(self, ordered: list[ScheduledChunk]):
+        """Slots of this step's sequences, snapshots to take at block ends inside prefill chunks, after
+        copying the snapshots that sequences admitted this step resume from into their slots."""
+        from llmaas.models.gated_deltanet import StateBatch
+
+        for src, dst in self.states.take_pending_copies():
+            for layer in self.linear_layers:
+                layer.copy_state(src, dst)
+        prefill_slots: list[int] = []
+        decode_slots: list[int] = []
+        snapshots: list[list[tuple[int, int]]] = []
+        for c in ordered:
+            seq = c.seq
+            if is_decode_chunk(c):
+                decode_slots.append(seq.state_slot)
+                continue
+            prefill_slots.append(seq.state_slot)
+            begin = seq.num_computed_tokens
+            end = begin + c.num_new_tokens
+            snaps = []
+            if seq.params.prompt_logprobs is None:  # such prompts never read the prefix cache
+                for pos in range(
+                    begin // self.block_size * self.block_size + self.block_size, end + 1, self.block_size
+                ):
+                    slot = self.states.snapshot_slot(seq.block_table[pos // self.block_size - 1])
+                    if slot is not None:
+                        snaps.append((pos, slot))
+            snapshots.append(snaps)
+        decode = torch.tensor(decode_slots, device=self.device) if decode_slots else None
+        return StateBatch(prefill_slots, decode, self.state_chunk_size, snapshots)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
@@ -93,6 +159,8 @@ class ModelRunner:
                 sampling.append(seq)
         result = StepResult()
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
+        if self.states is not None:
+            batch.linear = self._state_batch(ordered)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
         offset = 0
         for c in ordered:
