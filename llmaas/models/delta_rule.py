@@ -46,12 +46,12 @@ def recurrent_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row. q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv] (fp32).
     Returns (o [B, H, Dv], new state)."""
-    state = state * g.exp()[..., None, None]
-    predicted = torch.einsum("bhkv,bhk->bhv", state, k)
+    b, h, dk, dv = state.shape
+    state = state * g.exp()[..., None, None]  # a new tensor: the caller's state is left as it was
+    predicted = (k.unsqueeze(-2) @ state).squeeze(-2)  # batched matmuls: several times einsum's speed
     u = (v.float() - predicted) * beta[..., None]
-    state = state + k[..., :, None] * u[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", state, q), state
-
+    state.view(b * h, dk, dv).baddbmm_(k.reshape(b * h, dk, 1), u.reshape(b * h, 1, dv))
+    return (q.unsqueeze(-2) @ state).squeeze(-2), state
 
 def chunked(
     q: torch.Tensor,
