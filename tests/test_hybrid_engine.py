@@ -115,6 +115,20 @@ def test_prefix_cache_hit_after_chunked_prefill(hybrid):
     check_against_reference(ref, shared + [8, 9], out.outputs[0])
 
 
+def test_next_turn_reuses_the_answer_through_decode_snapshots(hybrid):
+    """Block ends reached while decoding are snapshotted too: a follow-up prompt that repeats the
+    previous prompt and answer resumes after the answer's last full block."""
+    model_dir, ref = hybrid("qwen3_next")
+    llm = make_llm(model_dir)
+    first_prompt = prompt(10, 79)
+    answer = llm.generate([first_prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+    follow_up = first_prompt + answer.outputs[0].token_ids + [7, 8, 9]
+    out = llm.generate([follow_up], GREEDY)[0]
+    # position 19 (the last answer token) was sampled, never fed: blocks up to 16 are complete
+    assert out.cached_tokens == 16
+    check_against_reference(ref, follow_up, out.outputs[0])
+
+
 def test_n_samples_with_seed_match_single_requests(hybrid):
     model_dir, _ = hybrid("qwen3_5_text")
     llm = make_llm(model_dir)
@@ -154,5 +168,6 @@ def test_state_pool_comes_out_of_the_kv_budget(hybrid):
     assert runner.state_pool_bytes == 8 * per_seq  # 4 sequences + 4 snapshot slots
     assert runner.num_blocks == (2**20 - 8 * per_seq) // (runner.kv_bytes_per_token * 4)
     assert llm.model_report.state_bytes_per_sequence == per_seq
+    assert llm.engine.model_report.as_dict()["state_bytes_per_sequence"] == per_seq  # /v1/models metadata
     with pytest.raises(Exception, match="kv_cache_memory|linear-attention state"):
         make_llm(model_dir, kv_cache_memory=8 * per_seq, max_num_seqs=4)

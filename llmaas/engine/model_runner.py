@@ -29,6 +29,7 @@ from llmaas.engine.sequence import Sequence, TokenLogprob
 from llmaas.engine.state_slots import StateSlots
 from llmaas.errors import InvalidRequestError
 from llmaas.models.attention import SequenceChunk, build_forward_batch, is_decode
+from llmaas.models.gated_deltanet import StateBatch
 
 
 def is_decode_chunk(chunk: ScheduledChunk) -> bool:
@@ -106,21 +107,27 @@ class ModelRunner:
     def state_pool_bytes(self) -> int:
         return self.states.num_slots * self.state_bytes_per_sequence if self.states else 0
 
-    def _state_batch(self, ordered: list[ScheduledChunk]):
-        """Slots of this step's sequences, snapshots to take at block ends inside prefill chunks, after
-        copying the snapshots that sequences admitted this step resume from into their slots."""
-        from llmaas.models.gated_deltanet import StateBatch
-
+    def _state_batch(self, ordered: list[ScheduledChunk]) -> tuple[StateBatch, list[tuple[int, int]]]:
+        """Slots of this step's sequences and the snapshots to take at block ends inside prefill chunks,
+        after copying the snapshots that sequences admitted this step resume from into their slots.
+        Also (sequence slot, snapshot slot) for decode tokens that complete a block: their state after
+        the step is the state at that block end, copied once the step has run (multi-turn reuse)."""
         for src, dst in self.states.take_pending_copies():
             for layer in self.linear_layers:
                 layer.copy_state(src, dst)
         prefill_slots: list[int] = []
         decode_slots: list[int] = []
         snapshots: list[list[tuple[int, int]]] = []
+        after_step: list[tuple[int, int]] = []
         for c in ordered:
             seq = c.seq
             if is_decode_chunk(c):
                 decode_slots.append(seq.state_slot)
+                end = seq.num_computed_tokens + 1
+                if end % self.block_size == 0 and seq.params.prompt_logprobs is None:
+                    slot = self.states.snapshot_slot(seq.block_table[end // self.block_size - 1])
+                    if slot is not None:
+                        after_step.append((seq.state_slot, slot))
                 continue
             prefill_slots.append(seq.state_slot)
             begin = seq.num_computed_tokens
@@ -135,7 +142,7 @@ class ModelRunner:
                         snaps.append((pos, slot))
             snapshots.append(snaps)
         decode = torch.tensor(decode_slots, device=self.device) if decode_slots else None
-        return StateBatch(prefill_slots, decode, self.state_chunk_size, snapshots)
+        return StateBatch(prefill_slots, decode, self.state_chunk_size, snapshots), after_step
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
@@ -159,9 +166,13 @@ class ModelRunner:
                 sampling.append(seq)
         result = StepResult()
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
+        snapshot_after_step: list[tuple[int, int]] = []
         if self.states is not None:
-            batch.linear = self._state_batch(ordered)
+            batch.linear, snapshot_after_step = self._state_batch(ordered)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
+        for src, dst in snapshot_after_step:
+            for layer in self.linear_layers:
+                layer.copy_state(src, dst)
         offset = 0
         for c in ordered:
             if c.seq.params.prompt_logprobs is not None:
