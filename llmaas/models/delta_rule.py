@@ -53,6 +53,7 @@ def recurrent_step(
     state.view(b * h, dk, dv).baddbmm_(k.reshape(b * h, dk, 1), u.reshape(b * h, 1, dv))
     return (q.unsqueeze(-2) @ state).squeeze(-2), state
 
+
 def chunked(
     q: torch.Tensor,
     k: torch.Tensor,
