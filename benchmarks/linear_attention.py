@@ -15,6 +15,7 @@ that share a 300-token prefix, hybrid vs dense. Never asserts timings.
 
     .venv/bin/python benchmarks/linear_attention.py
     .venv/bin/python benchmarks/linear_attention.py --contexts 1024 4096 --batch 1 --rounds 2   # quicker
+    .venv/bin/python benchmarks/linear_attention.py --threads 1   # on a machine shared with other work
 """
 
 from __future__ import annotations
@@ -189,8 +190,11 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=4.0)
     p.add_argument("--prefix-requests", type=int, default=8)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# Linear attention (hybrid) vs dense, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {os.cpu_count()} cores, torch {torch.__version__}")

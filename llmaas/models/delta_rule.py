@@ -54,6 +54,21 @@ def recurrent_step(
     return (q.unsqueeze(-2) @ state).squeeze(-2), state
 
 
+def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C]: L is nilpotent (L^C = 0), so the inverse
+    is the finite series I - L + L^2 - ..., summed as (I - L)(I + L^2)(I + L^4)... in log2(C) steps of
+    two batched matmuls (a batched triangular solve is far slower for many small systems on CPU)."""
+    c = lower.shape[-1]
+    power = -lower
+    inverse = torch.eye(c, dtype=lower.dtype, device=lower.device) + power
+    terms = 2
+    while terms < c:
+        power = power @ power
+        inverse = inverse + inverse @ power
+        terms *= 2
+    return inverse
+
+
 def chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,10 +106,11 @@ def chunked(
     # exp(decay_i - decay_j) for j <= i: the decay between token j's write and token i
     pair = (decay[..., :, None] - decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     k_beta = k * beta[..., None]
-    system = (k_beta @ k.transpose(-1, -2)) * pair  # strictly lower part: earlier writes seen by later u
-    system = system.masked_fill(~causal.tril(-1), 0.0) + torch.eye(c, device=k.device)
-    u_from_values = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False)
-    u_from_state = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False)
+    # u = (I + L)^-1 (beta v - beta decay k S): L, strictly lower, holds the earlier writes each u sees
+    lower = (k_beta @ k.transpose(-1, -2)) * pair
+    inverse = unit_lower_inverse(lower.masked_fill(~causal.tril(-1), 0.0))
+    u_from_values = inverse @ (v * beta[..., None])
+    u_from_state = inverse @ (k_beta * decay.exp()[..., None])
     attend = (q @ k.transpose(-1, -2)) * pair  # within-chunk reads, the diagonal included
     q_decayed = q * decay.exp()[..., None]
     k_to_end = k * (decay[..., -1:] - decay).exp()[..., None]
