@@ -15,7 +15,6 @@ import torch
 
 from llmaas.errors import ModelLoadError
 from llmaas.models import delta_rule
-from llmaas.models.attention import SequenceChunk, build_forward_batch
 from llmaas.models.config import config_from_dict
 from llmaas.models.gated_deltanet import StateBatch
 from llmaas.models.report import describe_model
@@ -43,7 +42,7 @@ MODELS = {
     )),
 }  # fmt: skip
 NUM_SLOTS = 12
-CHUNK = 4  # the delta rule's chunk in these tests: BLOCK_SIZE, so every block end is a chunk end
+CHUNK = BLOCK_SIZE  # the delta rule's chunk in these tests: every block end is a chunk end
 
 
 class HybridRun(PagedRun):
@@ -61,26 +60,17 @@ class HybridRun(PagedRun):
         self.slot[id(seq)] = self.free_slots.pop(0)
         return seq
 
-    @torch.no_grad()
     def step(self, work, snapshots: dict | None = None) -> None:
-        chunks, ids = [], []
-        for seq, new in work:
-            chunks.append(SequenceChunk(len(new), seq.num_cached, seq.block_table))
-            ids.extend(new)
-        batch = build_forward_batch(chunks, BLOCK_SIZE)
+        """PagedRun.step; `snapshots`: {id(seq): [(position, slot)]} states to save in prefill chunks."""
+        self.snapshots = snapshots or {}
+        super().step(work)
+
+    def prepare(self, batch, work) -> None:
         slots = [self.slot[id(seq)] for seq, _ in work]
         n_pre = len(batch.prefills)
-        snaps = [(snapshots or {}).get(id(seq), []) for seq, _ in work[:n_pre]]
+        snaps = [self.snapshots.get(id(seq), []) for seq, _ in work[:n_pre]]
         decode = torch.tensor(slots[n_pre:]) if batch.decode is not None else None
         batch.linear = StateBatch(slots[:n_pre], decode, CHUNK, snaps)
-        logits = self.model.compute_logits(self.model(torch.tensor(ids), batch))
-        row = 0
-        for seq, new in work:
-            seq.tokens.extend(new)
-            for _ in new:
-                seq.logits[seq.num_cached] = logits[row]
-                seq.num_cached += 1
-                row += 1
 
 
 @torch.no_grad()
