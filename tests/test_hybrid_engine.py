@@ -12,9 +12,8 @@ import torch
 from llmaas import SamplingParams
 from llmaas.engine.llm_engine import EngineConfig
 from llmaas.llm import LLM
-from tests.model_factory import make_tiny_checkpoint
 from tests.test_hybrid_parity import MODELS
-from tests.test_model_parity import TOL, prompt
+from tests.test_model_parity import TOL, checkpoint_pairs, prompt
 
 FAMILIES = ["qwen3_5_text", "qwen3_next"]
 PROMPTS = [prompt(n, 30 + n) for n in (5, 13, 2, 30, 9)]
@@ -23,20 +22,9 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid-engine")
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            from transformers import AutoModelForCausalLM
-
-            fam, overrides = MODELS[family]
-            model_dir = make_tiny_checkpoint(fam, root, **overrides)
-            ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            cache[family] = (model_dir, ref)
-        return cache[family]
-
-    return get
+    """family -> (model dir, transformers' model)."""
+    pairs = checkpoint_pairs(tmp_path_factory.mktemp("hybrid-engine"), MODELS)
+    return lambda family: pairs(family)[:2]
 
 
 def make_llm(model_dir, **kw) -> LLM:

@@ -18,8 +18,7 @@ from llmaas.models import delta_rule
 from llmaas.models.config import config_from_dict
 from llmaas.models.gated_deltanet import StateBatch
 from llmaas.models.report import describe_model
-from tests.model_factory import make_tiny_checkpoint
-from tests.test_model_parity import BLOCK_SIZE, TOL, PagedRun, Seq, load_pair, prompt
+from tests.test_model_parity import BLOCK_SIZE, TOL, PagedRun, Seq, checkpoint_pairs, prompt
 
 LINEAR = dict(
     num_hidden_layers=4,
@@ -92,17 +91,7 @@ def max_diff(ref, seqs: list[Seq]) -> float:
 
 @pytest.fixture(scope="module")
 def hybrid_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            family, overrides = MODELS[name]
-            model_dir = make_tiny_checkpoint(family, root, **overrides)
-            cache[name] = (model_dir, *load_pair(model_dir))
-        return cache[name]
-
-    return get
+    return checkpoint_pairs(tmp_path_factory.mktemp("hybrid"), MODELS)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

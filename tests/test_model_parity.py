@@ -99,6 +99,21 @@ def load_pair(model_dir: Path, attn_implementation: str = "sdpa"):
     return ref, load_model(model_dir, dtype=torch.float32)
 
 
+def checkpoint_pairs(root: Path, models: dict[str, tuple[str, dict]]):
+    """name -> (model dir, transformers' model, ours) for `models` {name: (family, config overrides)},
+    each checkpoint written and loaded on first use."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            family, overrides = models[name]
+            model_dir = make_tiny_checkpoint(family, root, **overrides)
+            cache[name] = (model_dir, *load_pair(model_dir))
+        return cache[name]
+
+    return get
+
+
 def prompt(length: int, seed: int, vocab: int = 320) -> list[int]:
     return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 

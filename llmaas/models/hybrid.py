@@ -21,7 +21,7 @@ from torch import nn
 
 from llmaas.errors import ModelLoadError
 from llmaas.models.attention import ForwardBatch, attend_cached, write_kv_cache
-from llmaas.models.dense import Attention, DenseDecoder, RMSNorm, build_mlp
+from llmaas.models.dense import Attention, DenseDecoder, PreNormLayer, RMSNorm, build_mlp
 from llmaas.models.gated_deltanet import GatedDeltaNet
 from llmaas.models.hybrid_config import HybridConfig
 from llmaas.models.rope import apply_rotary
@@ -59,26 +59,15 @@ class GatedAttention(Attention):
         return self.o_proj(o.reshape(-1, self.q_size) * torch.sigmoid(gate))
 
 
-class HybridLayer(nn.Module):
+class HybridLayer(PreNormLayer):
+    """`self_attn` is the token mixer: GatedDeltaNet on linear layers (transformers' `linear_attn`)."""
+
     def __init__(self, cfg: HybridConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.is_linear_layer(layer):
-            self.linear_attn = GatedDeltaNet(cfg, layer)
-        else:
-            self.self_attn = GatedAttention(cfg)
+        self.self_attn = GatedDeltaNet(cfg, layer) if cfg.is_linear_layer(layer) else GatedAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = build_mlp(cfg, layer)
-
-    @property
-    def mixer(self) -> nn.Module:
-        return self.linear_attn if hasattr(self, "linear_attn") else self.self_attn
-
-    def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        x = x + self.mixer(self.input_layernorm(x), batch, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class HybridDecoder(DenseDecoder):
@@ -90,11 +79,11 @@ class HybridDecoder(DenseDecoder):
 
     def attention_layers(self) -> list[nn.Module]:
         """The full-attention layers: only they use the paged KV cache."""
-        return [layer.self_attn for layer in self.layers if hasattr(layer, "self_attn")]
+        return [layer.self_attn for layer in self.layers if isinstance(layer.self_attn, GatedAttention)]
 
     def linear_layers(self) -> list[GatedDeltaNet]:
         """The layers with a constant-size state per sequence."""
-        return [layer.linear_attn for layer in self.layers if hasattr(layer, "linear_attn")]
+        return [layer.self_attn for layer in self.layers if isinstance(layer.self_attn, GatedDeltaNet)]
 
 
 def _next_to_qwen3_5(cfg: HybridConfig, qkvz: torch.Tensor, ba: torch.Tensor) -> list[torch.Tensor]:
@@ -115,12 +104,13 @@ def adapt_checkpoint(cfg: HybridConfig, tensors: dict[str, torch.Tensor], origin
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
+        name = name.replace(".linear_attn.", ".self_attn.")  # our layers call either mixer self_attn
         if name.endswith(_ONE_CENTRED_NORMS) or name == "model.norm.weight":
             out[name] = tensor.float() + 1.0
-        elif ".linear_attn.in_proj_" in name:
+        elif ".self_attn.in_proj_" in name:
             prefix, proj = name.split(".in_proj_")
             parts.setdefault(prefix, {})[proj.removesuffix(".weight")] = tensor
-        elif name.endswith(".linear_attn.conv1d.weight"):
+        elif name.endswith(".self_attn.conv1d.weight"):
             out[name.replace("conv1d.weight", "conv_weight")] = tensor.squeeze(1)
         else:
             out[name] = tensor
