@@ -131,6 +131,26 @@ def test_n_samples_with_seed_match_single_requests(hybrid):
     assert len({tuple(t) for t in alone}) > 1
 
 
+def test_higher_priority_preempts_and_everyone_finishes_exactly(hybrid):
+    """Two sequence slots: a higher-priority request preempts a running one (its state slot goes to
+    the newcomer); the preempted one is recomputed later, all outputs as transformers'."""
+    model_dir, ref = hybrid("qwen3_5_text")
+    engine = make_llm(model_dir, max_num_seqs=2).engine
+    prompts = {"low-a": prompt(9, 93), "low-b": prompt(6, 94), "high": prompt(7, 95)}
+    engine.add_request("low-a", prompts["low-a"], GREEDY, priority=0)
+    engine.add_request("low-b", prompts["low-b"], GREEDY, priority=0)
+    finals = {}
+    for _ in range(3):
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    engine.add_request("high", prompts["high"], GREEDY, priority=5)
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.scheduler.num_priority_preemptions == 1
+    for rid, p in prompts.items():
+        check_against_reference(ref, p, finals[rid].outputs[0])
+    assert sorted(engine.runner.states.free) == [0, 1]
+
+
 def test_abort_gives_back_state_slot(hybrid):
     model_dir, _ = hybrid("qwen3_5_text")
     llm = make_llm(model_dir)
