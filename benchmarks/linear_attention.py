@@ -96,7 +96,8 @@ class DecodeAt:
         chunks = [SequenceChunk(1, cached, table) for table in self.tables]
         batch = build_forward_batch(chunks, BLOCK_SIZE)
         if self.linear:
-            batch.linear = StateBatch([], torch.arange(self.batch), BLOCK_SIZE, [])
+            # slots 0..B-1, as the engine's packed slots give a pure decode batch: updated in place
+            batch.linear = StateBatch([], torch.arange(self.batch), BLOCK_SIZE, [], decode_first_slot=0)
         self.ids = self.model.compute_logits(self.model(self.ids, batch)).argmax(-1)
         self.done += 1
         return time.perf_counter() - t0

@@ -47,8 +47,9 @@ CHUNK = BLOCK_SIZE  # the delta rule's chunk in these tests: every block end is 
 class HybridRun(PagedRun):
     """PagedRun plus a state slot per sequence for the linear layers."""
 
-    def __init__(self, model, seed: int = 0):
+    def __init__(self, model, seed: int = 0, in_place: bool = True):
         super().__init__(model, seed)
+        self.in_place = in_place  # consecutive decode slots updated in the pool, as the engine does
         for layer in model.linear_layers():
             layer.allocate_state(NUM_SLOTS, torch.float32, "cpu")
         self.free_slots = list(range(NUM_SLOTS))
@@ -69,7 +70,11 @@ class HybridRun(PagedRun):
         n_pre = len(batch.prefills)
         snaps = [self.snapshots.get(id(seq), []) for seq, _ in work[:n_pre]]
         decode = torch.tensor(slots[n_pre:]) if batch.decode is not None else None
-        batch.linear = StateBatch(slots[:n_pre], decode, CHUNK, snaps)
+        first = None
+        dec = slots[n_pre:]
+        if self.in_place and dec and dec == list(range(dec[0], dec[0] + len(dec))):
+            first = dec[0]
+        batch.linear = StateBatch(slots[:n_pre], decode, CHUNK, snaps, first)
 
 
 @torch.no_grad()
@@ -94,10 +99,10 @@ def hybrid_models(tmp_path_factory):
     return checkpoint_pairs(tmp_path_factory.mktemp("hybrid"), MODELS)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_mixed_prefill_chunked_and_decode(hybrid_models, name):
+@pytest.mark.parametrize("name, in_place", [(name, True) for name in MODELS] + [("qwen3_5_text", False)])
+def test_mixed_prefill_chunked_and_decode(hybrid_models, name, in_place):
     _, ref, ours = hybrid_models(name)
-    run = HybridRun(ours, seed=3)
+    run = HybridRun(ours, seed=3, in_place=in_place)
     a, b, c, d = run.new_seq(40), run.new_seq(24), run.new_seq(16), run.new_seq(20)
     a_prompt = prompt(23, 10)  # prefilled as 6 + 7 + 10: chunk ends off the 4-token grid
     run.step([(a, a_prompt[:6]), (b, prompt(11, 11)), (c, prompt(1, 12))])
@@ -141,11 +146,11 @@ def test_chunked_form_equals_recurrent_form():
     v, beta = torch.randn(t, h, dv), torch.rand(t, h)
     g = -torch.rand(t, h)
     state0 = torch.randn(h, dk, dv)
-    state = state0[None]
+    state = state0[None].clone()
     expected, states = [], {}
     for i in range(t):
-        states[5 + i] = state[0]
-        o, state = delta_rule.recurrent_step(
+        states[5 + i] = state[0].clone()
+        o = delta_rule.recurrent_step(
             q[i : i + 1], k[i : i + 1], v[i : i + 1], g[i : i + 1], beta[i : i + 1], state
         )
         expected.append(o[0])

@@ -142,13 +142,19 @@ class ModelRunner:
                         snaps.append((pos, slot))
             snapshots.append(snaps)
         decode = torch.tensor(decode_slots, device=self.device) if decode_slots else None
-        return StateBatch(prefill_slots, decode, self.state_chunk_size, snapshots), after_step
+        first = None
+        if decode_slots and decode_slots == list(range(decode_slots[0], decode_slots[0] + len(decode_slots))):
+            first = decode_slots[0]
+        return StateBatch(prefill_slots, decode, self.state_chunk_size, snapshots, first), after_step
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         """One forward over all chunks; (seq, token, logprob info) for the chunks that sample, and the
         sequences whose own work (prompt logprobs, sampling) failed."""
-        ordered = [c for c in chunks if not is_decode_chunk(c)] + [c for c in chunks if is_decode_chunk(c)]
+        decodes = [c for c in chunks if is_decode_chunk(c)]
+        if self.states is not None:  # by state slot: consecutive slots are read in place (gated_deltanet)
+            decodes.sort(key=lambda c: c.seq.state_slot)
+        ordered = [c for c in chunks if not is_decode_chunk(c)] + decodes
         input_ids: list[int] = []
         seq_chunks: list[SequenceChunk] = []
         sample_rows: list[int] = []

@@ -7,12 +7,15 @@ or is preempted (a recompute starts from zeros, or from a snapshot). The others 
 snapshots: the state before the first token after a full KV block, keyed by that block's id. A
 snapshot lives as long as its block keeps its contents: when the block manager hands the block out
 again, the snapshot goes too; when all snapshot slots are taken, the least recently used goes first.
+Sequence slots are handed out lowest first, so the running sequences' slots stay packed and a decode
+batch (sorted by slot) is usually one run of consecutive slots, which the layers update in place.
 A sequence that resumes from a cached prefix gets the snapshot copied into its own slot before its
 first step (`pending_copies`, done by the runner), so snapshots are never written by a sequence.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 from llmaas.engine.sequence import Sequence
@@ -22,7 +25,7 @@ class StateSlots:
     def __init__(self, num_sequence_slots: int, num_snapshot_slots: int):
         self.num_sequence_slots = num_sequence_slots
         self.num_snapshot_slots = num_snapshot_slots
-        self.free: list[int] = list(range(num_sequence_slots))
+        self.free: list[int] = list(range(num_sequence_slots))  # a heap: the lowest slot is taken first
         self.free_snapshots: list[int] = list(
             range(num_sequence_slots, num_sequence_slots + num_snapshot_slots)
         )
@@ -39,13 +42,13 @@ class StateSlots:
         if seq.state_slot is None:
             if not self.free:
                 return False
-            seq.state_slot = self.free.pop()
+            seq.state_slot = heapq.heappop(self.free)
         return True
 
     def release(self, seq: Sequence) -> None:
         if seq.state_slot is not None:
             self.pending_copies = [(s, d) for s, d in self.pending_copies if d != seq.state_slot]
-            self.free.append(seq.state_slot)
+            heapq.heappush(self.free, seq.state_slot)
             seq.state_slot = None
 
     def has_snapshot(self, block_id: int) -> bool:

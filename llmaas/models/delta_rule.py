@@ -43,15 +43,15 @@ def recurrent_step(
     g: torch.Tensor,
     beta: torch.Tensor,
     state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row. q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv] (fp32).
-    Returns (o [B, H, Dv], new state)."""
+) -> torch.Tensor:
+    """One token per row, the state updated in place. q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H],
+    state [B, H, Dk, Dv] (fp32). Returns o [B, H, Dv]."""
     b, h, dk, dv = state.shape
-    state = state * g.exp()[..., None, None]  # a new tensor: the caller's state is left as it was
+    state.mul_(g.exp()[..., None, None])
     predicted = (k.unsqueeze(-2) @ state).squeeze(-2)  # batched matmuls: several times einsum's speed
     u = (v.float() - predicted) * beta[..., None]
     state.view(b * h, dk, dv).baddbmm_(k.reshape(b * h, dk, 1), u.reshape(b * h, 1, dv))
-    return (q.unsqueeze(-2) @ state).squeeze(-2), state
+    return (q.unsqueeze(-2) @ state).squeeze(-2)
 
 
 def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class StateBatch:
     chunk_size: int  # the delta rule's chunk: divides the block size, so block ends are chunk ends
     # per prefill: (position p, slot) -> save the state before position p (p ends a block) into slot
     snapshots: list[list[tuple[int, int]]] = field(default_factory=list)
+    # set when the decode slots are consecutive from this one: the layers then read and update the
+    # pool in place instead of gathering and scattering (the engine keeps running slots packed)
+    decode_first_slot: int | None = None
 
 
 class GatedRMSNorm(nn.Module):
@@ -103,7 +106,7 @@ class GatedDeltaNet(nn.Module):
             core[sl] = self._prefill(qkv[sl], g[sl], beta[sl], seg, states.prefill_slots[i], snaps, states)
         if batch.decode is not None:
             d = batch.decode.start
-            core[d:] = self._decode(qkv[d:], g[d:], beta[d:], states.decode_slots)
+            core[d:] = self._decode(qkv[d:], g[d:], beta[d:], states)
         z = z.reshape(-1, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(core, z).reshape(x.shape[0], self.value_dim))
 
@@ -134,11 +137,20 @@ class GatedDeltaNet(nn.Module):
         self.recurrent_state[slot] = final
         return out.to(qkv.dtype)
 
-    def _decode(self, qkv, g, beta, slots: torch.Tensor):
-        window = torch.cat([self.conv_state.index_select(0, slots).to(qkv.dtype), qkv[:, :, None]], dim=2)
+    def _decode(self, qkv, g, beta, states: StateBatch):
+        slots = states.decode_slots
+        first = states.decode_first_slot
+        if first is not None:  # the slots are first, first + 1, ...: work on the pool in place
+            conv = self.conv_state.narrow(0, first, slots.shape[0])
+            rec = self.recurrent_state.narrow(0, first, slots.shape[0])
+        else:
+            conv, rec = self.conv_state.index_select(0, slots), self.recurrent_state.index_select(0, slots)
+        window = torch.cat([conv.to(qkv.dtype), qkv[:, :, None]], dim=2)
         mixed = F.silu((window * self.conv_weight).sum(-1))  # [B, C]: the conv at the newest position
-        self.conv_state.index_copy_(0, slots, window[:, :, 1:].to(self.conv_state.dtype))
+        conv.copy_(window[:, :, 1:])
         q, k, v = self._split_heads(mixed)
-        out, rec = delta_rule.recurrent_step(q, k, v, g, beta, self.recurrent_state.index_select(0, slots))
-        self.recurrent_state.index_copy_(0, slots, rec)
+        out = delta_rule.recurrent_step(q, k, v, g, beta, rec)
+        if first is None:
+            self.conv_state.index_copy_(0, slots, conv)
+            self.recurrent_state.index_copy_(0, slots, rec)
         return out.to(qkv.dtype)
