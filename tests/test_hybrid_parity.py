@@ -10,13 +10,17 @@ of the delta rule against each other, and configs we cannot serve refused by fie
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmaas.errors import ModelLoadError
 from llmaas.models import delta_rule
 from llmaas.models.config import config_from_dict
 from llmaas.models.gated_deltanet import StateBatch
+from llmaas.models.loader import load_model
 from llmaas.models.report import describe_model
 from tests.test_model_parity import BLOCK_SIZE, TOL, PagedRun, Seq, checkpoint_pairs, prompt
 
@@ -206,3 +210,15 @@ def test_default_layer_types_three_linear_one_full():
     assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + [
         "full_attention"
     ]
+
+
+def test_multi_token_prediction_weights_are_dropped(hybrid_models, tmp_path):
+    """Released checkpoints carry `mtp.*` tensors; transformers ignores them, so do we."""
+    model_dir, _, ours = hybrid_models("qwen3_5_text")
+    copy = tmp_path / "with-mtp"
+    shutil.copytree(model_dir, copy)
+    tensors = load_file(copy / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.zeros(64, 128)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_model(copy, dtype=torch.float32)
+    assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight)

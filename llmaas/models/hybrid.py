@@ -10,6 +10,8 @@ multiplied by sigmoid of a per-head gate that the q projection produces beside q
 (1 + weight), so the weight is stored plus one and our RMSNorm is used (the gated norm inside the
 linear layer scales by its weight as is); the linear layer's projections become one matrix;
 qwen3_next's per-key-head interleaved [q k v z] and [b a] rows are put in qwen3_5's order first.
+The multi-token-prediction weights that released checkpoints carry (`mtp.*`) are dropped, as
+transformers drops them: we decode one token per step.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def adapt_checkpoint(cfg: HybridConfig, tensors: dict[str, torch.Tensor], origin
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
+        if name.startswith("mtp."):
+            continue
         name = name.replace(".linear_attn.", ".self_attn.")  # our layers call either mixer self_attn
         if name.endswith(_ONE_CENTRED_NORMS) or name == "model.norm.weight":
             out[name] = tensor.float() + 1.0
