@@ -177,5 +177,7 @@ def test_state_pool_comes_out_of_the_kv_budget(hybrid):
     assert runner.num_blocks == (2**20 - 8 * per_seq) // (runner.kv_bytes_per_token * 4)
     assert llm.model_report.state_bytes_per_sequence == per_seq
     assert llm.engine.model_report.as_dict()["state_bytes_per_sequence"] == per_seq  # /v1/models metadata
+    no_cache = make_llm(model_dir, kv_cache_memory=2**20, max_num_seqs=4, enable_prefix_caching=False)
+    assert no_cache.engine.runner.state_pool_bytes == 4 * per_seq  # no snapshot slots
     with pytest.raises(Exception, match="kv_cache_memory|linear-attention state"):
         make_llm(model_dir, kv_cache_memory=8 * per_seq, max_num_seqs=4)

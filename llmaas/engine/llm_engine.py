@@ -91,7 +91,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             self.model, config.block_size, config.kv_cache_memory, device, dtype, config.seed,
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=config.max_num_seqs, enable_prefix_caching=config.enable_prefix_caching,
         )  # fmt: skip
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching, self.runner.states

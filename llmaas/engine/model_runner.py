@@ -52,6 +52,7 @@ class ModelRunner:
         dtype: torch.dtype,
         seed: int = 0,
         max_num_seqs: int = 64,
+        enable_prefix_caching: bool = True,
     ):
         self.model = model
         self.block_size = block_size
@@ -60,7 +61,7 @@ class ModelRunner:
         layers = model.attention_layers()
         elem_size = torch.empty(0, dtype=dtype).element_size()
         self.kv_bytes_per_token = sum(layer.cache_elements_per_token() for layer in layers) * elem_size
-        kv_cache_bytes -= self._allocate_state_pool(kv_cache_bytes, max_num_seqs)
+        kv_cache_bytes -= self._allocate_state_pool(kv_cache_bytes, max_num_seqs, enable_prefix_caching)
         self.num_blocks = int(kv_cache_bytes // (self.kv_bytes_per_token * block_size))
         if self.num_blocks < 2:
             raise InvalidRequestError(
@@ -80,19 +81,20 @@ class ModelRunner:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
 
     # ------------------------------------------------------------ linear-attention state (hybrids)
-    def _allocate_state_pool(self, budget: int, max_num_seqs: int) -> int:
-        """Allocate the linear layers' state pool out of `budget`; returns the bytes it takes."""
+    def _allocate_state_pool(self, budget: int, max_num_seqs: int, snapshots: bool) -> int:
+        """Allocate the linear layers' state pool out of `budget`; returns the bytes it takes. Without
+        prefix caching there are no snapshot slots (and no snapshots are taken)."""
         self.linear_layers = self.model.linear_layers() if hasattr(self.model, "linear_layers") else []
         self.states: StateSlots | None = None
         self.state_bytes_per_sequence = sum(layer.state_bytes(self.dtype) for layer in self.linear_layers)
         if not self.linear_layers:
             return 0
-        self.states = StateSlots(max_num_seqs, max_num_seqs)
+        self.states = StateSlots(max_num_seqs, max_num_seqs if snapshots else 0)
         pool_bytes = self.states.num_slots * self.state_bytes_per_sequence
         if pool_bytes >= budget:
             raise InvalidRequestError(
                 f"kv cache memory of {budget} bytes does not hold the linear-attention state of "
-                f"{max_num_seqs} sequences plus as many prefix-cache snapshots "
+                f"{max_num_seqs} sequences (and as many prefix-cache snapshots) "
                 f"({self.state_bytes_per_sequence} bytes each) and KV blocks beside it",
                 param="kv_cache_memory",
             )
