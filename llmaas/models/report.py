@@ -34,13 +34,11 @@ class ModelReport:
 
     def summary(self) -> str:
         total, active = _human(self.total_params), _human(self.active_params_per_token)
+        state = self.state_bytes_per_sequence
         return (
             f"{total} parameters, {active} active per token, "
             f"{self.kv_bytes_per_token:,} KV-cache bytes per token ({self.kv_dtype})"
-        ) + (
-            f", {self.state_bytes_per_sequence:,} state bytes per sequence"
-            if self.state_bytes_per_sequence
-            else ""
+            + (f", {state:,} state bytes per sequence" if state else "")
         )
 
 
