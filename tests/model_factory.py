@@ -98,13 +98,19 @@ def _write_tokenizer(
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
+# Families whose RMSNorms scale by (1 + weight): their weights are perturbed around 0, not 1 (the gated
+# norm inside their linear-attention layers scales by its weight as usual).
+ONE_PLUS_WEIGHT_NORMS = {"qwen3_5_text", "qwen3_next"}
+
+
+def _perturb(model: torch.nn.Module, seed: int, family: str = "") -> None:
     """Non-trivial norm weights and biases (transformers initialises them to 1 and 0)."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=gen))
+                centre = 0 if family in ONE_PLUS_WEIGHT_NORMS and "linear_attn.norm" not in name else 1
+                param.copy_(centre + 0.2 * torch.randn(param.shape, generator=gen))
             elif name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=gen))
 
@@ -131,7 +137,7 @@ def make_tiny_checkpoint(
     config = AutoConfig.for_model(family, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _perturb(model, seed)
+    _perturb(model, seed, family)
 
     tmp_path = Path(tmp_path)
     model_dir = tmp_path / family

@@ -63,6 +63,7 @@ class PagedRun:
             chunks.append(SequenceChunk(len(new), seq.num_cached, seq.block_table))
             ids.extend(new)
         batch = build_forward_batch(chunks, BLOCK_SIZE, sliding_window=self.sliding_window)
+        self.prepare(batch, work)
         logits = self.model.compute_logits(self.model(torch.tensor(ids), batch))
         row = 0
         for seq, new in work:
@@ -72,6 +73,9 @@ class PagedRun:
                 seq.num_cached += 1
                 row += 1
         assert row == logits.shape[0]
+
+    def prepare(self, batch, work: list[tuple[Seq, list[int]]]) -> None:
+        """What a model family needs in the batch beyond the KV cache (hybrids: state slots)."""
 
     def greedy(self, seq: Seq) -> int:
         return int(seq.logits[seq.num_cached - 1].argmax())
@@ -93,6 +97,21 @@ def load_pair(model_dir: Path, attn_implementation: str = "sdpa"):
         model_dir, dtype=torch.float32, attn_implementation=attn_implementation
     ).eval()
     return ref, load_model(model_dir, dtype=torch.float32)
+
+
+def checkpoint_pairs(root: Path, models: dict[str, tuple[str, dict]]):
+    """name -> (model dir, transformers' model, ours) for `models` {name: (family, config overrides)},
+    each checkpoint written and loaded on first use."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            family, overrides = models[name]
+            model_dir = make_tiny_checkpoint(family, root, **overrides)
+            cache[name] = (model_dir, *load_pair(model_dir))
+        return cache[name]
+
+    return get
 
 
 def prompt(length: int, seed: int, vocab: int = 320) -> list[int]:

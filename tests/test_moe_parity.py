@@ -18,8 +18,7 @@ from llmaas.models.loader import load_model
 from llmaas.models.moe import SparseMoeBlock, expert_token_counts, reset_expert_token_counts
 from llmaas.models.report import describe_model
 from llmaas.server.metrics import Metrics
-from tests.model_factory import make_tiny_checkpoint
-from tests.test_model_parity import TOL, PagedRun, load_pair, max_diff, prompt
+from tests.test_model_parity import TOL, PagedRun, checkpoint_pairs, max_diff, prompt
 
 EXPERTS, TOP_K = 8, 2
 MODELS = {
@@ -48,17 +47,7 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            family, overrides = MODELS[name]
-            model_dir = make_tiny_checkpoint(family, root, **overrides)
-            cache[name] = (model_dir, *load_pair(model_dir))
-        return cache[name]
-
-    return get
+    return checkpoint_pairs(tmp_path_factory.mktemp("moe"), MODELS)
 
 
 def _run_mixed(ours, seed: int) -> list:

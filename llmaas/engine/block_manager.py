@@ -4,6 +4,10 @@ Every block holds `block_size` token slots. A full block is identified by a chai
 tokens and its parent's hash, so equal prefixes map to equal blocks; such blocks are shared by
 refcount. Blocks nobody uses go to an LRU free list but keep their contents and hash until they are
 handed out again, so a later request with the same prefix still finds them.
+
+Hybrid models (linear-attention layers beside attention) also need the linear layers' state at the
+end of a reused prefix: with `states` (state_slots.py) a running sequence holds a state slot, and a
+prefix hit is cut back to the longest run of blocks whose last block has a state snapshot.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from llmaas.engine.sequence import Sequence
+from llmaas.engine.state_slots import StateSlots
 
 
 @dataclass
@@ -27,8 +32,15 @@ def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        states: StateSlots | None = None,
+    ):
         self.block_size = block_size
+        self.states = states
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -71,6 +83,9 @@ class BlockManager:
         if hits and len(hits) * self.block_size == len(tokens):
             hits.pop()  # the last token must be computed to get logits
             hashes.pop()
+        while hits and self.states is not None and not self.states.has_snapshot(hits[-1]):
+            hits.pop()  # hybrids resume only where the linear layers' state was saved
+            hashes.pop()
         return hits, hashes
 
     def _take_free_block(self) -> int:
@@ -78,6 +93,8 @@ class BlockManager:
         block = self.blocks[bid]
         if block.block_hash is not None and self.cached.get(block.block_hash) == bid:
             del self.cached[block.block_hash]
+        if self.states is not None:
+            self.states.forget_block(bid)
         block.block_hash, block.token_ids, block.ref_count = None, (), 1
         return bid
 
@@ -98,6 +115,8 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         if need > self.num_free_blocks - reclaimed:
             return False
+        if fresh and self.states is not None and not self.states.acquire(seq):
+            return False
         if fresh:
             for bid in hits:
                 if self.blocks[bid].ref_count == 0:
@@ -106,6 +125,8 @@ class BlockManager:
             seq.block_table = list(hits)
             seq.block_hashes = list(hashes)
             seq.num_computed_tokens = computed
+            if hits and self.states is not None:
+                self.states.restore(seq, hits[-1])
             if self.enable_prefix_caching and not seq.admitted_once:
                 self.prefix_queries += len(seq.prompt_token_ids)
                 self.prefix_hits += computed
@@ -145,6 +166,8 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        if self.states is not None:
+            self.states.release(seq)
 
     @property
     def prefix_hit_rate(self) -> float:

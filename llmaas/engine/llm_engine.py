@@ -90,10 +90,11 @@ class LLMEngine:
             self.model_config.max_position_embeddings,
         )
         self.runner = ModelRunner(
-            self.model, config.block_size, config.kv_cache_memory, device, dtype, config.seed
-        )
+            self.model, config.block_size, config.kv_cache_memory, device, dtype, config.seed,
+            max_num_seqs=config.max_num_seqs, enable_prefix_caching=config.enable_prefix_caching,
+        )  # fmt: skip
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching, self.runner.states
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
@@ -126,6 +127,16 @@ class LLMEngine:
             config.block_size,
             self.runner.kv_cache_bytes / 2**20,
         )
+        if self.runner.states is not None:
+            log.info(
+                "linear-attention state: %d slots (%d sequences + %d prefix-cache snapshots) x %d bytes "
+                "= %.0f MiB, from the same budget as the KV cache",
+                self.runner.states.num_slots,
+                self.runner.states.num_sequence_slots,
+                self.runner.states.num_snapshot_slots,
+                self.runner.state_bytes_per_sequence,
+                self.runner.state_pool_bytes / 2**20,
+            )
 
     # ----------------------------------------------------------------- requests
     def render_chat(

@@ -1,6 +1,9 @@
 """ModelRunner: owns the model and its KV cache; turns scheduled chunks into one forward pass.
 
 The KV cache is allocated once, at start-up, from a byte budget: memory never grows with traffic.
+A hybrid model's linear-attention layers take their state pool from the same budget first (a slot per
+sequence, `max_num_seqs` of them, and as many spare slots for prefix-cache snapshots); the KV blocks
+of its attention layers get the rest.
 
 `run` raises only for a fault that belongs to the whole step (the forward pass, the logits). A fault
 in the work done for one sequence (its prompt logprobs, its sampling) is returned in
@@ -15,6 +18,7 @@ the forward runs Python between torch ops; docs/constrained_decoding.md.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +26,10 @@ import torch
 from llmaas.engine import grammar, sampler
 from llmaas.engine.scheduler import ScheduledChunk
 from llmaas.engine.sequence import Sequence, TokenLogprob
+from llmaas.engine.state_slots import StateSlots
 from llmaas.errors import InvalidRequestError
 from llmaas.models.attention import SequenceChunk, build_forward_batch, is_decode
+from llmaas.models.gated_deltanet import StateBatch
 
 
 def is_decode_chunk(chunk: ScheduledChunk) -> bool:
@@ -45,6 +51,8 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int = 0,
+        max_num_seqs: int = 64,
+        enable_prefix_caching: bool = True,
     ):
         self.model = model
         self.block_size = block_size
@@ -53,6 +61,7 @@ class ModelRunner:
         layers = model.attention_layers()
         elem_size = torch.empty(0, dtype=dtype).element_size()
         self.kv_bytes_per_token = sum(layer.cache_elements_per_token() for layer in layers) * elem_size
+        kv_cache_bytes -= self._allocate_state_pool(kv_cache_bytes, max_num_seqs, enable_prefix_caching)
         self.num_blocks = int(kv_cache_bytes // (self.kv_bytes_per_token * block_size))
         if self.num_blocks < 2:
             raise InvalidRequestError(
@@ -71,11 +80,83 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
 
+    # ------------------------------------------------------------ linear-attention state (hybrids)
+    def _allocate_state_pool(self, budget: int, max_num_seqs: int, snapshots: bool) -> int:
+        """Allocate the linear layers' state pool out of `budget`; returns the bytes it takes. Without
+        prefix caching there are no snapshot slots (and no snapshots are taken)."""
+        self.linear_layers = self.model.linear_layers() if hasattr(self.model, "linear_layers") else []
+        self.states: StateSlots | None = None
+        self.state_bytes_per_sequence = sum(layer.state_bytes(self.dtype) for layer in self.linear_layers)
+        if not self.linear_layers:
+            return 0
+        self.states = StateSlots(max_num_seqs, max_num_seqs if snapshots else 0)
+        pool_bytes = self.states.num_slots * self.state_bytes_per_sequence
+        if pool_bytes >= budget:
+            raise InvalidRequestError(
+                f"kv cache memory of {budget} bytes does not hold the linear-attention state of "
+                f"{max_num_seqs} sequences (and as many prefix-cache snapshots) "
+                f"({self.state_bytes_per_sequence} bytes each) and KV blocks beside it",
+                param="kv_cache_memory",
+            )
+        for layer in self.linear_layers:
+            layer.allocate_state(self.states.num_slots, self.dtype, self.device)
+        # The delta rule's chunk divides the block size: every block end is a chunk end, where the
+        # chunked form has the state at hand for a snapshot.
+        self.state_chunk_size = math.gcd(self.block_size, 64)
+        return pool_bytes
+
+    @property
+    def state_pool_bytes(self) -> int:
+        return self.states.num_slots * self.state_bytes_per_sequence if self.states else 0
+
+    def _state_batch(self, ordered: list[ScheduledChunk]) -> tuple[StateBatch, list[tuple[int, int]]]:
+        """Slots of this step's sequences and the snapshots to take at block ends inside prefill chunks,
+        after copying the snapshots that sequences admitted this step resume from into their slots.
+        Also (sequence slot, snapshot slot) for decode tokens that complete a block: their state after
+        the step is the state at that block end, copied once the step has run (multi-turn reuse)."""
+        for src, dst in self.states.take_pending_copies():
+            for layer in self.linear_layers:
+                layer.copy_state(src, dst)
+        prefill_slots: list[int] = []
+        decode_slots: list[int] = []
+        snapshots: list[list[tuple[int, int]]] = []
+        after_step: list[tuple[int, int]] = []
+        for c in ordered:
+            seq = c.seq
+            if is_decode_chunk(c):
+                decode_slots.append(seq.state_slot)
+                end = seq.num_computed_tokens + 1
+                if end % self.block_size == 0 and seq.params.prompt_logprobs is None:
+                    slot = self.states.snapshot_slot(seq.block_table[end // self.block_size - 1])
+                    if slot is not None:
+                        after_step.append((seq.state_slot, slot))
+                continue
+            prefill_slots.append(seq.state_slot)
+            begin = seq.num_computed_tokens
+            end = begin + c.num_new_tokens
+            snaps = []
+            if seq.params.prompt_logprobs is None:  # such prompts never read the prefix cache
+                for pos in range(
+                    begin // self.block_size * self.block_size + self.block_size, end + 1, self.block_size
+                ):
+                    slot = self.states.snapshot_slot(seq.block_table[pos // self.block_size - 1])
+                    if slot is not None:
+                        snaps.append((pos, slot))
+            snapshots.append(snaps)
+        decode = torch.tensor(decode_slots, device=self.device) if decode_slots else None
+        first = None
+        if decode_slots and decode_slots == list(range(decode_slots[0], decode_slots[0] + len(decode_slots))):
+            first = decode_slots[0]
+        return StateBatch(prefill_slots, decode, self.state_chunk_size, snapshots, first), after_step
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         """One forward over all chunks; (seq, token, logprob info) for the chunks that sample, and the
         sequences whose own work (prompt logprobs, sampling) failed."""
-        ordered = [c for c in chunks if not is_decode_chunk(c)] + [c for c in chunks if is_decode_chunk(c)]
+        decodes = [c for c in chunks if is_decode_chunk(c)]
+        if self.states is not None:  # by state slot: consecutive slots are read in place (gated_deltanet)
+            decodes.sort(key=lambda c: c.seq.state_slot)
+        ordered = [c for c in chunks if not is_decode_chunk(c)] + decodes
         input_ids: list[int] = []
         seq_chunks: list[SequenceChunk] = []
         sample_rows: list[int] = []
@@ -93,7 +174,13 @@ class ModelRunner:
                 sampling.append(seq)
         result = StepResult()
         batch = build_forward_batch(seq_chunks, self.block_size, self.device, self.sliding_window)
+        snapshot_after_step: list[tuple[int, int]] = []
+        if self.states is not None:
+            batch.linear, snapshot_after_step = self._state_batch(ordered)
         hidden = self.model(torch.tensor(input_ids, device=self.device), batch)
+        for src, dst in snapshot_after_step:
+            for layer in self.linear_layers:
+                layer.copy_state(src, dst)
         offset = 0
         for c in ordered:
             if c.seq.params.prompt_logprobs is not None:

@@ -46,6 +46,7 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache (first admission)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
+    state_slot: int | None = None  # hybrid models: this sequence's slot of the linear layers' state pool
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None

@@ -67,6 +67,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] where each token's K/V is written
     prefills: list[PrefillSegment]
     decode: DecodeBatch | None
+    linear: object = None  # hybrids: the state slots of linear-attention layers (gated_deltanet.StateBatch)
 
     @property
     def num_tokens(self) -> int:

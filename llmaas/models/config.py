@@ -247,6 +247,15 @@ def _deepseek_config(cfg: dict[str, Any], path: Path) -> ModelConfig:
 CONFIG_PARSERS.update(deepseek_v2=_deepseek_config, deepseek_v3=_deepseek_config)
 
 
+def _hybrid_config(cfg: dict[str, Any], path: Path) -> ModelConfig:
+    from llmaas.models.hybrid_config import hybrid_config_from_dict  # it builds on this module
+
+    return hybrid_config_from_dict(cfg, path)
+
+
+CONFIG_PARSERS.update(qwen3_5_text=_hybrid_config, qwen3_next=_hybrid_config)
+
+
 def config_from_dict(cfg: dict[str, Any], path: Path = Path("config.json")) -> ModelConfig:
     family = cfg.get("model_type")
     parse = CONFIG_PARSERS.get(family)

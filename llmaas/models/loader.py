@@ -22,12 +22,17 @@ from llmaas.models.config import DENSE_FAMILIES, MOE_FAMILIES, ModelConfig, load
 from llmaas.models.deepseek import DeepseekDecoder, adapt_checkpoint
 from llmaas.models.deepseek_config import DEEPSEEK_FAMILIES
 from llmaas.models.dense import DenseDecoder
+from llmaas.models.hybrid import HybridDecoder
+from llmaas.models.hybrid import adapt_checkpoint as adapt_hybrid_checkpoint
+from llmaas.models.hybrid_config import HYBRID_FAMILIES
 
 # model_type -> the module class built from its ModelConfig.
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {f: DenseDecoder for f in DENSE_FAMILIES + MOE_FAMILIES}
 MODEL_CLASSES.update({f: DeepseekDecoder for f in DEEPSEEK_FAMILIES})
+MODEL_CLASSES.update({f: HybridDecoder for f in HYBRID_FAMILIES})
 # model_type -> a rewrite of the checkpoint's tensors (names, layouts) before the generic mapping.
 CHECKPOINT_ADAPTERS = {f: adapt_checkpoint for f in DEEPSEEK_FAMILIES}
+CHECKPOINT_ADAPTERS.update({f: adapt_hybrid_checkpoint for f in HYBRID_FAMILIES})
 
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
