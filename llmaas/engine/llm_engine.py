@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmaas.engine import batch_invariance
 from llmaas.engine.block_manager import BlockManager
 from llmaas.engine.dtype_choice import auto_dtype
 from llmaas.engine.fingerprint import system_fingerprint
@@ -67,6 +68,9 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None  # "int8" / "int4": weight-only, for small-batch decode (quantize.py)
     pack_weights: bool = True  # CPU: weights in oneDNN's blocked layout (about 2x faster decode)
+    # int4 too: a request's logits independent of what shares its steps (bf16 is by default);
+    # slower int4 prefills. Refused where it cannot be kept (batch_invariance.py)
+    batch_invariant: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -78,6 +82,11 @@ class EngineConfig:
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _refuse_batch_invariance(reason: str | None) -> None:
+    if reason is not None:
+        raise InvalidRequestError(reason, param="batch_invariant")
 
 
 MAX_ERROR_DETAIL = 200  # characters of the exception's text passed on in RequestOutput.error
@@ -105,16 +114,20 @@ class LLMEngine:
             setattr(config, key, value)
         self.config = config
         dtype, device = config.torch_dtype(), config.torch_device()
+        if config.batch_invariant:
+            _refuse_batch_invariance(batch_invariance.refusal_before_load(device, dtype, config.quantization))
         t0 = time.perf_counter()
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.model = load_model(self.model_dir, dtype=dtype, device=device)
+        if config.batch_invariant:
+            _refuse_batch_invariance(batch_invariance.refusal_for_model(self.model))
         # Before quantization and packing, which turn parameters into buffers.
         self.model_report = describe_model(self.model, dtype)
         if config.quantization:
             from llmaas.models.quantize import quantize_model
 
-            quantize_model(self.model, config.quantization)
+            quantize_model(self.model, config.quantization, config.batch_invariant)
         if config.pack_weights:
             pack_linears(self.model)
             pack_experts(self.model)
@@ -141,6 +154,7 @@ class LLMEngine:
                 "device": device.type,
                 "quantization": config.quantization,
                 "pack_weights": config.pack_weights,
+                "batch_invariant": config.batch_invariant,
                 "block_size": config.block_size,
                 "max_num_batched_tokens": config.max_num_batched_tokens,
                 "max_model_len": self.max_model_len,

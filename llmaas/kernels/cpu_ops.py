@@ -349,13 +349,14 @@ def pack_int4_for_matmul(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return torch.cat([nibbles, by_tile(scale), by_tile(zero)], dim=-1).contiguous()
 
 
-def int4_matmul_fits(x: torch.Tensor) -> bool:
-    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT4_MATMUL_ROWS
+def int4_matmul_fits(x: torch.Tensor, max_rows: int | None = MAX_INT4_MATMUL_ROWS) -> bool:
+    """max_rows None: any number of rows (batch-invariant mode: one kernel, so one order, at every size)."""
+    return fits(x) and x.dtype == torch.bfloat16 and (max_rows is None or x.shape[0] <= max_rows)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_library().llmaas_int4_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    return _packed_matmul(_for_rows(x.shape[0]).llmaas_int4_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def _packed_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, n: int, threads: int) -> torch.Tensor:
@@ -382,13 +383,14 @@ def pack_int8_for_matmul(qweight: torch.Tensor, scales: torch.Tensor) -> torch.T
     return torch.cat([pairs, by_tile.view(torch.uint8)], dim=-1).contiguous()
 
 
-def int8_matmul_fits(x: torch.Tensor) -> bool:
-    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT8_MATMUL_ROWS
+def int8_matmul_fits(x: torch.Tensor, max_rows: int | None = MAX_INT8_MATMUL_ROWS) -> bool:
+    """max_rows None: any number of rows (batch-invariant mode)."""
+    return fits(x) and x.dtype == torch.bfloat16 and (max_rows is None or x.shape[0] <= max_rows)
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int8_matmul_fits` @ the packed int8-group weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_library().llmaas_int8_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    return _packed_matmul(_for_rows(x.shape[0]).llmaas_int8_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def pack_bf16_for_matmul(weight: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#ifndef INT4_NT
+#define INT4_NT 2
+#define INT4_R 4
+#endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -44,7 +48,6 @@ constexpr int kTile = 16;               // output columns per packed tile (one f
 constexpr int kNibbleBytes = 256;       // 16 columns x 32 inputs x 4 bits
 constexpr int kBlockBytes = kNibbleBytes + 2 * kTile * 2;  // + 16 bf16 scales + 16 bf16 zeros
 constexpr int kPrefetchGroups = 8;      // blocks ahead to prefetch
-constexpr int kMaxRowsPerPass = 6;      // rows whose accumulators stay in registers together
 
 // 16 fp32 lanes from 16 bf16 values.
 inline __m512 widen_bf16(const bf16* p) {
@@ -87,15 +90,11 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
         for (int t = 0; t < NT; ++t) total[r][t] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
     for (int64_t g = 0; g < groups; ++g) {
-        // few rows: a second set of accumulators for the high nibbles, so that twice as many
-        // vdpbf16ps chains hide its latency; more rows have enough chains and need the registers
-        constexpr bool kSplit = R <= 2;
-        constexpr int kHi = kSplit ? R : 1;
-        __m512 acc[R][NT], acc_hi[kHi][NT];
+        // the low and the high nibbles in two accumulators (twice as many vdpbf16ps chains to hide its
+        // latency at few rows), summed at the group's end: the same order at every row count
+        __m512 acc[R][NT], acc_hi[R][NT];
         for (int r = 0; r < R; ++r)
-            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-        for (int r = 0; r < kHi; ++r)
-            for (int t = 0; t < NT; ++t) acc_hi[r][t] = _mm512_setzero_ps();
+            for (int t = 0; t < NT; ++t) acc[r][t] = acc_hi[r][t] = _mm512_setzero_ps();
         prefetch_ahead<kBlockBytes, NT>(weights, tile, groups, g);
         for (int c = 0; c < 8; ++c) {
             __m512bh w_lo[NT], w_hi[NT];
@@ -115,10 +114,7 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
                 const __m512bh x_hi = (__m512bh)_mm512_set1_epi32(pair_hi);
                 for (int t = 0; t < NT; ++t) {
                     acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x_lo, w_lo[t]);
-                    if constexpr (kSplit)
-                        acc_hi[r][t] = _mm512_dpbf16_ps(acc_hi[r][t], x_hi, w_hi[t]);
-                    else
-                        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x_hi, w_hi[t]);
+                    acc_hi[r][t] = _mm512_dpbf16_ps(acc_hi[r][t], x_hi, w_hi[t]);
                 }
             }
         }
@@ -127,8 +123,7 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
             const __m512 scale = widen_bf16(scale_zero);
             const __m512 offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(-136.f), widen_bf16(scale_zero + kTile));
             for (int r = 0; r < R; ++r) {
-                if constexpr (kSplit) acc[r][t] = _mm512_add_ps(acc[r][t], acc_hi[r][t]);
-                total[r][t] = _mm512_fmadd_ps(scale, acc[r][t], total[r][t]);
+                total[r][t] = _mm512_fmadd_ps(scale, _mm512_add_ps(acc[r][t], acc_hi[r][t]), total[r][t]);
                 total[r][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), total[r][t]);
             }
         }
@@ -156,10 +151,11 @@ void for_row_blocks(int64_t rows, Pass pass) {
     }
 }
 
-template <int NT>
+// MaxR: rows whose accumulators (3 x MaxR x NT vectors) stay in registers together
+template <int NT, int MaxR>
 void tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t rows, int64_t groups,
                           const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
-    for_row_blocks<kMaxRowsPerPass>(rows, [&](auto r, int64_t r0) {
+    for_row_blocks<MaxR>(rows, [&](auto r, int64_t r0) {
         tiles_times_rows<decltype(r)::value, NT>(x + r0 * x_stride, x_stride, sums + r0 * groups, groups, weights,
                                                  tile, out + r0 * out_stride, out_stride);
     });
@@ -307,16 +303,18 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     if (n % kTile || k % kGroup || rows <= 0) return 0;
     const int64_t groups = k / kGroup, tiles = n / kTile;
     const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
-    auto item = [&](auto nt, int64_t tile) {
-        tiles_times_all_rows<decltype(nt)::value>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
-                                                  out_stride);
-    };
     // items of 4 tiles (64 columns) for 1-2 rows: more streams and accumulator chains in flight (10-15%
-    // faster there); of 2 tiles for more rows, whose accumulators fill the registers
+    // faster there); of INT4_NT tiles for more rows, whose accumulators fill the registers
     if (rows <= 2)
-        for_tile_items<4>(tiles, threads, item);
+        for_tile_items<4>(tiles, threads, [&](auto nt, int64_t tile) {
+            tiles_times_all_rows<decltype(nt)::value, 2>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
+                                                         out_stride);
+        });
     else
-        for_tile_items<2>(tiles, threads, item);
+        for_tile_items<INT4_NT>(tiles, threads, [&](auto nt, int64_t tile) {
+            tiles_times_all_rows<decltype(nt)::value, INT4_R>(x, x_stride, sums.data(), rows, groups, weights, tile,
+                                                              out, out_stride);
+        });
     return 1;
 }
 
