@@ -50,7 +50,7 @@ def test_bf16_matmul_rows_do_not_depend_on_the_row_count():
     weight = torch.randn(96, 320, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     packed = cpu_ops.pack_bf16_for_matmul(weight)
     for threads in (1, 2):
-        _row_alone_equals_row_among(lambda x: cpu_ops.bf16_matmul(x, packed, threads), 320, seed=2)
+        _row_alone_equals_row_among(lambda x, t=threads: cpu_ops.bf16_matmul(x, packed, t), 320, seed=2)
 
 
 @needs_kernels
@@ -61,8 +61,8 @@ def test_int4_and_int8_matmul_rows_do_not_depend_on_the_row_count():
     q8 = torch.randint(-127, 128, (80, 256), generator=gen, dtype=torch.int8)
     int8 = cpu_ops.pack_int8_for_matmul(q8, torch.rand(80, 8, generator=gen) * 0.01)
     for threads in (1, 2):
-        _row_alone_equals_row_among(lambda x: cpu_ops.int4_matmul(x, int4, threads), 256, seed=4)
-        _row_alone_equals_row_among(lambda x: cpu_ops.int8_matmul(x, int8, threads), 256, seed=5)
+        _row_alone_equals_row_among(lambda x, t=threads: cpu_ops.int4_matmul(x, int4, t), 256, seed=4)
+        _row_alone_equals_row_among(lambda x, t=threads: cpu_ops.int8_matmul(x, int8, t), 256, seed=5)
 
 
 @needs_kernels
@@ -85,8 +85,10 @@ def model_dir(tmp_path_factory):
 
 def make_llm(model_dir, quantization: str | None, **config) -> LLM:
     # bf16 is invariant by default; int4 with batch_invariant
-    config = {"kv_cache_memory": 16 * 2**20, "block_size": 16, "batch_invariant": quantization is not None, **config}
-    return LLM(config=EngineConfig(model=str(model_dir), dtype="bfloat16", quantization=quantization, **config))
+    defaults = {"kv_cache_memory": 16 * 2**20, "block_size": 16, "batch_invariant": quantization is not None}
+    config = {**defaults, **config}
+    config = EngineConfig(model=str(model_dir), dtype="bfloat16", quantization=quantization, **config)
+    return LLM(config=config)
 
 
 def _prompts(seed: int, count: int) -> list[list[int]]:
@@ -127,7 +129,7 @@ def test_a_request_gets_the_same_numbers_alone_among_31_others_and_at_any_positi
 
 @needs_kernels
 @pytest.mark.parametrize("quantization", [None, "int4"])
-def test_whole_and_chunked_prefill_and_cold_and_cached_prefixes_give_the_same_numbers(model_dir, quantization):
+def test_whole_and_chunked_prefill_and_cold_and_cached_prefix_give_the_same_numbers(model_dir, quantization):
     prompt = _prompts(2, 1)[0] + _prompts(3, 1)[0]  # ~200 tokens: many chunks at 16 a step
     scoring = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
 

@@ -20,7 +20,7 @@ from llmaas.kernels import cpu_ops
 def refusal_before_load(device: torch.device, dtype: torch.dtype, quantization: str | None) -> str | None:
     """Why batch invariance cannot be promised for these settings, or None."""
     if device.type != "cpu":
-        return f"batch_invariant needs the CPU kernels; on {device.type} torch's kernels choose their order by shape"
+        return f"batch_invariant needs our CPU kernels; on {device.type} torch's choose their order by shape"
     if dtype != torch.bfloat16:
         return f"batch_invariant needs dtype bfloat16 (got {str(dtype).removeprefix('torch.')})"
     if quantization not in (None, "int4"):

@@ -356,7 +356,8 @@ def int4_matmul_fits(x: torch.Tensor, max_rows: int | None = MAX_INT4_MATMUL_ROW
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_for_rows(x.shape[0]).llmaas_int4_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    kernel = _for_rows(x.shape[0]).llmaas_int4_matmul
+    return _packed_matmul(kernel, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def _packed_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, n: int, threads: int) -> torch.Tensor:
@@ -390,7 +391,8 @@ def int8_matmul_fits(x: torch.Tensor, max_rows: int | None = MAX_INT8_MATMUL_ROW
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int8_matmul_fits` @ the packed int8-group weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_for_rows(x.shape[0]).llmaas_int8_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    kernel = _for_rows(x.shape[0]).llmaas_int8_matmul
+    return _packed_matmul(kernel, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def pack_bf16_for_matmul(weight: torch.Tensor) -> torch.Tensor:
@@ -419,4 +421,5 @@ def bf16_matmul_fits(x: torch.Tensor) -> bool:
 
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `bf16_matmul_fits` @ the packed weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_for_rows(x.shape[0]).llmaas_bf16_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    kernel = _for_rows(x.shape[0]).llmaas_bf16_matmul
+    return _packed_matmul(kernel, x, packed, packed.shape[0] * MATMUL_TILE, threads)

@@ -216,10 +216,11 @@ def quantize_model(model: nn.Module, method: str, batch_invariant: bool = False)
         replace_linears(model, Int8Linear)
     else:
         head = getattr(model, "lm_head", None)
-        replace_linears(
-            model,
-            lambda linear: (Int8GroupLinear if linear is head else Int4Linear).or_none(linear, batch_invariant),
-        )
+
+        def quantized(linear: nn.Linear) -> nn.Module | None:
+            return (Int8GroupLinear if linear is head else Int4Linear).or_none(linear, batch_invariant)
+
+        replace_linears(model, quantized)
     for module in model.modules():
         quantize_experts = getattr(module, f"quantize_{method}", None)
         if quantize_experts is not None:
