@@ -157,6 +157,10 @@ def test_batch_invariance_is_refused_where_it_cannot_be_kept(model_dir):
     with pytest.raises(InvalidRequestError) as info:
         LLM(config=EngineConfig(model=str(model_dir), dtype="float32", batch_invariant=True))
     assert info.value.param == "batch_invariant"
+    if cpu_ops.decode_matmul_available():  # weights left in torch's plain layout: torch's matmuls
+        with pytest.raises(InvalidRequestError, match="self_attn.qkv_proj") as info:
+            make_llm(model_dir, None, batch_invariant=True, pack_weights=False)
+        assert info.value.param == "batch_invariant"
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -183,3 +187,19 @@ def test_prompt_scoring_over_http_is_identical_at_concurrency_1_and_8(model_dir)
     finally:
         engine.shutdown()
     assert all(len(lps) > 10 and lps[0] is None for lps in alone)
+
+
+# --------------------------------------------------------------------------------- the default model
+@needs_kernels
+@pytest.mark.slow
+def test_the_default_model_in_bf16_gives_the_same_numbers_alone_and_among_15_others():
+    """SmolLM2-135M-Instruct in bf16 (its default here): the step sizes of a real server's load."""
+    llm = LLM("smollm2-135m", dtype="bfloat16", kv_cache_memory=64 * 2**20)
+    rng = random.Random(4)
+    vocab = llm.engine.model_config.vocab_size
+    target = [rng.randrange(100, vocab) for _ in range(40)]
+    others = [[rng.randrange(100, vocab) for _ in range(rng.randrange(5, 300))] for _ in range(15)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+    alone = _tokens_and_logprobs(llm.generate([target], params)[0])
+    together = llm.generate([*others[:7], target, *others[7:]], params)[7]
+    assert _tokens_and_logprobs(together) == alone

@@ -31,11 +31,29 @@ def refusal_before_load(device: torch.device, dtype: torch.dtype, quantization: 
 
 
 def refusal_for_model(model: torch.nn.Module) -> str | None:
-    """Why this model's layers cannot keep the promise (MoE routing, latent attention), or None."""
+    """Why this model, as loaded, quantized and packed, cannot keep the promise, or None: MoE routing and
+    latent attention are not covered, and every linear layer must run on our kernels."""
     from llmaas.models.dense import MLP, DecoderLayer, DenseDecoder
+    from llmaas.models.packed_linear import CpuLayoutLinear
+    from llmaas.models.quantize import Int4Linear, Int8GroupLinear
 
     layers = getattr(model, "layers", [])
     dense = type(model) is DenseDecoder and all(
         type(layer) is DecoderLayer and isinstance(layer.mlp, MLP) for layer in layers
     )
-    return None if dense else "batch_invariant covers dense decoders (llama, mistral, qwen2, qwen3) only"
+    if not dense:
+        return "batch_invariant covers dense decoders (llama, mistral, qwen2, qwen3) only"
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            native = module.native_int4 is not None
+        elif isinstance(module, Int8GroupLinear):
+            native = module.native_int8 is not None
+        elif isinstance(module, CpuLayoutLinear):
+            native = module.native.numel() > 0
+        else:
+            native = not isinstance(module, torch.nn.Linear)
+        if not native:
+            return (
+                f"batch_invariant: layer {name} does not run on our kernels (its shape, or pack_weights off)"
+            )
+    return None

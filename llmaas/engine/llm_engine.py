@@ -120,8 +120,6 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.model = load_model(self.model_dir, dtype=dtype, device=device)
-        if config.batch_invariant:
-            _refuse_batch_invariance(batch_invariance.refusal_for_model(self.model))
         # Before quantization and packing, which turn parameters into buffers.
         self.model_report = describe_model(self.model, dtype)
         if config.quantization:
@@ -133,6 +131,8 @@ class LLMEngine:
             pack_experts(self.model)
         if device.type == "cpu":
             cpu_ops.available()  # build or load the native kernels now, not inside the first request
+        if config.batch_invariant:
+            _refuse_batch_invariance(batch_invariance.refusal_for_model(self.model))
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
         self.max_model_len = min(
