@@ -25,6 +25,10 @@
 // that a chunk widened to 16-bit lanes gives the (k, k+1) pairs vdpbf16ps wants for inputs 2c.. and,
 // shifted by 4, 16 + 2c...
 //
+// Batch invariance (docs/batch_invariance.md): every output is reduced by one thread in an order set by
+// K alone; rows share weight loads but never accumulators, and the arithmetic of a row is the same
+// whatever block of rows it falls into, so a row's result does not depend on how many rows came in.
+//
 // Threads: the column tiles are split over OpenMP threads. The library is linked against the libgomp
 // that torch has already loaded (same soname), so these loops run on torch's own thread pool.
 
@@ -32,10 +36,6 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#ifndef INT4_NT
-#define INT4_NT 2
-#define INT4_R 4
-#endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -48,6 +48,8 @@ constexpr int kTile = 16;               // output columns per packed tile (one f
 constexpr int kNibbleBytes = 256;       // 16 columns x 32 inputs x 4 bits
 constexpr int kBlockBytes = kNibbleBytes + 2 * kTile * 2;  // + 16 bf16 scales + 16 bf16 zeros
 constexpr int kPrefetchGroups = 8;      // blocks ahead to prefetch
+// int4 from 3 rows up: work items of 2 tiles, 4 rows a pass (3 x 4 x 2 accumulators fill the registers)
+constexpr int kInt4Tiles = 2, kInt4RowsPerPass = 4;
 
 // 16 fp32 lanes from 16 bf16 values.
 inline __m512 widen_bf16(const bf16* p) {
@@ -304,15 +306,15 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     const int64_t groups = k / kGroup, tiles = n / kTile;
     const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
     // items of 4 tiles (64 columns) for 1-2 rows: more streams and accumulator chains in flight (10-15%
-    // faster there); of INT4_NT tiles for more rows, whose accumulators fill the registers
+    // faster there); of kInt4Tiles tiles for more rows, whose accumulators fill the registers
     if (rows <= 2)
         for_tile_items<4>(tiles, threads, [&](auto nt, int64_t tile) {
             tiles_times_all_rows<decltype(nt)::value, 2>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
                                                          out_stride);
         });
     else
-        for_tile_items<INT4_NT>(tiles, threads, [&](auto nt, int64_t tile) {
-            tiles_times_all_rows<decltype(nt)::value, INT4_R>(x, x_stride, sums.data(), rows, groups, weights, tile,
+        for_tile_items<kInt4Tiles>(tiles, threads, [&](auto nt, int64_t tile) {
+            tiles_times_all_rows<decltype(nt)::value, kInt4RowsPerPass>(x, x_stride, sums.data(), rows, groups, weights, tile,
                                                               out, out_stride);
         });
     return 1;
