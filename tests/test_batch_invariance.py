@@ -150,7 +150,7 @@ def test_whole_and_chunked_prefill_and_cold_and_cached_prefix_give_the_same_numb
     assert _tokens_and_logprobs(cached) == _tokens_and_logprobs(cold) == whole[1]
 
 
-def test_batch_invariance_is_refused_where_it_cannot_be_kept(model_dir):
+def test_batch_invariance_is_refused_where_it_cannot_be_kept(model_dir, tmp_path):
     with pytest.raises(InvalidRequestError) as info:
         make_llm(model_dir, "int8", batch_invariant=True)
     assert info.value.param == "batch_invariant"
@@ -160,6 +160,10 @@ def test_batch_invariance_is_refused_where_it_cannot_be_kept(model_dir):
     if cpu_ops.decode_matmul_available():  # weights left in torch's plain layout: torch's matmuls
         with pytest.raises(InvalidRequestError, match="self_attn.qkv_proj") as info:
             make_llm(model_dir, None, batch_invariant=True, pack_weights=False)
+        assert info.value.param == "batch_invariant"
+        narrow_heads = make_tiny_checkpoint("llama", tmp_path, head_dim=16)  # no attention kernel of ours
+        with pytest.raises(InvalidRequestError, match="heads of 16") as info:
+            make_llm(narrow_heads, "int4")
         assert info.value.param == "batch_invariant"
 
 

@@ -43,6 +43,10 @@ def refusal_for_model(model: torch.nn.Module) -> str | None:
     )
     if not dense:
         return "batch_invariant covers dense decoders (llama, mistral, qwen2, qwen3) only"
+    cfg = model.config
+    group = cfg.num_heads // cfg.num_kv_heads
+    if cfg.head_dim not in cpu_ops.ATTENTION_HEAD_DIMS or group > cpu_ops.MAX_HEAD_GROUP:
+        return f"batch_invariant: no attention kernel here for heads of {cfg.head_dim} in groups of {group}"
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             native = module.native_int4 is not None
