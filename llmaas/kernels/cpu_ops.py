@@ -95,13 +95,20 @@ def available() -> bool:
     return ENABLED and _libraries() is not None
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd would track these (training, distillation): the kernels have no backward pass."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def fits(x: torch.Tensor) -> bool:
-    """x: [tokens, features] with unit stride along features, on the CPU, fp32 or bf16; any tokens."""
+    """x: [tokens, features] with unit stride along features, on the CPU, fp32 or bf16; any tokens;
+    outside autograd."""
     return (
         x.device.type == "cpu"
         and x.dtype in _DTYPE_CODES
         and x.dim() == 2
         and x.stride(1) == 1
+        and not needs_grad(x)
         and available()
     )
 
