@@ -26,6 +26,8 @@ JSON with every level of every peer, and a PNG plot.
     .venv/bin/python benchmarks/peers.py --peers llmaas,llama-server --concurrency 1,16 --rounds 1
     .venv/bin/python benchmarks/peers.py --build-llama-server            # only build (or find) the binary
     .venv/bin/python benchmarks/peers.py --peers llmaas,llmaas-base --base-ref main~5 --concurrency 1,16
+    .venv/bin/python benchmarks/peers.py --peers llmaas,llmaas-base --base-ref HEAD --concurrency 1,16,32 \
+        --llmaas-args '--quantization int4 --batch-invariant' --base-args '--quantization int4'
 """
 
 from __future__ import annotations
@@ -172,6 +174,11 @@ def levels_hint(args: argparse.Namespace) -> list[int]:
     return [int(c) for c in args.concurrency.split(",")]
 
 
+def llmaas_args(peer: str, args: argparse.Namespace) -> str:
+    """The extra `llmaas serve` arguments of this llmaas peer."""
+    return args.base_args if peer == "llmaas-base" and args.base_args is not None else args.llmaas_args
+
+
 def server_command(
     peer: str, port: int, concurrency: int, args: argparse.Namespace, scratch: Path
 ) -> list[str]:
@@ -194,7 +201,7 @@ def server_command(
             "warning",
             "--dtype",
             args.dtype,
-            *shlex.split(args.llmaas_args),
+            *shlex.split(llmaas_args(peer, args)),
         ]
     if peer == "llama-server":
         per_slot = per_request_tokens(args)
@@ -447,6 +454,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--base-ref", default=None, help="the commit the llmaas-base peer runs (e.g. main~3); needed for it"
+    )
+    ap.add_argument(
+        "--base-args",
+        default=None,
+        help="extra `llmaas serve` arguments of the llmaas-base peer (default: --llmaas-args); with "
+        "--base-ref HEAD it compares two settings of the same code, e.g. --batch-invariant on and off",
     )
     ap.add_argument("--llama-server-args", default="", help="extra llama-server arguments")
     ap.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")

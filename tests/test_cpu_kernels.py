@@ -98,7 +98,8 @@ def test_paged_decode_attention_matches_gather_then_attend(dtype, window, q_head
 
 
 def test_fits_refuses_what_the_kernels_do_not_handle():
-    assert not cpu_ops.fits(torch.randn(cpu_ops.MAX_TOKENS + 1, 8))  # a prefill: torch's threads win
+    assert cpu_ops.fits(torch.randn(4 * cpu_ops.MAX_TOKENS, 8))  # a prefill too: rows split over threads
+    assert not cpu_ops.fits(torch.randn(4, 8, requires_grad=True))  # training: no backward pass here
     assert not cpu_ops.fits(torch.randn(4, 8, dtype=torch.float16))
     assert not cpu_ops.fits(torch.randn(8, 4).t())  # features not contiguous
     assert not cpu_ops.fits(torch.randn(2, 3, 8))

@@ -86,6 +86,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="weight-only int8 (per channel) or int4 (groups of 32, like Q4_1): faster small-batch "
         "decode on CPU; int4's kernel needs bf16 (fp32 and CUDA use the dequantized weights)",
     )
+    g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="int4 too: a request's logits bit-identical whatever shares its steps (bf16 on CPU is by "
+        "default); slower int4 prefills; refused where it cannot be kept (CUDA, fp32, int8, MoE); "
+        "docs/batch_invariance.md",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -100,4 +107,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     )

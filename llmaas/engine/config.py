@@ -35,6 +35,9 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None  # "int8" / "int4": weight-only, for small-batch decode (quantize.py)
     pack_weights: bool = True  # CPU: weights in oneDNN's blocked layout (about 2x faster decode)
+    # int4 too: a request's logits independent of what shares its steps (bf16 is by default);
+    # slower int4 prefills. Refused where it cannot be kept (batch_invariance.py)
+    batch_invariant: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         import torch

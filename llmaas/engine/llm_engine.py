@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmaas.engine import batch_invariance
 from llmaas.engine.block_manager import BlockManager
 from llmaas.engine.config import EngineConfig
 from llmaas.engine.fingerprint import system_fingerprint
@@ -42,6 +43,11 @@ from llmaas.models.report import describe_model
 from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("llmaas.engine")
+
+def _refuse_batch_invariance(reason: str | None) -> None:
+    if reason is not None:
+        raise InvalidRequestError(reason, param="batch_invariant")
+
 
 MAX_ERROR_DETAIL = 200  # characters of the exception's text passed on in RequestOutput.error
 
@@ -68,6 +74,8 @@ class LLMEngine:
             setattr(config, key, value)
         self.config = config
         dtype, device = config.torch_dtype(), config.torch_device()
+        if config.batch_invariant:
+            _refuse_batch_invariance(batch_invariance.refusal_before_load(device, dtype, config.quantization))
         t0 = time.perf_counter()
         self.model_dir = resolve_model_dir(config.model)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
@@ -77,12 +85,14 @@ class LLMEngine:
         if config.quantization:
             from llmaas.models.quantize import quantize_model
 
-            quantize_model(self.model, config.quantization)
+            quantize_model(self.model, config.quantization, config.batch_invariant)
         if config.pack_weights:
             pack_linears(self.model)
             pack_experts(self.model)
         if device.type == "cpu":
             cpu_ops.available()  # build or load the native kernels now, not inside the first request
+        if config.batch_invariant:
+            _refuse_batch_invariance(batch_invariance.refusal_for_model(self.model))
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.model.config
         self.max_model_len = min(
@@ -105,6 +115,7 @@ class LLMEngine:
                 "device": device.type,
                 "quantization": config.quantization,
                 "pack_weights": config.pack_weights,
+                "batch_invariant": config.batch_invariant,
                 "block_size": config.block_size,
                 "max_num_batched_tokens": config.max_num_batched_tokens,
                 "max_model_len": self.max_model_len,

@@ -39,7 +39,7 @@ FLAGS = [
     "-fPIC",
     "-pthread",
 ]
-ABI = 6  # llmaas_kernels_abi() of the source this Python code expects
+ABI = 7  # llmaas_kernels_abi() of the source this Python code expects
 
 
 def _compiler() -> str | None:

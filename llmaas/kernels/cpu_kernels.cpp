@@ -3,8 +3,13 @@
 // Why: at batch 1 a SmolLM2 step runs ~20 torch ops per layer outside the matmuls, each costing a
 // few microseconds of dispatch and, in bf16, dtype round trips. These loops do the same arithmetic
 // in fp32 registers and round once. Built at first use by llmaas/kernels/build.py with
-// -O3 -march=native, -fopenmp-simd (the simd pragmas only, no OpenMP runtime) and -fno-trapping-math
-// (lets min/max selects vectorise); loaded with ctypes; plain C ABI, no torch headers, one thread.
+// -O3 -march=native, -fopenmp and -fno-trapping-math (lets min/max selects vectorise); loaded with
+// ctypes; plain C ABI, no torch headers.
+//
+// Batch invariance: every loop here computes a row (a token) on its own, in an order that depends
+// only on the row's width, never on how many rows came in or which thread took them. Norms, the
+// activation and rotary take steps of any size (prefills too): rows are split over OpenMP threads
+// from kRowsPerThread rows up (docs/batch_invariance.md).
 //
 // dtype codes: 0 = float32, 1 = bfloat16. Strides are in elements.
 
@@ -54,9 +59,16 @@ inline float exp_approx(float x) {
 }
 
 // y = x / rms(x) * w, row by row. x, out: [rows, dim] with row strides.
+constexpr int64_t kRowsPerThread = 64;  // below this a call stays on one thread (waking one costs more)
+
+inline int64_t row_threads(int64_t rows, int64_t threads) {
+    return std::max<int64_t>(1, std::min(threads, rows / kRowsPerThread));
+}
+
 template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* w, T* out, int64_t out_stride, int64_t rows,
-              int64_t dim, float eps) {
+              int64_t dim, float eps, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(row_threads(rows, threads)) if (row_threads(rows, threads) > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * x_stride;
         T* yr = out + r * out_stride;
@@ -70,7 +82,9 @@ void rms_norm(const T* x, int64_t x_stride, const T* w, T* out, int64_t out_stri
 
 // out = silu(gate) * up, where each row of gate_up is [gate (inter) | up (inter)].
 template <typename T>
-void silu_mul(const T* gate_up, int64_t gu_stride, T* out, int64_t out_stride, int64_t rows, int64_t inter) {
+void silu_mul(const T* gate_up, int64_t gu_stride, T* out, int64_t out_stride, int64_t rows, int64_t inter,
+              int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(row_threads(rows, threads)) if (row_threads(rows, threads) > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const T* g = gate_up + r * gu_stride;
         const T* u = g + inter;
@@ -102,7 +116,8 @@ inline void rotate(T* x, const T* cos, const T* sin, int64_t heads, int64_t dim)
 template <typename T>
 void rope_write_kv(T* q, T* k, const T* v, int64_t token_stride, const T* cos, const T* sin,
                    int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t dim, const int64_t* slots,
-                   T* k_cache, T* v_cache, int64_t num_slots) {
+                   T* k_cache, T* v_cache, int64_t num_slots, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(row_threads(tokens, threads)) if (row_threads(tokens, threads) > 1)
     for (int64_t t = 0; t < tokens; ++t) {
         const T* c = cos + t * dim;
         const T* s = sin + t * dim;
@@ -444,38 +459,40 @@ void int8_group_gemv(const T* x, int64_t x_stride, int64_t rows, int64_t k, cons
 
 extern "C" {
 
-int llmaas_kernels_abi() { return 6; }
+int llmaas_kernels_abi() { return 7; }
 
 void llmaas_rms_norm(int dtype, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
-                     int64_t rows, int64_t dim, float eps) {
+                     int64_t rows, int64_t dim, float eps, int64_t threads) {
     if (dtype == 1)
         rms_norm(static_cast<const bf16*>(x), x_stride, static_cast<const bf16*>(w), static_cast<bf16*>(out),
-                 out_stride, rows, dim, eps);
+                 out_stride, rows, dim, eps, threads);
     else
         rms_norm(static_cast<const float*>(x), x_stride, static_cast<const float*>(w),
-                 static_cast<float*>(out), out_stride, rows, dim, eps);
+                 static_cast<float*>(out), out_stride, rows, dim, eps, threads);
 }
 
 void llmaas_silu_mul(int dtype, const void* gate_up, int64_t gu_stride, void* out, int64_t out_stride,
-                     int64_t rows, int64_t inter) {
+                     int64_t rows, int64_t inter, int64_t threads) {
     if (dtype == 1)
-        silu_mul(static_cast<const bf16*>(gate_up), gu_stride, static_cast<bf16*>(out), out_stride, rows, inter);
+        silu_mul(static_cast<const bf16*>(gate_up), gu_stride, static_cast<bf16*>(out), out_stride, rows, inter,
+                 threads);
     else
         silu_mul(static_cast<const float*>(gate_up), gu_stride, static_cast<float*>(out), out_stride, rows,
-                 inter);
+                 inter, threads);
 }
 
 void llmaas_rope_write_kv(int dtype, void* q, void* k, const void* v, int64_t token_stride, const void* cos,
                           const void* sin, int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t dim,
-                          const int64_t* slots, void* k_cache, void* v_cache, int64_t num_slots) {
+                          const int64_t* slots, void* k_cache, void* v_cache, int64_t num_slots,
+                          int64_t threads) {
     if (dtype == 1)
         rope_write_kv(static_cast<bf16*>(q), static_cast<bf16*>(k), static_cast<const bf16*>(v), token_stride,
                       static_cast<const bf16*>(cos), static_cast<const bf16*>(sin), tokens, q_heads, kv_heads, dim, slots, static_cast<bf16*>(k_cache),
-                      static_cast<bf16*>(v_cache), num_slots);
+                      static_cast<bf16*>(v_cache), num_slots, threads);
     else
         rope_write_kv(static_cast<float*>(q), static_cast<float*>(k), static_cast<const float*>(v),
                       token_stride, static_cast<const float*>(cos), static_cast<const float*>(sin), tokens, q_heads, kv_heads, dim, slots,
-                      static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots);
+                      static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_slots, threads);
 }
 
 int llmaas_paged_decode_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache,

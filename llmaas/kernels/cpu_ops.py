@@ -1,11 +1,12 @@
 """Torch-facing wrappers of the native CPU kernels (cpu_kernels.cpp, decode_matmul.cpp).
 
 Each `*_fits` check says whether a call can take the native path: CPU tensors in fp32 or bf16, laid
-out as the kernel expects, for the small ops steps of at most MAX_TOKENS tokens (larger prefills keep
-torch's multi-threaded ops), and the library built. Otherwise the caller uses its torch code, which
-gives the same results up to rounding. The small ops run on one thread; decode attention and the
-matmuls on torch's OpenMP threads; the output head's GEMV on threads of its own. `ENABLED = False`
-turns the native path off in this process (tests compare both).
+out as the kernel expects, and the library built. Otherwise the caller uses its torch code, which
+gives the same results up to rounding. The small ops (norm, activation, rotary) take steps of any
+size, so that a token's numbers never depend on how many others share its step
+(docs/batch_invariance.md); they run on one thread up to MAX_TOKENS rows and on torch's OpenMP threads
+above; decode attention and the matmuls on torch's OpenMP threads; the output head's GEMV on threads
+of its own. `ENABLED = False` turns the native path off in this process (tests compare both).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from llmaas.kernels.build import load_cpu_kernels
 
 ENABLED = True
-MAX_TOKENS = 64  # per step; more tokens are a prefill, where torch's threaded ops win
+MAX_TOKENS = 64  # per step; more tokens are a prefill: milliseconds-long calls that release the GIL
 # Decode attention reads keys and values in place from the paged cache, (sequence, kv head) pairs split
 # over the threads; bf16 caches use vdpbf16ps where the CPU has it. Against gather + torch's batched
 # matmuls (SmolLM2 shapes, bf16, two threads): 325 vs 4,684 µs for 16 sequences of 1,100 keys, 308 vs
@@ -27,9 +28,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "llmaas_rms_norm": [_int, _p, _i64, _p, _p, _i64, _i64, _i64, _f32],
-    "llmaas_silu_mul": [_int, _p, _i64, _p, _i64, _i64, _i64],
-    "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64],
+    "llmaas_rms_norm": [_int, _p, _i64, _p, _p, _i64, _i64, _i64, _f32, _i64],
+    "llmaas_silu_mul": [_int, _p, _i64, _p, _i64, _i64, _i64, _i64],
+    "llmaas_rope_write_kv": [_int, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64, _i64],
     "llmaas_int8_group_gemv": [_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64],
     "llmaas_int4_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
     "llmaas_bf16_matmul": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64],
@@ -94,16 +95,28 @@ def available() -> bool:
     return ENABLED and _libraries() is not None
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd would track these (training, distillation): the kernels have no backward pass."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def fits(x: torch.Tensor) -> bool:
-    """x: [tokens, features] with unit stride along features, on the CPU, fp32 or bf16."""
+    """x: [tokens, features] with unit stride along features, on the CPU, fp32 or bf16; any tokens;
+    outside autograd."""
     return (
         x.device.type == "cpu"
         and x.dtype in _DTYPE_CODES
         and x.dim() == 2
-        and x.shape[0] <= MAX_TOKENS
         and x.stride(1) == 1
+        and not needs_grad(x)
         and available()
     )
+
+
+def _for_rows(rows: int) -> ctypes.PyDLL | ctypes.CDLL:
+    """The library to call for `rows` rows: a prefill's call takes milliseconds, so it lets the server's
+    event loop run meanwhile; a decode step's takes microseconds and keeps the GIL."""
+    return _library() if rows <= MAX_TOKENS else _releasing_gil()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,7 +124,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     weight = weight.to(x.dtype).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype)
     rows, dim = x.shape
-    _library().llmaas_rms_norm(
+    _for_rows(rows).llmaas_rms_norm(
         _DTYPE_CODES[x.dtype],
         x.data_ptr(),
         x.stride(0),
@@ -121,6 +134,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows,
         dim,
         eps,
+        torch.get_num_threads(),
     )
     return out
 
@@ -130,8 +144,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape
     inter = width // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
-    _library().llmaas_silu_mul(
-        _DTYPE_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows, inter
+    _for_rows(rows).llmaas_silu_mul(
+        _DTYPE_CODES[gate_up.dtype],
+        gate_up.data_ptr(),
+        gate_up.stride(0),
+        out.data_ptr(),
+        inter,
+        rows,
+        inter,
+        torch.get_num_threads(),
     )
     return out
 
@@ -157,7 +178,7 @@ def rope_write_kv(
     q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
     elem = qkv.element_size()
     base = qkv.data_ptr()
-    _library().llmaas_rope_write_kv(
+    _for_rows(tokens).llmaas_rope_write_kv(
         _DTYPE_CODES[qkv.dtype],
         base,
         base + q_size * elem,
@@ -173,6 +194,7 @@ def rope_write_kv(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         k_cache.shape[1] * k_cache.shape[2],
+        torch.get_num_threads(),
     )
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     return (
@@ -238,9 +260,7 @@ def paged_decode_attention(
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     lens = seq_lens.contiguous()
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
-    # a long prefill chunk's attention takes milliseconds: let the server's event loop run meanwhile
-    library = _library() if batch <= MAX_TOKENS else _releasing_gil()
-    done = library.llmaas_paged_decode_attention(
+    done = _for_rows(batch).llmaas_paged_decode_attention(
         _DTYPE_CODES[q.dtype],
         q.data_ptr(),
         q.stride(0),
@@ -336,13 +356,15 @@ def pack_int4_for_matmul(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return torch.cat([nibbles, by_tile(scale), by_tile(zero)], dim=-1).contiguous()
 
 
-def int4_matmul_fits(x: torch.Tensor) -> bool:
-    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT4_MATMUL_ROWS
+def int4_matmul_fits(x: torch.Tensor, max_rows: int | None = MAX_INT4_MATMUL_ROWS) -> bool:
+    """max_rows None: any number of rows (batch-invariant mode: one kernel, so one order, at every size)."""
+    return fits(x) and x.dtype == torch.bfloat16 and (max_rows is None or x.shape[0] <= max_rows)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int4_matmul_fits` @ the packed int4 weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_library().llmaas_int4_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    kernel = _for_rows(x.shape[0]).llmaas_int4_matmul
+    return _packed_matmul(kernel, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def _packed_matmul(kernel, x: torch.Tensor, packed: torch.Tensor, n: int, threads: int) -> torch.Tensor:
@@ -369,13 +391,15 @@ def pack_int8_for_matmul(qweight: torch.Tensor, scales: torch.Tensor) -> torch.T
     return torch.cat([pairs, by_tile.view(torch.uint8)], dim=-1).contiguous()
 
 
-def int8_matmul_fits(x: torch.Tensor) -> bool:
-    return fits(x) and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_INT8_MATMUL_ROWS
+def int8_matmul_fits(x: torch.Tensor, max_rows: int | None = MAX_INT8_MATMUL_ROWS) -> bool:
+    """max_rows None: any number of rows (batch-invariant mode)."""
+    return fits(x) and x.dtype == torch.bfloat16 and (max_rows is None or x.shape[0] <= max_rows)
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `int8_matmul_fits` @ the packed int8-group weight [N, K].T -> [M, N] bf16."""
-    return _packed_matmul(_library().llmaas_int8_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    kernel = _for_rows(x.shape[0]).llmaas_int8_matmul
+    return _packed_matmul(kernel, x, packed, packed.shape[0] * MATMUL_TILE, threads)
 
 
 def pack_bf16_for_matmul(weight: torch.Tensor) -> torch.Tensor:
@@ -404,6 +428,5 @@ def bf16_matmul_fits(x: torch.Tensor) -> bool:
 
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, threads: int) -> torch.Tensor:
     """x [M, K] bf16 that `bf16_matmul_fits` @ the packed weight [N, K].T -> [M, N] bf16."""
-    # a prefill's matmul takes milliseconds: let the server's event loop run meanwhile
-    library = _library() if x.shape[0] <= MAX_TOKENS else _releasing_gil()
-    return _packed_matmul(library.llmaas_bf16_matmul, x, packed, packed.shape[0] * MATMUL_TILE, threads)
+    kernel = _for_rows(x.shape[0]).llmaas_bf16_matmul
+    return _packed_matmul(kernel, x, packed, packed.shape[0] * MATMUL_TILE, threads)

@@ -25,6 +25,10 @@
 // that a chunk widened to 16-bit lanes gives the (k, k+1) pairs vdpbf16ps wants for inputs 2c.. and,
 // shifted by 4, 16 + 2c...
 //
+// Batch invariance (docs/batch_invariance.md): every output is reduced by one thread in an order set by
+// K alone; rows share weight loads but never accumulators, and the arithmetic of a row is the same
+// whatever block of rows it falls into, so a row's result does not depend on how many rows came in.
+//
 // Threads: the column tiles are split over OpenMP threads. The library is linked against the libgomp
 // that torch has already loaded (same soname), so these loops run on torch's own thread pool.
 
@@ -44,7 +48,8 @@ constexpr int kTile = 16;               // output columns per packed tile (one f
 constexpr int kNibbleBytes = 256;       // 16 columns x 32 inputs x 4 bits
 constexpr int kBlockBytes = kNibbleBytes + 2 * kTile * 2;  // + 16 bf16 scales + 16 bf16 zeros
 constexpr int kPrefetchGroups = 8;      // blocks ahead to prefetch
-constexpr int kMaxRowsPerPass = 6;      // rows whose accumulators stay in registers together
+// int4 from 3 rows up: work items of 2 tiles, 4 rows a pass (3 x 4 x 2 accumulators fill the registers)
+constexpr int kInt4Tiles = 2, kInt4RowsPerPass = 4;
 
 // 16 fp32 lanes from 16 bf16 values.
 inline __m512 widen_bf16(const bf16* p) {
@@ -87,15 +92,11 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
         for (int t = 0; t < NT; ++t) total[r][t] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
     for (int64_t g = 0; g < groups; ++g) {
-        // few rows: a second set of accumulators for the high nibbles, so that twice as many
-        // vdpbf16ps chains hide its latency; more rows have enough chains and need the registers
-        constexpr bool kSplit = R <= 2;
-        constexpr int kHi = kSplit ? R : 1;
-        __m512 acc[R][NT], acc_hi[kHi][NT];
+        // the low and the high nibbles in two accumulators (twice as many vdpbf16ps chains to hide its
+        // latency at few rows), summed at the group's end: the same order at every row count
+        __m512 acc[R][NT], acc_hi[R][NT];
         for (int r = 0; r < R; ++r)
-            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-        for (int r = 0; r < kHi; ++r)
-            for (int t = 0; t < NT; ++t) acc_hi[r][t] = _mm512_setzero_ps();
+            for (int t = 0; t < NT; ++t) acc[r][t] = acc_hi[r][t] = _mm512_setzero_ps();
         prefetch_ahead<kBlockBytes, NT>(weights, tile, groups, g);
         for (int c = 0; c < 8; ++c) {
             __m512bh w_lo[NT], w_hi[NT];
@@ -115,10 +116,7 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
                 const __m512bh x_hi = (__m512bh)_mm512_set1_epi32(pair_hi);
                 for (int t = 0; t < NT; ++t) {
                     acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x_lo, w_lo[t]);
-                    if constexpr (kSplit)
-                        acc_hi[r][t] = _mm512_dpbf16_ps(acc_hi[r][t], x_hi, w_hi[t]);
-                    else
-                        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x_hi, w_hi[t]);
+                    acc_hi[r][t] = _mm512_dpbf16_ps(acc_hi[r][t], x_hi, w_hi[t]);
                 }
             }
         }
@@ -127,8 +125,7 @@ inline void tiles_times_rows(const bf16* x, int64_t x_stride, const float* sums,
             const __m512 scale = widen_bf16(scale_zero);
             const __m512 offset = _mm512_fmadd_ps(scale, _mm512_set1_ps(-136.f), widen_bf16(scale_zero + kTile));
             for (int r = 0; r < R; ++r) {
-                if constexpr (kSplit) acc[r][t] = _mm512_add_ps(acc[r][t], acc_hi[r][t]);
-                total[r][t] = _mm512_fmadd_ps(scale, acc[r][t], total[r][t]);
+                total[r][t] = _mm512_fmadd_ps(scale, _mm512_add_ps(acc[r][t], acc_hi[r][t]), total[r][t]);
                 total[r][t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), total[r][t]);
             }
         }
@@ -156,10 +153,11 @@ void for_row_blocks(int64_t rows, Pass pass) {
     }
 }
 
-template <int NT>
+// MaxR: rows whose accumulators (3 x MaxR x NT vectors) stay in registers together
+template <int NT, int MaxR>
 void tiles_times_all_rows(const bf16* x, int64_t x_stride, const float* sums, int64_t rows, int64_t groups,
                           const uint8_t* weights, int64_t tile, bf16* out, int64_t out_stride) {
-    for_row_blocks<kMaxRowsPerPass>(rows, [&](auto r, int64_t r0) {
+    for_row_blocks<MaxR>(rows, [&](auto r, int64_t r0) {
         tiles_times_rows<decltype(r)::value, NT>(x + r0 * x_stride, x_stride, sums + r0 * groups, groups, weights,
                                                  tile, out + r0 * out_stride, out_stride);
     });
@@ -307,16 +305,18 @@ extern "C" int llmaas_int4_matmul(const bf16* x, int64_t x_stride, int64_t rows,
     if (n % kTile || k % kGroup || rows <= 0) return 0;
     const int64_t groups = k / kGroup, tiles = n / kTile;
     const std::vector<float> sums = group_sums(x, x_stride, rows, groups);
-    auto item = [&](auto nt, int64_t tile) {
-        tiles_times_all_rows<decltype(nt)::value>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
-                                                  out_stride);
-    };
     // items of 4 tiles (64 columns) for 1-2 rows: more streams and accumulator chains in flight (10-15%
-    // faster there); of 2 tiles for more rows, whose accumulators fill the registers
+    // faster there); of kInt4Tiles tiles for more rows, whose accumulators fill the registers
     if (rows <= 2)
-        for_tile_items<4>(tiles, threads, item);
+        for_tile_items<4>(tiles, threads, [&](auto nt, int64_t tile) {
+            tiles_times_all_rows<decltype(nt)::value, 2>(x, x_stride, sums.data(), rows, groups, weights, tile, out,
+                                                         out_stride);
+        });
     else
-        for_tile_items<2>(tiles, threads, item);
+        for_tile_items<kInt4Tiles>(tiles, threads, [&](auto nt, int64_t tile) {
+            tiles_times_all_rows<decltype(nt)::value, kInt4RowsPerPass>(x, x_stride, sums.data(), rows, groups, weights, tile,
+                                                              out, out_stride);
+        });
     return 1;
 }
 

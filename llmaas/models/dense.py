@@ -26,8 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_ops.fits(x):  # decode-sized steps on the CPU: one native call
-            return cpu_ops.rms_norm(x, self.weight, self.eps)
+        rows = x.reshape(-1, x.shape[-1])  # qwen3's per-head q/k norms: a row per head
+        # on the CPU: one native call, each row alone (docs/batch_invariance.md); torch's op under autograd
+        if cpu_ops.fits(rows) and not cpu_ops.needs_grad(self.weight):
+            return cpu_ops.rms_norm(rows, self.weight, self.eps).view(x.shape)
         # One fused op; it normalises in fp32 internally, like HF's reference implementation.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 

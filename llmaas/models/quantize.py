@@ -19,7 +19,9 @@ The output head gets int8 in groups of 32 under int4 (see quantize_model).
 
 On a CPU with AVX-512 BF16 our own kernels (llmaas/kernels/decode_matmul.cpp) take over: int4 up to
 MAX_INT4_MATMUL_ROWS rows instead of torch's kernel (which is then not packed), the int8-group head up
-to MAX_INT8_MATMUL_ROWS, and our bf16 matmul on the dequantized copy for larger steps.
+to MAX_INT8_MATMUL_ROWS, and our bf16 matmul on the dequantized copy for larger steps. That switch
+changes a token's numbers with the size of its step; with `batch_invariant` the int4 and int8 kernels
+take every step size instead (docs/batch_invariance.md).
 """
 
 from __future__ import annotations
@@ -100,9 +102,10 @@ def int4_kernel_available() -> bool:
 class Int4Linear(_WeightOnlyLinear):
     """Weight-only int4 in groups of `group_size` input weights (Q4_1-like); see the module docstring."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE):
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE, batch_invariant: bool = False):
         super().__init__()
         n, k = linear.weight.shape
+        self.native_max_rows = None if batch_invariant else cpu_ops.MAX_INT4_MATMUL_ROWS
         if k % group_size:
             raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
         dtype = linear.weight.dtype
@@ -131,12 +134,14 @@ class Int4Linear(_WeightOnlyLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     @classmethod
-    def or_none(cls, linear: nn.Linear) -> Int4Linear | None:
+    def or_none(cls, linear: nn.Linear, batch_invariant: bool = False) -> Int4Linear | None:
         """Int4Linear(linear), or None (left unquantized) when in_features is not a multiple of 32."""
-        return cls(linear) if linear.in_features % INT4_GROUP_SIZE == 0 else None
+        if linear.in_features % INT4_GROUP_SIZE:
+            return None
+        return cls(linear, batch_invariant=batch_invariant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_int4 is not None and cpu_ops.int4_matmul_fits(x):
+        if self.native_int4 is not None and cpu_ops.int4_matmul_fits(x, self.native_max_rows):
             return self._add_bias(cpu_ops.int4_matmul(x, self.native_int4, torch.get_num_threads()))
         if (
             self.use_int4_kernel
@@ -159,9 +164,10 @@ class Int8GroupLinear(_WeightOnlyLinear):
     int4: near-lossless where int4 is not, and for SmolLM2 exact, as its GGUF stores the head as Q8_0.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, batch_invariant: bool = False):
         super().__init__()
         n, k = linear.weight.shape
+        self.native_max_rows = None if batch_invariant else cpu_ops.MAX_INT8_MATMUL_ROWS
         groups = linear.weight.detach().float().reshape(n, k // cpu_ops.INT8_GROUP, cpu_ops.INT8_GROUP)
         scales = (groups.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
         qweight = torch.round(groups / scales[..., None]).clamp(-127, 127).to(torch.int8)
@@ -179,11 +185,11 @@ class Int8GroupLinear(_WeightOnlyLinear):
         return (groups * self.group_scales[..., None]).reshape(n, k).to(self.model_dtype)
 
     @classmethod
-    def or_none(cls, linear: nn.Linear) -> Int8GroupLinear | None:
-        return cls(linear) if linear.in_features % cpu_ops.INT8_GROUP == 0 else None
+    def or_none(cls, linear: nn.Linear, batch_invariant: bool = False) -> Int8GroupLinear | None:
+        return cls(linear, batch_invariant) if linear.in_features % cpu_ops.INT8_GROUP == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_int8 is not None and cpu_ops.int8_matmul_fits(x):
+        if self.native_int8 is not None and cpu_ops.int8_matmul_fits(x, self.native_max_rows):
             return self._add_bias(cpu_ops.int8_matmul(x, self.native_int8, torch.get_num_threads()))
         if self.qweight.device.type == "cpu" and cpu_ops.gemv_fits(x):
             out = cpu_ops.int8_group_gemv(x, self.qweight, self.group_scales, torch.get_num_threads())
@@ -191,8 +197,11 @@ class Int8GroupLinear(_WeightOnlyLinear):
         return self._dequantized_linear(x)
 
 
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
+def quantize_model(model: nn.Module, method: str, batch_invariant: bool = False) -> nn.Module:
     """Replace nn.Linear layers in place by quantized ones, and quantize MoE experts.
+
+    batch_invariant (int4): our int4 and int8-group kernels at every step size, so that a token's
+    numbers do not depend on what shares its step (slower prefills; docs/batch_invariance.md).
 
     int8: every nn.Linear. int4: every nn.Linear whose in_features is a multiple of 32, except the
     output head `lm_head`, which gets int8 in groups of 32 (Int8GroupLinear), as llama.cpp's 4-bit
@@ -207,10 +216,11 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         replace_linears(model, Int8Linear)
     else:
         head = getattr(model, "lm_head", None)
-        replace_linears(
-            model,
-            lambda linear: Int8GroupLinear.or_none(linear) if linear is head else Int4Linear.or_none(linear),
-        )
+
+        def quantized(linear: nn.Linear) -> nn.Module | None:
+            return (Int8GroupLinear if linear is head else Int4Linear).or_none(linear, batch_invariant)
+
+        replace_linears(model, quantized)
     for module in model.modules():
         quantize_experts = getattr(module, f"quantize_{method}", None)
         if quantize_experts is not None:
