@@ -224,16 +224,18 @@ def status_of(finish_reason: str | None) -> tuple[str, dict[str, Any] | None]:
     return "completed", None
 
 
-def usage(prompt_tokens: int, cached_tokens: int, output_tokens: int, cost: float | None) -> dict[str, Any]:
+def usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
+    """Chat's usage object (server/responses.py `usage`, with its cost) in the Responses API's shape."""
+    prompt_tokens, output_tokens = chat_usage["prompt_tokens"], chat_usage["completion_tokens"]
     body: dict[str, Any] = {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": cached_tokens},
+        "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"]},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt_tokens + output_tokens,
     }
-    if cost is not None:
-        body["cost"] = cost
+    if "cost" in chat_usage:
+        body["cost"] = chat_usage["cost"]
     return body
 
 

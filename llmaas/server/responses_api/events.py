@@ -137,12 +137,7 @@ async def response_events(
     final = snapshot(
         status=status,
         output=done,
-        usage=convert.usage(
-            usage["prompt_tokens"],
-            usage["prompt_tokens_details"]["cached_tokens"],
-            usage["completion_tokens"],
-            usage.get("cost"),
-        ),
+        usage=convert.usage(usage),
         incomplete_details=incomplete,
     )
     await finish(final)

@@ -96,12 +96,7 @@ async def create_response(body: ResponseCreateRequest, request: Request) -> Resp
     response = snapshot(
         status=status,
         output=convert.output_items(content, calls, status),
-        usage=convert.usage(
-            usage["prompt_tokens"],
-            usage["prompt_tokens_details"]["cached_tokens"],
-            usage["completion_tokens"],
-            usage.get("cost"),
-        ),
+        usage=convert.usage(usage),
         incomplete_details=incomplete,
     )
     await finish(response)
