@@ -44,6 +44,7 @@ from llmaas.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("llmaas.engine")
 
+
 def _refuse_batch_invariance(reason: str | None) -> None:
     if reason is not None:
         raise InvalidRequestError(reason, param="batch_invariant")
