@@ -292,6 +292,7 @@ def test_every_page_paints_fast_has_labels_fits_a_phone_and_is_photographed(
     (reporter.write_line if reporter is not None else print)(line)
     context, page = signed_in(browser, server, ADMIN_KEY)
     page.goto("/console/admin/margin")
+    page.wait_for_selector("#rates:has-text('per hour')", timeout=60_000)  # filled once its fetch answers
     assert MODEL in page.inner_text("#rates") and "$0.10 per hour" in page.inner_text("#rates")
     context.close()
     names = [(p or "signin").replace("/", "-") for p in ["", *CUSTOMER_PAGES, *OPERATOR_PAGES]]
