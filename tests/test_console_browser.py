@@ -72,6 +72,7 @@ def signed_in(browser, server, key, viewport=DESKTOP):
     context = browser.new_context(viewport=viewport, base_url=server.url)
     page = context.new_page()
     page.goto("/console/")
+    page.wait_for_selector("#signin button:enabled")  # enabled once its script is ready to sign in
     page.keyboard.type(key)  # the key field has the focus on arrival
     page.keyboard.press("Enter")
     page.wait_for_url("**/console/overview" if key != ADMIN_KEY else "**/console/admin/accounts")

@@ -11,17 +11,8 @@ function destination(role) {
 start(async () => {
   const form = document.getElementById("signin");
   const keyInput = document.getElementById("api-key");
-  keyInput.focus();
-  const session = await currentSession();
-  if (session) {
-    const note = document.getElementById("signed-in");
-    note.hidden = false;
-    note.textContent = `Signed in as ${session.role === "admin" ? "the operator" : "account " + session.account}. `;
-    const link = document.createElement("a");
-    link.href = destination(session.role);
-    link.textContent = "Open the console";
-    note.append(link);
-  }
+  // The handler first, then the button and the focus: until then the form cannot be submitted (its button
+  // is disabled), so a key typed early never leaves in a native form submission.
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     say("Signing in…");
@@ -38,4 +29,16 @@ start(async () => {
     }
     location.assign(destination(body.role));
   });
+  form.querySelector("button[type=submit]").disabled = false;
+  keyInput.focus();
+  const session = await currentSession();
+  if (session) {
+    const note = document.getElementById("signed-in");
+    note.hidden = false;
+    note.textContent = `Signed in as ${session.role === "admin" ? "the operator" : "account " + session.account}. `;
+    const link = document.createElement("a");
+    link.href = destination(session.role);
+    link.textContent = "Open the console";
+    note.append(link);
+  }
 });
