@@ -11,7 +11,6 @@ sequences of their own); its tokens count in full.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
@@ -31,7 +30,7 @@ from llmaas.server.generation import spawn
 from llmaas.server.protocol import ERROR_RESPONSES
 from llmaas.server.registry import EMBEDDINGS, ServedModel
 from llmaas.server.request_ids import CLIENT_REQUEST_ID, adopt_body_request_id, request_id_of
-from llmaas.server.state import ServerState
+from llmaas.server.state import ServerState, admit_in_thread
 from llmaas.server.usage import EMBEDDINGS_ENDPOINT, RequestUsage
 
 log = logging.getLogger("llmaas.server")
@@ -122,20 +121,10 @@ async def _admit(
         request.scope[RATE_HEADERS] = admission.headers
         return admission, token_ids
 
-    admitting = asyncio.ensure_future(asyncio.to_thread(admit))
-    try:
-        return await asyncio.shield(admitting)
-    except asyncio.CancelledError:
+    async def release(admission: Admission | None) -> None:
+        await _end(state, request, model, admission, request_id, None, 0, "rejected", time.monotonic())
 
-        async def release() -> None:
-            try:
-                admission, _ = await admitting
-            except Exception:  # refused: nothing was held
-                return
-            await _end(state, request, model, admission, request_id, None, 0, "rejected", time.monotonic())
-
-        spawn(release())
-        raise
+    return await admit_in_thread(admit, release)
 
 
 async def _end(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from llmaas.billing.plans import tier_priority
 from llmaas.engine.sampling_params import SamplingParams
@@ -19,11 +20,36 @@ from llmaas.server.streaming import DEFAULT_STREAM_STALL_TIMEOUT_S
 from llmaas.server.usage import BillingHook, RequestUsage
 
 log = logging.getLogger("llmaas.server")
+T = TypeVar("T")
 
 # A request's prompts (texts or token ids), or a function that makes them (chat renders its template):
 # called in a worker thread, after the rate-limit slot, never on the event loop (a chat template over
 # megabytes of messages, or tokenizing them, takes long enough to stall every other connection).
 PromptSource = Sequence[str | list[int]] | Callable[[], Sequence[str | list[int]]]
+
+
+async def admit_in_thread(
+    admit: Callable[[], tuple[Admission | None, T]], undo: Callable[[Admission | None], Awaitable[None]]
+) -> tuple[Admission | None, T]:
+    """Run `admit` (rate limit, CPU work, hold) in a worker thread. If the caller is cancelled meanwhile
+    (the client left), the admission still completes in its thread: `undo` then releases what it took
+    (its hold, its tokens, its in-flight count), so nothing stays held."""
+    admitting = asyncio.ensure_future(asyncio.to_thread(admit))
+    try:
+        return await asyncio.shield(admitting)
+    except asyncio.CancelledError:
+        spawn(_undo_when_admitted(admitting, undo))
+        raise
+
+
+async def _undo_when_admitted(
+    admitting: asyncio.Future, undo: Callable[[Admission | None], Awaitable[None]]
+) -> None:
+    try:
+        admission, _ = await admitting
+    except Exception:  # refused: nothing was held
+        return
+    await undo(admission)
 
 
 class ServerState:
@@ -165,27 +191,16 @@ class ServerState:
             caller.scope[RATE_HEADERS] = admission.headers
             return admission, token_ids
 
-        admitting = asyncio.ensure_future(asyncio.to_thread(admit))
-        try:
-            return await asyncio.shield(admitting)
-        except asyncio.CancelledError:  # the client left while admission ran in its thread
-            spawn(self._undo_admission(admitting, model.name))
-            raise
+        async def undo(admission: Admission | None) -> None:
+            if admission is None:
+                return
+            usage = RequestUsage(admission.request_id, model.name, "", 0, 0, 0, "rejected", ())
+            try:
+                await asyncio.to_thread(self.billing.finish, admission, usage)
+            except Exception:
+                log.exception("releasing the admission of %s failed", admission.request_id)
 
-    async def _undo_admission(self, admitting: asyncio.Future, model: str) -> None:
-        """An admission that completes after its request was cancelled: release its hold, its tokens and
-        its in-flight count (as for a request the engine never ran), so nothing stays held."""
-        try:
-            admission, _ = await admitting
-        except Exception:  # refused: nothing was held
-            return
-        if admission is None:
-            return
-        usage = RequestUsage(admission.request_id, model, "", 0, 0, 0, "rejected", ())
-        try:
-            await asyncio.to_thread(self.billing.finish, admission, usage)
-        except Exception:
-            log.exception("releasing the admission of %s failed", admission.request_id)
+        return await admit_in_thread(admit, undo)
 
     def _observe(self, run: EngineRun, model: str, endpoint: str, status: str) -> None:
         m = self.metrics
